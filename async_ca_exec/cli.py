@@ -1,0 +1,123 @@
+"""The ``acx`` command (also ``python -m async_ca_exec``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import sys
+import traceback
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import AsyncCAExecError
+
+
+def hello(name: str) -> str:
+    """The function `acx hello` runs remotely."""
+    return (
+        f"Hello {name}! This is async_ca_exec {__version__} on Python {platform.python_version()}, "
+        f"host {socket.gethostname()}, pid {os.getpid()}"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="config file (YAML; Lithops config files work unchanged)")
+    common.add_argument("-b", "--backend", help="local (alias localhost) or azure (alias azure_containers)")
+    common.add_argument("-s", "--storage", help="azure_storage, or localhost for none")
+    common.add_argument("-d", "--debug", action="store_true", help="debug logging and full tracebacks")
+
+    p = argparse.ArgumentParser(prog="acx", description="Run Python functions at scale on Azure Container Apps.",
+                                parents=[common])
+    p.add_argument("--version", action="version", version=f"async_ca_exec {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    sub.add_parser("hello", parents=[common], help="run one call end to end and print its result")
+
+    rt = sub.add_parser("runtime", parents=[common], help="build, deploy, update, delete, list runtimes")
+    rsub = rt.add_subparsers(dest="action", metavar="ACTION")
+    rsub.required = True
+    b = rsub.add_parser("build", parents=[common], help="build and push a runtime image")
+    b.add_argument("name")
+    b.add_argument("-f", "--file", help="Dockerfile")
+    d = rsub.add_parser("deploy", parents=[common], help="deploy a runtime (default or NAME:TAG)")
+    d.add_argument("name")
+    d.add_argument("--memory", type=int, help="runtime_memory in MB")
+    d.add_argument("--timeout", type=float, help="runtime_timeout in seconds")
+    for action in ("update", "delete"):
+        x = rsub.add_parser(action, parents=[common], help=f"{action} a runtime (default, NAME:TAG or all)")
+        x.add_argument("name")
+    rsub.add_parser("list", parents=[common], help="list deployed runtimes")
+
+    sub.add_parser("clean", parents=[common], help="remove deployed runtimes, cached metadata, temporary blobs")
+    return p
+
+
+def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "config": args.config,
+        "backend": args.backend,
+        "storage": args.storage,
+        "log_level": "DEBUG" if args.debug else None,
+    }
+
+
+async def _hello(args: argparse.Namespace) -> int:
+    from .executor import AsyncExecutor
+
+    async with AsyncExecutor(**_executor_options(args)) as ex:
+        print(await ex.submit(hello, "world"))
+    return 0
+
+
+def _runtime(args: argparse.Namespace) -> int:
+    from .config import default_local_layout, load_config
+
+    cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage})
+    if cfg.backend != "local":
+        raise AsyncCAExecError(
+            f"'acx runtime {args.action}' for backend 'azure' is not available in this release yet"
+        )
+    if args.action == "list":
+        replicas, workers = default_local_layout(cfg)
+        print(f"{'NAME':<8} {'PYTHON':<8} {'VERSION':<8} {'REPLICAS':<9} WORKERS/REPLICA")
+        print(f"{'local':<8} {platform.python_version():<8} {__version__:<8} {replicas:<9} {workers}")
+        return 0
+    if args.action == "build":
+        raise AsyncCAExecError("building runtime images is not available in this release yet")
+    print(f"the local backend needs no '{args.action}': its runtime starts and stops with each executor")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hello":
+            return asyncio.run(_hello(args))
+        if args.command == "runtime":
+            return _runtime(args)
+        if args.command == "clean":
+            from .config import load_config
+
+            cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage})
+            if cfg.backend != "local":
+                raise AsyncCAExecError("'acx clean' for backend 'azure' is not available in this release yet")
+            print("nothing to clean: the local backend keeps no runtimes, metadata or blobs")
+            return 0
+    except KeyboardInterrupt:
+        print("acx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"acx: error: {message}", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

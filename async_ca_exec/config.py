@@ -1,0 +1,496 @@
+"""Configuration: one pydantic model tree, Lithops-compatible sections.
+
+Precedence, highest first: constructor arguments, ``ACX_*`` environment variables, the YAML
+config file (``config=`` path, ``$ACX_CONFIG_FILE``, ``~/.config/async-ca-exec/config.yaml``)
+or a ``config=`` dict, then defaults. A Lithops config file is accepted unchanged: sections
+``lithops``, ``localhost``, ``azure``, ``azure_containers`` and ``azure_storage`` are ours;
+sections of other Lithops clouds are ignored with a warning; anything else, and any unknown
+key inside one of our sections, is a :class:`ConfigError` that names it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError
+
+log = logging.getLogger("async_ca_exec.config")
+
+#: runtime_memory values (MB) and the Azure Container Apps CPU/memory pair each maps to.
+ALLOWED_MEMORY: tuple[int, ...] = tuple(range(512, 8192 + 1, 512))
+
+BACKEND_ALIASES = {
+    "local": "local",
+    "localhost": "local",
+    "azure": "azure",
+    "azure_containers": "azure",
+}
+STORAGE_ALIASES = {
+    "localhost": None,
+    "local": None,
+    "none": None,
+    "azure_storage": "azure_storage",
+    "azure": "azure_storage",
+}
+DEFAULT_CONFIG_PATH = Path("~/.config/async-ca-exec/config.yaml")
+
+#: Sections other Lithops backends use: ignored with a warning so a shared Lithops config works.
+FOREIGN_LITHOPS_SECTIONS = frozenset(
+    """aws aws_lambda aws_batch aws_ec2 aws_s3 ibm ibm_cf ibm_vpc ibm_cos code_engine gcp
+    gcp_functions gcp_cloudrun gcp_batch gcp_storage azure_functions azure_vms k8s knative
+    openwhisk aliyun aliyun_fc aliyun_oss oracle oracle_f oracle_oss ceph minio redis
+    infinispan infinispan_hotrod swift openstack_swift vm singularity rabbitmq prometheus
+    standalone tencent tencent_scf tencent_cos""".split()
+)
+
+MEMORY_HELP = f"choose one of {', '.join(str(m) for m in ALLOWED_MEMORY)} (MB, in steps of 512)"
+
+
+def memory_pair(mb: int) -> tuple[float, str]:
+    """vCPUs and memory string Azure Container Apps pairs with ``runtime_memory`` MB."""
+    if mb not in ALLOWED_MEMORY:
+        raise ConfigError(f"runtime_memory={mb} is not allowed: {MEMORY_HELP}")
+    return mb / 512 * 0.25, f"{mb / 1024:g}Gi"
+
+
+def _check_memory(v: int | None) -> int | None:
+    if v is not None and v not in ALLOWED_MEMORY:
+        raise ValueError(f"runtime_memory={v} is not allowed: {MEMORY_HELP}")
+    return v
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class LithopsSection(_Section):
+    """General settings (Lithops' ``lithops`` section, plus ours)."""
+
+    backend: str = Field("local", description="`local` (alias `localhost`) or `azure` (alias `azure_containers`).")
+    storage: str | None = Field(
+        None, description="`azure_storage` for Azure Blob; `localhost`/unset for none (calls carry their data inline)."
+    )
+    execution_timeout: float | None = Field(
+        None, gt=0, description="Per-call timeout in seconds (the `timeout` argument). Default: the backend's runtime_timeout."
+    )
+    max_concurrency: int | None = Field(
+        None, ge=1, le=100_000, description="Most calls in flight at once. Default: 1,000 on Azure, 64 locally."
+    )
+    retries: int = Field(4, ge=0, le=100, description="Delivery retries per request (network errors, 5xx, 429); user errors are never re-run.")
+    chunksize: int = Field(1, ge=1, description="Items per request for `map` when the call gives none.")
+    log_level: str | None = Field(None, description="Level of the `async_ca_exec` logger (DEBUG, INFO, WARNING...).")
+    progress: bool | None = Field(None, description="Progress bars (arrive with a later release; accepted now).")
+    include_modules: list[str] | None = Field(None, description="Lithops key, accepted; module shipping is automatic.")
+    exclude_modules: list[str] | None = Field(None, description="Lithops key, accepted; module shipping is automatic.")
+    # Lithops keys accepted for compatibility; they have no effect here.
+    mode: str | None = Field(None, description="Lithops key, ignored (derived from backend).")
+    monitoring: str | None = Field(None, description="Lithops key, ignored (results stream back directly).")
+    monitoring_interval: float | None = Field(None, description="Lithops key, ignored.")
+    data_limit: float | bool | None = Field(None, description="Lithops key, ignored.")
+    data_cleaner: bool | None = Field(None, description="Lithops key, ignored.")
+    log_format: str | None = Field(None, description="Lithops key, ignored.")
+    log_stream: str | None = Field(None, description="Lithops key, ignored.")
+    log_filename: str | None = Field(None, description="Lithops key, ignored.")
+    telemetry: bool | None = Field(None, description="Lithops key, ignored.")
+    customized_runtime: bool | None = Field(None, description="Lithops key, ignored.")
+    workers: int | None = Field(None, description="Lithops key, ignored (use max_concurrency).")
+    backend_type: str | None = Field(None, description="Lithops internal key, ignored.")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        key = str(v).strip().lower()
+        if key not in BACKEND_ALIASES:
+            raise ValueError(
+                f"backend={v!r} is not known: use 'local' (alias 'localhost') or 'azure' (alias 'azure_containers')"
+            )
+        return BACKEND_ALIASES[key]
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        key = str(v).strip().lower()
+        if key not in STORAGE_ALIASES:
+            raise ValueError(f"storage={v!r} is not known: use 'azure_storage', or 'localhost' for none")
+        return STORAGE_ALIASES[key]
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name = str(v).upper()
+        if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level={v!r} is not a level: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return name
+
+
+class LocalSection(_Section):
+    """The embedded local runtime (Lithops' ``localhost`` section; ``local`` is accepted too)."""
+
+    replicas: int | None = Field(None, ge=1, le=64, description="Server processes sharing one loopback port. Default: 2 (1 on a single CPU).")
+    worker_processes: int | None = Field(None, ge=1, le=1024, description="Worker processes per replica. Default: CPUs / replicas, at least 1.")
+    runtime: str | None = Field(None, description="Python interpreter for the servers. Default: the client's own.")
+    runtime_memory: int | None = Field(None, description=f"MB per worker, {ALLOWED_MEMORY[0]}..{ALLOWED_MEMORY[-1]} step 512. Default: no limit.")
+    runtime_timeout: float = Field(3600.0, gt=0, description="Longest call the runtime allows (seconds); default per-call timeout.")
+    heartbeat: float = Field(5.0, gt=0, description="Seconds between heartbeat frames of a running call.")
+    version: int | None = Field(None, description="Lithops key, ignored.")
+    max_workers: int | None = Field(None, description="Lithops key, ignored.")
+
+    @field_validator("runtime_memory")
+    @classmethod
+    def _memory(cls, v: int | None) -> int | None:
+        return _check_memory(v)
+
+
+class AzureSection(_Section):
+    """Shared Azure settings (Lithops' ``azure`` section)."""
+
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    region: str | None = Field(None, description="Azure region; `location` is accepted.")
+    location: str | None = Field(None, description="Alias of region.")
+    tenant_id: str | None = None
+    arm_endpoint: str = Field("https://management.azure.com", description="ARM endpoint (other clouds, or a test endpoint).")
+
+
+class AzureContainersSection(_Section):
+    """Azure Container Apps backend (Lithops' ``azure_containers`` section)."""
+
+    environment: str = Field("acx", description="Container Apps environment name.")
+    environment_id: str | None = Field(None, description="Full ARM id of the environment (wins over `environment`).")
+    runtime: str | None = Field(None, description="Runtime image, e.g. myregistry.azurecr.io/me/rt:1; `default` or unset: the default image.")
+    runtime_memory: int = Field(512, description="MB per replica: 512..8192 step 512 (0.25 vCPU per 512 MB).")
+    runtime_timeout: float = Field(600.0, gt=0, description="Longest call allowed (seconds).")
+    max_workers: int = Field(100, ge=1, le=1000, description="maxReplicas of the Container App (at most 1,000).")
+    min_workers: int = Field(0, ge=0, le=1000, description="minReplicas (0 lets the app scale to zero).")
+    worker_processes: int | None = Field(None, ge=1, le=256, description="Worker processes per replica. Default: the replica's vCPUs rounded up.")
+    docker_server: str | None = None
+    docker_user: str | None = None
+    docker_password: SecretStr | None = None
+    resource_group: str | None = None
+    region: str | None = None
+    location: str | None = None
+    subscription_id: str | None = None
+    invoke_pool_threads: int | None = Field(None, description="Lithops key, ignored (invocations are async).")
+    trigger: str | None = Field(None, description="Lithops key, ignored (calls go over HTTPS).")
+    runtime_include_function: bool | None = Field(None, description="Lithops key, ignored.")
+
+    @field_validator("runtime_memory")
+    @classmethod
+    def _memory(cls, v: int) -> int:
+        _check_memory(v)
+        return v
+
+
+class AzureStorageSection(_Section):
+    """Azure Blob storage (Lithops' ``azure_storage`` section)."""
+
+    storage_account_name: str | None = None
+    storage_account_key: SecretStr | None = None
+    connection_string: SecretStr | None = None
+    account_url: str | None = None
+    sas_token: SecretStr | None = None
+    container: str | None = Field(None, description="Blob container for job data; `storage_bucket` is accepted.")
+    storage_bucket: str | None = Field(None, description="Lithops name of `container`.")
+    resource_group: str | None = None
+    region: str | None = None
+
+
+class Config(BaseModel):
+    """The whole configuration tree."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lithops: LithopsSection = Field(default_factory=LithopsSection)  # type: ignore[arg-type]
+    localhost: LocalSection = Field(default_factory=LocalSection)  # type: ignore[arg-type]
+    azure: AzureSection = Field(default_factory=AzureSection)  # type: ignore[arg-type]
+    azure_containers: AzureContainersSection = Field(default_factory=AzureContainersSection)  # type: ignore[arg-type]
+    azure_storage: AzureStorageSection = Field(default_factory=AzureStorageSection)  # type: ignore[arg-type]
+
+    _source: str = PrivateAttr("defaults")
+
+    @property
+    def source(self) -> str:
+        """Where the file part came from: a path, "the config dict" or "defaults"."""
+        return self._source
+
+    # -- resolved views ---------------------------------------------------------------
+
+    @property
+    def backend(self) -> Literal["local", "azure"]:
+        return self.lithops.backend  # type: ignore[return-value]
+
+    @property
+    def backend_section(self) -> LocalSection | AzureContainersSection:
+        return self.localhost if self.backend == "local" else self.azure_containers
+
+    @property
+    def runtime_memory(self) -> int | None:
+        return self.backend_section.runtime_memory
+
+    @property
+    def runtime_timeout(self) -> float:
+        return self.backend_section.runtime_timeout
+
+    @property
+    def call_timeout(self) -> float:
+        """Per-call timeout: execution_timeout, capped by the runtime's runtime_timeout."""
+        t = self.lithops.execution_timeout
+        return self.runtime_timeout if t is None else min(t, self.runtime_timeout)
+
+    @property
+    def max_concurrency(self) -> int:
+        if self.lithops.max_concurrency is not None:
+            return self.lithops.max_concurrency
+        return 64 if self.backend == "local" else 1000
+
+    @property
+    def retries(self) -> int:
+        return self.lithops.retries
+
+
+# ------------------------------------------------------------------------------------
+# loading
+
+#: Environment variables, the setting each one sets, and how to parse it.
+ENV_VARS: dict[str, tuple[str, str | None]] = {
+    # name: (key, section or None for "the active backend's section")
+    "ACX_BACKEND": ("backend", "lithops"),
+    "ACX_STORAGE": ("storage", "lithops"),
+    "ACX_RUNTIME": ("runtime", None),
+    "ACX_RUNTIME_MEMORY": ("runtime_memory", None),
+    "ACX_RUNTIME_TIMEOUT": ("runtime_timeout", None),
+    "ACX_WORKER_PROCESSES": ("worker_processes", None),
+    "ACX_TIMEOUT": ("execution_timeout", "lithops"),
+    "ACX_MAX_CONCURRENCY": ("max_concurrency", "lithops"),
+    "ACX_RETRIES": ("retries", "lithops"),
+    "ACX_LOG_LEVEL": ("log_level", "lithops"),
+    "ACX_PROGRESS": ("progress", "lithops"),
+    "ACX_LOCAL_REPLICAS": ("replicas", "localhost"),
+}
+#: Variables read elsewhere (the config file path) or by the runtime's server; not settings.
+OTHER_ENV_VARS = frozenset(
+    """ACX_CONFIG_FILE ACX_SERVER_HOST ACX_SERVER_PORT ACX_SERVER_REUSE_PORT ACX_HMAC_KEY
+    ACX_HMAC_KEY_STDIN ACX_HEARTBEAT_INTERVAL ACX_MAX_BODY_BYTES ACX_SIGNATURE_WINDOW
+    ACX_REPLICA_ID ACX_SHUTDOWN_GRACE ACX_PARENT_FD ACX_READY_FD""".split()
+)
+#: Constructor argument -> (key, section or None for the active backend's section).
+ARGUMENTS: dict[str, tuple[str, str | None]] = {
+    "backend": ("backend", "lithops"),
+    "storage": ("storage", "lithops"),
+    "runtime": ("runtime", None),
+    "runtime_memory": ("runtime_memory", None),
+    "timeout": ("execution_timeout", "lithops"),
+    "max_concurrency": ("max_concurrency", "lithops"),
+    "retries": ("retries", "lithops"),
+    "progress": ("progress", "lithops"),
+    "log_level": ("log_level", "lithops"),
+}
+_SECTION_ALIASES = {"local": "localhost"}
+_OUR_SECTIONS = ("lithops", "localhost", "azure", "azure_containers", "azure_storage")
+_SECTION_MODELS: dict[str, type[_Section]] = {
+    "lithops": LithopsSection,
+    "localhost": LocalSection,
+    "azure": AzureSection,
+    "azure_containers": AzureContainersSection,
+    "azure_storage": AzureStorageSection,
+}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.expanduser().read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; fix the path or drop config=/ACX_CONFIG_FILE") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (lithops:, azure_containers:, ...)")
+    return data
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    data: dict[str, dict[str, Any]] = {}
+    for name, body in raw.items():
+        section = _SECTION_ALIASES.get(str(name), str(name))
+        if section not in _OUR_SECTIONS:
+            if section in FOREIGN_LITHOPS_SECTIONS:
+                warnings.warn(
+                    f"config section '{name}' ({source}) belongs to another Lithops backend and is ignored",
+                    stacklevel=4,
+                )
+                continue
+            raise ConfigError(
+                f"unknown config section '{name}' in {source}; sections are {', '.join(_OUR_SECTIONS)}"
+                + _suggest(str(name), list(_OUR_SECTIONS) + list(_SECTION_ALIASES))
+            )
+        if body is None:
+            body = {}
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"config section '{name}' in {source} must be a mapping of keys")
+        if section in data:
+            raise ConfigError(f"config sections 'local' and 'localhost' in {source} are the same section; keep one")
+        data[section] = dict(body)
+    return data
+
+
+def _parse_env_value(name: str, raw: str) -> Any:
+    if raw.strip().lower() in ("true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("false", "no", "off"):
+        return False
+    return raw  # pydantic coerces numbers and reports bad ones
+
+
+def load_config(
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    arguments: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration from arguments, environment, file/dict and defaults.
+
+    >>> load_config({"lithops": {"backend": "localhost", "storage": "localhost"}}).backend
+    'local'
+    """
+    env = os.environ if env is None else env
+    sources: dict[tuple[str, str], str] = {}
+    if isinstance(config, Mapping):
+        file_source = "the config dict"
+        data = _normalise(copy.deepcopy(dict(config)), file_source)
+    else:
+        path: Path | None = None
+        if config is not None:
+            path = Path(config)
+        elif env.get("ACX_CONFIG_FILE"):
+            path = Path(env["ACX_CONFIG_FILE"])
+        elif DEFAULT_CONFIG_PATH.expanduser().is_file():
+            path = DEFAULT_CONFIG_PATH.expanduser()
+        file_source = f"config file {path}" if path else "defaults"
+        data = _normalise(_read_file(path), file_source) if path else {}
+    for section, body in data.items():
+        for key in body:
+            sources[(section, key)] = file_source
+
+    # Lithops' `azure` section is shared: it fills what the backend section leaves unset.
+    az = data.get("azure", {})
+    if "location" in az and "region" not in az:
+        az["region"] = az.pop("location")
+    for sec in ("azure_containers", "azure_storage"):
+        s = data.get(sec)
+        if s is not None and "location" in s and "region" not in s:
+            s["region"] = s.pop("location")
+
+    def put(section: str | None, key: str, value: Any, source: str) -> None:
+        if section is None:
+            section = "localhost" if _backend_of(data) == "local" else "azure_containers"
+        data.setdefault(section, {})[key] = value
+        sources[(section, key)] = source
+
+    # The backend first (arguments > environment > file): other settings land in its section.
+    args = {k: v for k, v in (arguments or {}).items() if v is not None}
+    if "backend" in args:
+        put("lithops", "backend", args.pop("backend"), "the backend argument")
+    elif env.get("ACX_BACKEND"):
+        put("lithops", "backend", env["ACX_BACKEND"], "environment variable ACX_BACKEND")
+
+    # environment beats the file
+    for name in sorted(env):
+        if not name.startswith("ACX_") or name in OTHER_ENV_VARS or name == "ACX_BACKEND":
+            continue
+        if name not in ENV_VARS:
+            warnings.warn(
+                f"environment variable {name} is not an async_ca_exec setting and is ignored"
+                + _suggest(name, list(ENV_VARS)),
+                stacklevel=3,
+            )
+            continue
+        key, section = ENV_VARS[name]
+        put(section, key, _parse_env_value(name, env[name]), f"environment variable {name}")
+
+    # arguments beat everything
+    for name, value in args.items():
+        if name not in ARGUMENTS:
+            raise ConfigError(f"unknown argument {name!r}" + _suggest(name, list(ARGUMENTS)))
+        key, section = ARGUMENTS[name]
+        put(section, key, value, f"the {name} argument")
+
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, sources)) from None
+    cfg._source = file_source
+    _log_ignored(cfg)
+    return cfg
+
+
+def _backend_of(data: Mapping[str, Any]) -> str:
+    raw = str(data.get("lithops", {}).get("backend", "local")).strip().lower()
+    return BACKEND_ALIASES.get(raw, raw)
+
+
+def _explain(exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        section, key = (loc + ["", ""])[:2]
+        where = sources.get((section, key), "the configuration")
+        if err["type"] == "extra_forbidden":
+            model = _SECTION_MODELS.get(section)
+            allowed = sorted(model.model_fields) if model else []
+            lines.append(
+                f"unknown key '{key}' in section '{section}' ({where}); allowed keys: {', '.join(allowed)}"
+                + _suggest(key, allowed)
+            )
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "***" if "password" in key or "key" in key or "connection" in key or "sas" in key else repr(got)
+            if msg.startswith(f"{key}="):
+                lines.append(f"{section}.{msg} ({where})")
+            else:
+                lines.append(f"{section}.{key}={shown} ({where}): {msg}")
+    return "; ".join(lines)
+
+
+def _log_ignored(cfg: Config) -> None:
+    ignored = [
+        name for name in ("mode", "monitoring", "monitoring_interval", "data_limit", "data_cleaner",
+                          "log_format", "log_stream", "log_filename", "telemetry", "customized_runtime", "workers")
+        if getattr(cfg.lithops, name) is not None
+    ]
+    if ignored:
+        log.debug("Lithops keys without effect here: %s", ", ".join(ignored))
+
+
+def default_local_layout(cfg: Config, cpus: int | None = None) -> tuple[int, int]:
+    """(replicas, worker processes per replica) for the local runtime."""
+    cpus = cpus or os.cpu_count() or 1
+    replicas = cfg.localhost.replicas or (2 if cpus >= 2 else 1)
+    workers = cfg.localhost.worker_processes or max(1, math.ceil(cpus / replicas))
+    return replicas, workers

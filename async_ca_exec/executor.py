@@ -1,0 +1,532 @@
+"""AsyncExecutor: run Python functions on a runtime, with the asyncio vocabulary."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+
+from . import serialize
+from .config import Config, load_config
+from .errors import ConfigError, SerializationError
+from .futures import CallFuture
+from .invoker import Endpoint, Invoker, Request
+from .jobs import Job, Stats
+from .runtimes import Runtime, create_runtime
+
+log = logging.getLogger("async_ca_exec")
+
+ALL_COMPLETED = asyncio.ALL_COMPLETED
+FIRST_COMPLETED = asyncio.FIRST_COMPLETED
+FIRST_EXCEPTION = asyncio.FIRST_EXCEPTION
+
+T = TypeVar("T")
+Item = tuple[tuple[Any, ...], dict[str, Any]]
+#: Submitting yields to the event loop this often, so sending starts while a long input is read.
+_YIELD_EVERY = 256
+
+
+def _configure_logging(level: str | None) -> None:
+    if not level:
+        return
+    logger = logging.getLogger("async_ca_exec")
+    logger.setLevel(level)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+class AsyncExecutor:
+    """Runs functions remotely: one HTTPS request per call (or per chunk of calls).
+
+    >>> async with AsyncExecutor() as ex:                # doctest: +SKIP
+    ...     print(await ex.map(lambda x: x + 7, range(3)))
+    [7, 8, 9]
+
+    With no configuration the calls run on the embedded local runtime (the same server as
+    in the cloud, on loopback). Every argument is keyword-only; arguments beat ``ACX_*``
+    environment variables, which beat the config file, which beats the defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        runtime: str | None = None,
+        runtime_memory: int | None = None,
+        timeout: float | None = None,
+        max_concurrency: int | None = None,
+        retries: int | None = None,
+        config: str | Path | dict[str, Any] | None = None,
+        storage: str | None = None,
+        credential: Any = None,
+        progress: bool | None = None,
+        log_level: str | None = None,
+    ) -> None:
+        self.config: Config = load_config(
+            config,
+            arguments={
+                "backend": backend, "runtime": runtime, "runtime_memory": runtime_memory, "timeout": timeout,
+                "max_concurrency": max_concurrency, "retries": retries, "storage": storage,
+                "progress": progress, "log_level": log_level,
+            },
+        )
+        if self.config.lithops.storage is not None:
+            raise ConfigError(
+                f"storage={self.config.lithops.storage!r}: Azure Blob storage is not available in this release "
+                "yet; leave storage unset (or 'localhost') and calls carry their data inline"
+            )
+        _configure_logging(self.config.lithops.log_level)
+        self.credential = credential
+        self.executor_id = secrets.token_hex(3)
+        self._stats = Stats()
+        self._runtime: Runtime | None = None
+        self._invoker: Invoker | None = None
+        self._start_task: asyncio.Task[Endpoint] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._jobs = itertools.count(1)
+        self._uncollected: list[CallFuture] = []
+        self._last_call: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncExecutor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the local runtime or resolve the remote one; returns when it can take calls."""
+        self._ensure_started()
+        assert self._start_task is not None
+        await asyncio.shield(self._start_task)
+
+    def _ensure_started(self) -> Invoker:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "AsyncExecutor needs a running event loop (call it from a coroutine); "
+                "from synchronous code use async_ca_exec.FunctionExecutor"
+            ) from None
+        if self._closed:
+            raise RuntimeError("this executor is closed; create a new one")
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this executor belongs to another event loop; create one executor per loop")
+        if self._invoker is None:
+            self._invoker = Invoker(
+                max_concurrency=self.config.max_concurrency, retries=self.config.retries, stats=self._stats
+            )
+            self._start_task = loop.create_task(self._start_runtime())
+            self._start_task.add_done_callback(_retrieve)
+        return self._invoker
+
+    async def _start_runtime(self) -> Endpoint:
+        assert self._invoker is not None
+        try:
+            self._runtime = create_runtime(self.config, log_level=self.config.lithops.log_level)
+            endpoint = await self._runtime.start()
+        except BaseException as exc:
+            self._invoker.fail_start(exc)
+            raise
+        self._invoker.attach(endpoint)
+        return endpoint
+
+    async def aclose(self) -> None:
+        """Cancel what is still running and stop the runtime's processes; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
+        if self._invoker is not None:
+            await self._invoker.aclose()
+        if self._runtime is not None:
+            await self._runtime.aclose()
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """Where the runtime listens, once started."""
+        t = self._start_task
+        return t.result() if t is not None and t.done() and not t.cancelled() and t.exception() is None else None
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._runtime
+
+    # -- submission ------------------------------------------------------------------
+
+    def _call_timeout(self, timeout: float | None) -> float:
+        limit = self.config.runtime_timeout
+        if timeout is None:
+            return self.config.call_timeout
+        if not (isinstance(timeout, (int, float)) and 0 < timeout):
+            raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
+        if timeout > limit:
+            raise ConfigError(
+                f"timeout={timeout:g} exceeds the runtime's runtime_timeout of {limit:g} s; "
+                "raise runtime_timeout in the backend's config section or lower the timeout"
+            )
+        return float(timeout)
+
+    def _new_job(self, fn: Callable[..., Any], timeout: float | None, kind: str, **job_options: Any) -> Job:
+        t = self._call_timeout(timeout)
+        fn_bytes, fn_hash = serialize.dumps_function(fn)
+        key = f"{self.executor_id}-{kind}{next(self._jobs):03d}"
+        return Job(key, fn_bytes, fn_hash, t, self._stats, **job_options)
+
+    def _submit_items(self, invoker: Invoker, job: Job, items: list[Item]) -> list[CallFuture]:
+        loop = self._loop
+        assert loop is not None
+        futures = [job.new_future(loop) for _ in items]
+        first = futures[0]
+        call_id = first.call_id if len(futures) == 1 else f"{first.call_id}:{len(futures)}"
+        try:
+            blob = serialize.dumps_items(items, call_id)
+        except SerializationError as exc:
+            for f in futures:
+                f.set_exception(exc)
+                job.item_done(f)
+            return futures
+        invoker.enqueue(Request(call_id, job, futures, blob))
+        return futures
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> CallFuture:
+        """Schedule ``fn(*args, **kwargs)``; needs a running event loop.
+
+        >>> fut = ex.submit(pow, 2, 10)                  # doctest: +SKIP
+        >>> await fut
+        1024
+        """
+        invoker = self._ensure_started()
+        job = self._new_job(fn, None, "A")
+        (fut,) = self._submit_items(invoker, job, [(args, kwargs)])
+        self._uncollected.append(fut)
+        self._last_call = "call_async"
+        return fut
+
+    def call_async(self, fn: Callable[..., Any], data: Any) -> CallFuture:
+        """Lithops form of :meth:`submit`: a tuple is positional args, a dict keyword args, else one arg."""
+        args, kwargs = _lithops_item(data)
+        return self.submit(fn, *args, **kwargs)
+
+    async def _iter_chunks(self, items: Iterable[Any] | AsyncIterable[Any], chunksize: int) -> AsyncIterator[list[Any]]:
+        if isinstance(items, (str, bytes)):
+            raise TypeError("items is a string: pass a list of items (a string would be split into characters)")
+        if hasattr(items, "__aiter__"):
+            chunk: list[Any] = []
+            async for x in items:  # type: ignore[union-attr]
+                chunk.append(x)
+                if len(chunk) >= chunksize:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+            return
+        it = iter(items)  # type: ignore[arg-type]
+        while True:
+            chunk = list(itertools.islice(it, chunksize))
+            if not chunk:
+                return
+            yield chunk
+
+    async def _map_futures(
+        self, fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], *, to_item: Callable[[Any], Item],
+        chunksize: int, timeout: float | None, fail_fast: bool, kind: str = "M",
+    ) -> tuple[Job, list[CallFuture]]:
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize={chunksize!r} must be a positive integer")
+        invoker = self._ensure_started()
+        job = self._new_job(fn, timeout, kind, fail_fast=fail_fast)
+        futures: list[CallFuture] = []
+        try:
+            n = 0
+            async for chunk in self._iter_chunks(items, chunksize):
+                futures.extend(self._submit_items(invoker, job, [to_item(x) for x in chunk]))
+                n += len(chunk)
+                if n >= _YIELD_EVERY:
+                    n = 0
+                    await asyncio.sleep(0)
+                    if job.failed is not None:
+                        break
+        except BaseException:
+            _cancel_all(futures)
+            raise
+        return job, futures
+
+    async def _collect(self, job: Job, futures: list[CallFuture], return_exceptions: bool) -> list[Any]:
+        try:
+            await job.wait()
+        except BaseException:
+            _cancel_all(futures)
+            raise
+        if job.failed is not None and not return_exceptions:
+            _cancel_all(futures)
+            _mark_retrieved(futures)
+            exc = job.failed.exception()
+            assert exc is not None
+            raise exc
+        out: list[Any] = []
+        for f in futures:
+            if f.cancelled():
+                out.append(asyncio.CancelledError(f"call {f.call_id} was cancelled"))
+                continue
+            e = f.exception()
+            out.append(e if e is not None else f.result())
+        return out
+
+    async def map(
+        self,
+        fn: Callable[[Any], T],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        return_exceptions: bool = False,
+        chunksize: int = 1,
+        timeout: float | None = None,
+        progress: bool | None = None,
+    ) -> list[T]:
+        """``[fn(x) for x in items]``, run remotely; results in input order.
+
+        One call per item (``chunksize`` items per request). The first failure cancels the
+        calls still running and is raised, unless ``return_exceptions=True``, which puts
+        exceptions in the list instead. ``items`` may be an iterable or an async iterable.
+        """
+        job, futures = await self._map_futures(
+            fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, fail_fast=not return_exceptions
+        )
+        return await self._collect(job, futures, return_exceptions)
+
+    async def starmap(
+        self,
+        fn: Callable[..., T],
+        items: Iterable[Iterable[Any]] | AsyncIterable[Iterable[Any]],
+        *,
+        return_exceptions: bool = False,
+        chunksize: int = 1,
+        timeout: float | None = None,
+        progress: bool | None = None,
+    ) -> list[T]:
+        """Like :meth:`map`, with each item unpacked as ``fn(*item)``."""
+        job, futures = await self._map_futures(
+            fn, items, to_item=_star, chunksize=chunksize, timeout=timeout, fail_fast=not return_exceptions
+        )
+        return await self._collect(job, futures, return_exceptions)
+
+    async def imap(
+        self,
+        fn: Callable[[Any], T],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ordered: bool = False,
+        return_exceptions: bool = False,
+        chunksize: int = 1,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[T]:
+        """Results as calls complete (input order with ``ordered=True``), reading ``items`` lazily.
+
+        At most ``window`` calls (default: twice ``max_concurrency`` times ``chunksize``) are
+        in flight or waiting to be yielded, so memory does not grow with the input. Leaving the
+        loop early cancels the calls still running.
+        """
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize={chunksize!r} must be a positive integer")
+        invoker = self._ensure_started()
+        window = window or 2 * self.config.max_concurrency * chunksize
+        if window < chunksize:
+            raise ValueError(f"window={window} must be at least chunksize={chunksize}")
+        done: collections.deque[CallFuture] = collections.deque()
+        wake: list[asyncio.Future[None] | None] = [None]
+
+        def sink(fut: CallFuture) -> None:
+            if not ordered:
+                done.append(fut)
+            w = wake[0]
+            if w is not None and not w.done():
+                w.set_result(None)
+
+        job = self._new_job(fn, timeout, "I", sink=sink)
+        order: collections.deque[CallFuture] = collections.deque()
+        live: set[CallFuture] = set()
+        chunks = self._iter_chunks(items, chunksize)
+        exhausted = False
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not exhausted and len(live) < window:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    futs = self._submit_items(invoker, job, [_single(x) for x in chunk])
+                    live.update(futs)
+                    if ordered:
+                        order.extend(futs)
+                if not live:
+                    return
+                if ordered:
+                    nxt = order[0]
+                    while not nxt.done():
+                        wake[0] = loop.create_future()
+                        await wake[0]
+                    order.popleft()
+                else:
+                    while not done:
+                        wake[0] = loop.create_future()
+                        await wake[0]
+                    nxt = done.popleft()
+                live.discard(nxt)
+                if nxt.cancelled():
+                    if return_exceptions:
+                        yield asyncio.CancelledError(f"call {nxt.call_id} was cancelled")  # type: ignore[misc]
+                        continue
+                    raise asyncio.CancelledError(f"call {nxt.call_id} was cancelled")
+                exc = nxt.exception()
+                if exc is not None:
+                    if return_exceptions:
+                        yield exc  # type: ignore[misc]
+                        continue
+                    raise exc
+                yield nxt.result()
+        finally:
+            _cancel_all(live)
+            _mark_retrieved(live)
+            await chunks.aclose()
+
+    async def map_reduce(
+        self,
+        map_fn: Callable[[Any], Any],
+        items: Iterable[Any] | AsyncIterable[Any],
+        reduce_fn: Callable[[list[Any]], T],
+        *,
+        chunksize: int = 1,
+        timeout: float | None = None,
+    ) -> T:
+        """``reduce_fn([map_fn(x) for x in items])`` with both steps run remotely."""
+        results = await self.map(map_fn, items, chunksize=chunksize, timeout=timeout)
+        invoker = self._ensure_started()
+        job = self._new_job(reduce_fn, timeout, "R")
+        (fut,) = self._submit_items(invoker, job, [((results,), {})])
+        return await fut  # type: ignore[no-any-return]
+
+    # -- waiting ---------------------------------------------------------------------
+
+    async def wait(
+        self, futures: Iterable[Awaitable[Any]], *, return_when: str = ALL_COMPLETED, timeout: float | None = None
+    ) -> tuple[set[Any], set[Any]]:
+        """``(done, pending)`` as :func:`concurrent.futures.wait`; never raises the calls' errors."""
+        fs = set(futures)
+        if not fs:
+            return set(), set()
+        if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
+            raise ValueError(f"return_when={return_when!r}: use ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION")
+        done, pending = await asyncio.wait(fs, timeout=timeout, return_when=return_when)
+        return done, pending
+
+    async def as_completed(
+        self, futures: Iterable[asyncio.Future[Any]], *, timeout: float | None = None
+    ) -> AsyncIterator[asyncio.Future[Any]]:
+        """Yield the futures as they finish; ``TimeoutError`` if ``timeout`` seconds pass first."""
+        fs = set(futures)
+        finished: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()
+        for f in fs:
+            f.add_done_callback(finished.put_nowait)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            for left in range(len(fs), 0, -1):
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    f = await asyncio.wait_for(finished.get(), remaining)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{left} of {len(fs)} futures unfinished after {timeout} s") from None
+                yield f
+        finally:
+            for f in fs:
+                f.remove_done_callback(finished.put_nowait)
+
+    async def get_result(self, futures: CallFuture | Iterable[CallFuture] | None = None) -> Any:
+        """Results of ``futures`` (one value for one future), or of every future not yet collected.
+
+        Waits for all of them, then raises the first error in submission order, as Lithops'
+        ``get_result`` does. Without ``futures``, a single call's result comes back as a value and
+        a map's as a list; futures are collected once.
+        """
+        if futures is None:
+            fs = self._uncollected
+            self._uncollected = []
+            single = len(fs) == 1 and self._last_call != "map"
+        elif isinstance(futures, asyncio.Future):
+            fs, single = [futures], True
+        else:
+            fs, single = list(futures), False
+        if fs:
+            await asyncio.wait(fs)
+        out: list[Any] = []
+        for k, f in enumerate(fs):
+            try:
+                out.append(f.result())
+            except BaseException:
+                if futures is None:
+                    self._uncollected[:0] = fs[k + 1 :]
+                raise
+        return out[0] if single and out else out
+
+    # -- reporting -------------------------------------------------------------------
+
+    def job_summary(self) -> dict[str, Any]:
+        """Counts, retries, timings and worker seconds over every call of this executor."""
+        summary = self._stats.summary()
+        summary["backend"] = self.config.backend
+        summary["executor_id"] = self.executor_id
+        return summary
+
+    def plot(self, dest_dir: str | Path) -> list[Path]:
+        """Timeline and latency histogram PNGs. Not available in this release yet."""
+        raise NotImplementedError("plot() is not available in this release yet; use job_summary() and fut.stats")
+
+
+def _single(x: Any) -> Item:
+    return ((x,), {})
+
+
+def _star(x: Any) -> Item:
+    return (tuple(x), {})
+
+
+def _lithops_item(data: Any) -> Item:
+    if isinstance(data, tuple):
+        return (data, {})
+    if isinstance(data, dict):
+        return ((), dict(data))
+    return ((data,), {})
+
+
+def _cancel_all(futures: Iterable[CallFuture]) -> None:
+    for f in futures:
+        if not f.done():
+            f.cancel()
+
+
+def _mark_retrieved(futures: Iterable[CallFuture]) -> None:
+    for f in futures:
+        if f.done() and not f.cancelled():
+            f.exception()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

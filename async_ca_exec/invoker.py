@@ -1,0 +1,439 @@
+"""Delivers requests to a runtime: one aiohttp session, bounded concurrency, retries.
+
+Requests wait in a FIFO; at most ``max_concurrency`` *lanes* (tasks) take them one at a
+time, so a million queued calls cost a million small objects, not a million tasks. A lane
+sends a request, reads its response frames as they arrive and resolves each call's future.
+Transport failures (connection errors, 429/5xx, a cut stream) are retried with jittered
+exponential backoff honouring ``Retry-After``; a call whose user code raised is never re-run,
+and a retried request names the items already resolved so they are not run or counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from . import protocol, serialize
+from .errors import (
+    AsyncCAExecError,
+    AuthenticationError,
+    CallTimeoutError,
+    InvocationError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashedError,
+)
+from .futures import CallFuture
+from .jobs import Job, Stats
+
+log = logging.getLogger("async_ca_exec.invoker")
+
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 10.0
+RETRY_AFTER_CAP = 60.0
+#: Extra seconds the client waits beyond a call's own timeout before giving up on it.
+CLIENT_TIMEOUT_GRACE = 60.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a runtime listens and how to talk to it."""
+
+    url: str
+    key: bytes = field(repr=False)
+    heartbeat: float = protocol.DEFAULT_HEARTBEAT
+    max_body: int = protocol.DEFAULT_MAX_BODY
+    ssl: Any = None
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Request:
+    """One HTTP request: ``n`` calls of one job, their arguments pickled together."""
+
+    __slots__ = ("call_id", "job", "futures", "items", "lane", "unresolved")
+
+    def __init__(self, call_id: str, job: Job, futures: list[CallFuture], items: bytes) -> None:
+        self.call_id = call_id
+        self.job = job
+        self.futures = futures
+        self.items = items
+        self.lane: asyncio.Task[None] | None = None
+        self.unresolved = len(futures)
+        for f in futures:
+            f._request = self
+
+    def future_cancelled(self) -> None:
+        self.unresolved -= 1
+        if self.unresolved == 0 and self.lane is not None:
+            self.lane.cancel()
+
+    def body(self) -> bytes:
+        resolved = [i for i, f in enumerate(self.futures) if f.done()]
+        extra = {"skip": resolved} if resolved else None
+        return protocol.encode_invocation(
+            call_id=self.call_id, n=len(self.futures), fn=self.job.fn, fn_hash=self.job.fn_hash,
+            items=self.items, timeout=self.job.timeout, extra=extra,
+        )
+
+    def release(self) -> None:
+        for f in self.futures:
+            f._request = None
+        self.items = b""
+
+
+class _Retry(Exception):
+    def __init__(self, cause: str, retry_after: float | None = None) -> None:
+        super().__init__(cause)
+        self.retry_after = retry_after
+
+
+def build_error(info: dict[str, Any], exc_blob: bytes | None, call_id: str) -> BaseException:
+    """The exception a call's error outcome stands for, with the remote traceback attached."""
+    kind = info.get("kind")
+    message = str(info.get("message", ""))
+    tb = str(info.get("traceback", "") or "")
+    type_name = str(info.get("type", "Exception"))
+    exc: BaseException
+    if kind == protocol.ERR_USER:
+        restored: Any = None
+        if exc_blob is not None:
+            try:
+                restored = serialize.loads(exc_blob)
+            except Exception:  # noqa: BLE001 - fall back to RemoteError below
+                restored = None
+        if isinstance(restored, Exception):
+            exc = restored
+        else:
+            why = info.get("unpicklable")
+            note = f" (its type could not be recreated here{': ' + str(why) if why else ''})"
+            exc = RemoteError(type_name, message + note, tb, call_id=call_id)
+    elif kind == protocol.ERR_TIMEOUT:
+        exc = CallTimeoutError(f"call {call_id}: {message}; give it a larger timeout= or split the work")
+    elif kind == protocol.ERR_CRASHED:
+        exc = WorkerCrashedError(
+            f"call {call_id}: {message}; the other calls are unaffected. If it ran out of memory, "
+            "give it more with runtime_memory="
+        )
+    elif kind == protocol.ERR_SERIALIZATION:
+        exc = SerializationError(f"call {call_id}: {message}")
+    else:
+        exc = RemoteError(type_name, f"the runtime failed running call {call_id}: {message}", tb, call_id=call_id)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    """Full-jitter exponential backoff; never shorter than a server's Retry-After."""
+    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+    return delay
+
+
+class Invoker:
+    def __init__(self, *, max_concurrency: int, retries: int, stats: Stats,
+                 max_frame: int = protocol.DEFAULT_MAX_FRAME) -> None:
+        self._limit = max_concurrency
+        self._retries = retries
+        self._stats = stats
+        self._max_frame = max_frame
+        self._pending: collections.deque[Request] = collections.deque()
+        self._lanes: set[asyncio.Task[None]] = set()
+        self._ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
+        self._endpoint: Endpoint | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._url = ""
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def attach(self, endpoint: Endpoint) -> None:
+        """The runtime is up: open the session and let the lanes go."""
+        connector = aiohttp.TCPConnector(
+            limit=self._limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60, ssl=endpoint.ssl,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+            auto_decompress=False,
+            headers={"User-Agent": "async_ca_exec", "Content-Type": protocol.REQUEST_CONTENT_TYPE},
+        )
+        self._endpoint = endpoint
+        self._url = endpoint.url.rstrip("/") + protocol.INVOKE_PATH
+        if not self._ready.done():
+            self._ready.set_result(endpoint)
+
+    def fail_start(self, exc: BaseException) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(exc)
+            self._ready.exception()  # retrieved: lanes report it per call
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for lane in list(self._lanes):
+            lane.cancel()
+        if self._lanes:
+            await asyncio.gather(*self._lanes, return_exceptions=True)
+        while self._pending:
+            req = self._pending.popleft()
+            for f in req.futures:
+                f.cancel("the executor was closed")
+            req.release()
+        if not self._ready.done():
+            self._ready.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- queueing --------------------------------------------------------------------
+
+    def enqueue(self, req: Request) -> None:
+        if self._closing:
+            raise RuntimeError("the executor is closed")
+        self._pending.append(req)
+        if len(self._lanes) < self._limit:
+            lane = asyncio.get_running_loop().create_task(self._lane())
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._lanes)
+
+    async def _lane(self) -> None:
+        me = asyncio.current_task()
+        if not self._ready.done():
+            try:
+                await asyncio.shield(self._ready)
+            except asyncio.CancelledError:
+                if self._closing or not self._ready.cancelled():
+                    raise
+            except BaseException as exc:  # noqa: BLE001 - the runtime did not start
+                self._fail_all_pending(exc)
+                return
+        pending = self._pending
+        while pending:
+            req = pending.popleft()
+            if req.unresolved == 0:
+                req.release()
+                continue
+            req.lane = me
+            try:
+                await self._deliver(req)
+            except asyncio.CancelledError:
+                if self._closing or req.unresolved > 0:
+                    raise
+                # Every call of this request was cancelled: the lane carries on.
+                uncancel = getattr(me, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+            finally:
+                req.lane = None
+                req.release()
+
+    def _fail_all_pending(self, exc: BaseException) -> None:
+        while self._pending:
+            req = self._pending.popleft()
+            self._fail(req, exc)
+            req.release()
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def _deliver(self, req: Request) -> None:
+        self._stats.requests += 1
+        ep = self._endpoint
+        assert ep is not None
+        last: _Retry | None = None
+        attempts = self._retries + 1
+        for attempt in range(attempts):
+            try:
+                await self._attempt(req, attempt, ep)
+                return
+            except _Retry as r:
+                if req.unresolved == 0:
+                    return
+                last = r
+                if attempt + 1 >= attempts:
+                    break
+                self._stats.retries += 1
+                delay = backoff(attempt, r.retry_after)
+                log.debug("retrying %s in %.2f s after: %s", req.call_id, delay, r)
+                await asyncio.sleep(delay)
+            except AsyncCAExecError as exc:
+                self._fail(req, exc)
+                return
+        self._fail(req, InvocationError(
+            f"call {req.call_id} could not be delivered after {attempts} attempt(s); last error: {last}"
+        ))
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        now = time.time()
+        for f in req.futures:
+            if not f.done():
+                f._received = now
+                f.set_exception(exc)
+                req.unresolved -= 1
+                f._job.item_done(f)
+
+    def _timeout(self, req: Request, ep: Endpoint) -> aiohttp.ClientTimeout:
+        total = req.job.timeout * len(req.futures) + CLIENT_TIMEOUT_GRACE
+        t = self._timeouts.get(total)
+        if t is None:
+            # No byte for three heartbeats means the replica or the connection died.
+            t = aiohttp.ClientTimeout(total=total, sock_connect=30, sock_read=3 * ep.heartbeat + 5)
+            self._timeouts[total] = t
+        return t
+
+    async def _attempt(self, req: Request, attempt: int, ep: Endpoint) -> None:
+        body = req.body()
+        if len(body) > ep.max_body:
+            raise SerializationError(
+                f"call {req.call_id}: its request is {len(body)} bytes, more than the runtime accepts "
+                f"({ep.max_body} bytes); pass smaller arguments, or read large data inside the function"
+            )
+        headers = protocol.signed_headers(ep.key, "POST", protocol.INVOKE_PATH, req.call_id, body)
+        if attempt:
+            headers[protocol.H_ATTEMPT] = str(attempt)
+        now = time.time()
+        for f in req.futures:
+            if f._sent is None:
+                f._sent = now
+            f._attempts = attempt + 1
+        assert self._session is not None
+        try:
+            async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(req, ep)) as resp:
+                if resp.status != 200:
+                    await self._refused(resp, req)
+                if resp.content_length is not None:
+                    data = await resp.read()
+                    ended = self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
+                else:
+                    ended = await self._stream(req, resp.content)
+        except aiohttp.ServerTimeoutError as exc:
+            raise _Retry(f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({exc})") from None
+        except asyncio.TimeoutError:
+            raise CallTimeoutError(
+                f"call {req.call_id}: no result {req.job.timeout:g} s (+{CLIENT_TIMEOUT_GRACE:g} s) after it was sent"
+            ) from None
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        except protocol.ProtocolError as exc:
+            raise _Retry(f"malformed response: {exc}") from None
+        if not ended:
+            raise _Retry("the response ended before all results arrived")
+
+    async def _refused(self, resp: aiohttp.ClientResponse, req: Request) -> None:
+        raw = await resp.content.read(4096)
+        try:
+            message = str(json.loads(raw).get("error", ""))
+        except (ValueError, AttributeError):
+            message = raw.decode("utf-8", "replace").strip()[:500]
+        status = resp.status
+        if status == 429 or status >= 500:
+            raise _Retry(f"HTTP {status}: {message}", _retry_after(resp.headers.get("Retry-After")))
+        if status == 401:
+            raise AuthenticationError(
+                f"the runtime refused the signature of call {req.call_id}: {message}. The client's key "
+                "does not match the runtime's; redeploy the runtime or fix its key"
+            )
+        if status == 413:
+            raise SerializationError(f"call {req.call_id} is too large for the runtime: {message}")
+        if status == 400:
+            raise InvocationError(f"the runtime rejected call {req.call_id} as malformed (HTTP 400): {message}")
+        if status == 404:
+            raise InvocationError(
+                f"{self._url} answered 404: the endpoint is not an async_ca_exec runtime of this version"
+            )
+        raise InvocationError(f"the runtime answered HTTP {status} to call {req.call_id}: {message}")
+
+    async def _stream(self, req: Request, reader: aiohttp.StreamReader) -> bool:
+        max_frame = self._max_frame
+        while True:
+            hdr = await reader.readexactly(protocol.FRAME_HEADER)
+            ftype, length = protocol.parse_frame_header(hdr, max_frame=max_frame)
+            payload = memoryview(await reader.readexactly(length)) if length else memoryview(b"")
+            if self._frames(req, iter(((ftype, payload),))):
+                return True
+
+    def _frames(self, req: Request, frames: Any) -> bool:
+        """Apply frames to the request's futures; True once the END frame is seen."""
+        for ftype, payload in frames:
+            if ftype == protocol.F_OUTCOME:
+                self._outcome(req, payload)
+            elif ftype == protocol.F_LOG:
+                index, _stream, text = protocol.decode_log(payload)
+                if 0 <= index < len(req.futures):
+                    req.futures[index]._add_log(text)
+            elif ftype == protocol.F_END:
+                if req.unresolved:
+                    raise protocol.ProtocolError(f"response ended with {req.unresolved} call(s) unanswered")
+                return True
+        return False
+
+    def _outcome(self, req: Request, payload: memoryview) -> None:
+        meta, blob = protocol.decode_outcome_payload(payload)
+        first, n = meta["first"], meta["n"]
+        futures = req.futures
+        if first + n > len(futures):
+            raise protocol.ProtocolError(f"outcome for items {first}..{first + n - 1} of a request of {len(futures)}")
+        values: list[Any] | None
+        exc_blobs: dict[int, bytes]
+        load_error: BaseException | None = None
+        try:
+            values, exc_blobs = serialize.loads(blob)
+        except Exception as exc:  # noqa: BLE001
+            values, exc_blobs = None, {}
+            load_error = exc
+        errors = meta.get("errors") or {}
+        t0, t1, cpu = meta.get("t0") or (), meta.get("t1") or (), meta.get("cpu") or ()
+        timed = len(t0) == n and len(t1) == n and len(cpu) == n
+        rss, pid, replica = int(meta.get("rss") or 0), int(meta.get("pid") or 0), str(meta.get("replica") or "")
+        now = time.time()
+        for k in range(n):
+            i = first + k
+            fut = futures[i]
+            if fut.done():
+                continue
+            fut._received = now
+            if timed:
+                fut._worker = (t0[k], t1[k], cpu[k], rss, pid, replica)
+            info = errors.get(str(i)) if errors else None
+            if info is not None:
+                fut.set_exception(build_error(info, exc_blobs.get(i), fut.call_id))
+            elif values is None:
+                err = SerializationError(
+                    f"the result of call {fut.call_id} could not be unpickled here: "
+                    f"{type(load_error).__name__}: {load_error}; return plain data or types importable on the client"
+                )
+                err.__cause__ = load_error
+                fut.set_exception(err)
+            else:
+                fut.set_result(values[k])
+            req.unresolved -= 1
+            fut._job.item_done(fut)

@@ -1,0 +1,374 @@
+"""Wire format shared by the client and the container server.
+
+Everything that crosses the network between :class:`~async_ca_exec.AsyncExecutor` and a
+replica is defined here, and nothing else: the container server imports this module (and
+only this module) from the client package, so the two ends can never disagree.
+
+Request (``POST /v1/invoke``)::
+
+    headers  X-Acx-Timestamp, X-Acx-Call-Id, X-Acx-Signature (HMAC-SHA256, see sign())
+    body     envelope = fixed header | JSON header | function pickle | items pickle
+
+The items pickle is one pickle of ``[(args, kwargs), ...]``: a single call is a batch of one.
+The server never unpickles anything itself; it verifies the signature and the envelope's
+structure and hands the bytes to a worker process.
+
+Response (``200``) is a stream of frames ``<type:u8><length:u32><payload>``: heartbeats
+while calls run, logs, outcomes (results or errors for a range of items) and a final END
+frame, so a client can tell a complete stream from a cut one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+PROTOCOL_VERSION = 1
+
+INVOKE_PATH = "/v1/invoke"
+HEALTH_PATH = "/v1/health"
+META_PATH = "/v1/meta"
+
+H_TIMESTAMP = "X-Acx-Timestamp"
+H_CALL_ID = "X-Acx-Call-Id"
+H_SIGNATURE = "X-Acx-Signature"
+H_ATTEMPT = "X-Acx-Attempt"
+H_REPLICA = "X-Acx-Replica"
+
+REQUEST_CONTENT_TYPE = "application/vnd.acx.envelope"
+RESPONSE_CONTENT_TYPE = "application/vnd.acx.frames"
+
+#: Largest request body a server accepts unless configured otherwise (bytes).
+DEFAULT_MAX_BODY = 256 * 1024 * 1024
+#: Largest single response frame a client accepts unless configured otherwise (bytes).
+DEFAULT_MAX_FRAME = 1024 * 1024 * 1024
+#: Largest JSON header inside an envelope (bytes).
+MAX_JSON_HEADER = 64 * 1024
+#: Longest call id accepted.
+MAX_CALL_ID = 128
+#: Most items one request may carry.
+MAX_BATCH = 100_000
+#: Signatures older or newer than this (seconds) are refused, which bounds replays.
+DEFAULT_SIGNATURE_WINDOW = 300.0
+#: Seconds between heartbeat frames while a call runs.
+DEFAULT_HEARTBEAT = 5.0
+
+_CALL_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+# --------------------------------------------------------------------------------------
+# errors
+
+
+class ProtocolError(ValueError):
+    """Bytes that do not follow this protocol. ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+
+class SignatureError(ProtocolError):
+    """A request that is unsigned, signed with another key, stale or tampered with."""
+
+    status = 401
+
+
+class PayloadTooLarge(ProtocolError):
+    status = 413
+
+
+# --------------------------------------------------------------------------------------
+# signing
+
+
+def body_digest(body: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _string_to_sign(method: str, path: str, timestamp: str, call_id: str, digest: str) -> bytes:
+    return f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{digest}".encode()
+
+
+def sign(
+    key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview
+) -> str:
+    """HMAC-SHA256 over method, path, timestamp, call id and the body's SHA-256, as hex."""
+    msg = _string_to_sign(method, path, timestamp, call_id, body_digest(body))
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def signed_headers(
+    key: bytes, method: str, path: str, call_id: str, body: bytes | bytearray | memoryview, now: float | None = None
+) -> dict[str, str]:
+    """The three headers that authenticate a request."""
+    ts = f"{time.time() if now is None else now:.3f}"
+    return {H_TIMESTAMP: ts, H_CALL_ID: call_id, H_SIGNATURE: sign(key, method, path, ts, call_id, body)}
+
+
+def check_call_id(call_id: str) -> None:
+    if not call_id or len(call_id) > MAX_CALL_ID or not _CALL_ID_CHARS.issuperset(call_id):
+        raise ProtocolError(
+            f"call id must be 1..{MAX_CALL_ID} characters from [A-Za-z0-9-_.:], got {call_id[:40]!r}"
+        )
+
+
+def check_fresh(timestamp: str | None, *, window: float = DEFAULT_SIGNATURE_WINDOW, now: float | None = None) -> None:
+    """Refuse a missing, malformed or stale timestamp before reading the body."""
+    if not timestamp:
+        raise SignatureError(f"unsigned request: header {H_TIMESTAMP} is missing")
+    try:
+        ts = float(timestamp)
+    except ValueError:
+        raise SignatureError(f"header {H_TIMESTAMP} is not a number") from None
+    if not math.isfinite(ts):
+        raise SignatureError(f"header {H_TIMESTAMP} is not a finite number")
+    skew = (time.time() if now is None else now) - ts
+    if abs(skew) > window:
+        raise SignatureError(
+            f"stale signature: timestamp is {skew:+.0f} s away from the server clock "
+            f"(allowed ±{window:.0f} s); check the client's clock"
+        )
+
+
+def verify(
+    key: bytes,
+    method: str,
+    path: str,
+    headers: Any,
+    body: bytes | bytearray | memoryview,
+    *,
+    window: float = DEFAULT_SIGNATURE_WINDOW,
+    now: float | None = None,
+) -> str:
+    """Check a request's signature; return its call id or raise :class:`SignatureError`.
+
+    ``headers`` is any mapping with ``.get`` (aiohttp's CIMultiDict, a dict).
+    """
+    ts = headers.get(H_TIMESTAMP)
+    check_fresh(ts, window=window, now=now)
+    call_id = headers.get(H_CALL_ID)
+    sig = headers.get(H_SIGNATURE)
+    if not call_id or not sig:
+        raise SignatureError(f"unsigned request: headers {H_CALL_ID} and {H_SIGNATURE} are required")
+    expected = sign(key, method, path, ts, call_id, body)
+    if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
+        raise SignatureError(
+            "signature mismatch: the request was signed with another key or changed in transit"
+        )
+    try:
+        check_call_id(call_id)
+    except ProtocolError as exc:
+        raise SignatureError(str(exc)) from None
+    return str(call_id)
+
+
+# --------------------------------------------------------------------------------------
+# request envelope
+
+_MAGIC = b"ACXQ"
+# magic, version, flags, reserved, json header length, function length, items length
+_ENVELOPE = struct.Struct("<4sBBHIII")
+ENVELOPE_FIXED = _ENVELOPE.size
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One decoded request: a function (pickled), ``n`` items (pickled together) and options."""
+
+    call_id: str
+    n: int
+    fn_hash: str
+    fn: memoryview
+    items: memoryview
+    timeout: float
+    skip: tuple[int, ...]
+    header: dict[str, Any]
+
+
+def encode_invocation(
+    *, call_id: str, n: int, fn: bytes, fn_hash: str, items: bytes, timeout: float, extra: dict[str, Any] | None = None
+) -> bytes:
+    """Build a request body. ``fn_hash`` is ``sha256(fn).hexdigest()``, computed once per job."""
+    header: dict[str, Any] = {"id": call_id, "n": n, "fn": fn_hash, "timeout": timeout}
+    if extra:
+        header.update(extra)
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join(
+        (_ENVELOPE.pack(_MAGIC, PROTOCOL_VERSION, 0, 0, len(hj), len(fn), len(items)), hj, fn, items)
+    )
+
+
+def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: float | None = None) -> Invocation:
+    """Parse a verified request body, checking every length and field; never unpickles."""
+    mv = memoryview(body)
+    if len(mv) < ENVELOPE_FIXED:
+        raise ProtocolError(f"envelope truncated: {len(mv)} bytes, the fixed header alone is {ENVELOPE_FIXED}")
+    magic, version, _flags, _res, hlen, flen, ilen = _ENVELOPE.unpack_from(mv)
+    if magic != _MAGIC:
+        raise ProtocolError("not an async_ca_exec envelope (bad magic bytes)")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported by this server (speaks {PROTOCOL_VERSION}); "
+            "use a client and runtime of the same async_ca_exec release"
+        )
+    if hlen > MAX_JSON_HEADER:
+        raise ProtocolError(f"JSON header of {hlen} bytes exceeds the limit of {MAX_JSON_HEADER}")
+    if ENVELOPE_FIXED + hlen + flen + ilen != len(mv):
+        raise ProtocolError(
+            f"envelope lengths ({ENVELOPE_FIXED}+{hlen}+{flen}+{ilen}) do not add up to the body size {len(mv)}"
+        )
+    off = ENVELOPE_FIXED
+    try:
+        header = json.loads(bytes(mv[off : off + hlen]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"JSON header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("JSON header must be an object")
+    call_id = header.get("id")
+    n = header.get("n")
+    fn_hash = header.get("fn")
+    timeout = header.get("timeout")
+    if not isinstance(call_id, str):
+        raise ProtocolError("header field 'id' must be a string")
+    check_call_id(call_id)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_BATCH:
+        raise ProtocolError(f"header field 'n' must be an integer in 1..{MAX_BATCH}")
+    if not isinstance(fn_hash, str) or len(fn_hash) != 64:
+        raise ProtocolError("header field 'fn' must be a SHA-256 hex digest")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not (0 < timeout < math.inf):
+        raise ProtocolError("header field 'timeout' must be a positive number of seconds")
+    if max_timeout is not None and timeout > max_timeout:
+        raise ProtocolError(
+            f"timeout {timeout:g} s exceeds this runtime's maximum of {max_timeout:g} s; "
+            "lower the call timeout or redeploy the runtime with a larger runtime_timeout"
+        )
+    skip = header.get("skip", ())
+    if not isinstance(skip, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in skip
+    ):
+        raise ProtocolError("header field 'skip' must be a list of item indices")
+    skip = tuple(sorted(set(skip)))
+    if len(skip) >= n:
+        raise ProtocolError("header field 'skip' leaves no item to run")
+    if flen == 0:
+        raise ProtocolError("the envelope carries no function")
+    if ilen == 0:
+        raise ProtocolError("the envelope carries no items")
+    off += hlen
+    fn = mv[off : off + flen]
+    off += flen
+    items = mv[off : off + ilen]
+    if hashlib.sha256(fn).hexdigest() != fn_hash:
+        raise ProtocolError("function bytes do not match header field 'fn' (their SHA-256)")
+    return Invocation(call_id, n, fn_hash, fn, items, float(timeout), skip, header)
+
+
+# --------------------------------------------------------------------------------------
+# response frames
+
+F_HEARTBEAT = 1
+F_LOG = 2
+F_OUTCOME = 3
+F_END = 4
+FRAME_TYPES = frozenset((F_HEARTBEAT, F_LOG, F_OUTCOME, F_END))
+
+_FRAME = struct.Struct("<BI")
+FRAME_HEADER = _FRAME.size
+_U32 = struct.Struct("<I")
+_LOG = struct.Struct("<IB")
+STDOUT = 1
+STDERR = 2
+
+HEARTBEAT_FRAME = _FRAME.pack(F_HEARTBEAT, 0)
+END_FRAME = _FRAME.pack(F_END, 0)
+
+
+def frame(ftype: int, payload: bytes | bytearray | memoryview = b"") -> bytes:
+    return _FRAME.pack(ftype, len(payload)) + bytes(payload)
+
+
+def frame_header(ftype: int, length: int) -> bytes:
+    return _FRAME.pack(ftype, length)
+
+
+def parse_frame_header(hdr: bytes | bytearray | memoryview, *, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int, int]:
+    ftype, length = _FRAME.unpack_from(hdr)
+    if ftype not in FRAME_TYPES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    if length > max_frame:
+        raise PayloadTooLarge(
+            f"frame of {length} bytes exceeds the client's limit of {max_frame}; "
+            "raise max_frame_bytes or return smaller results"
+        )
+    return ftype, length
+
+
+def iter_frames(buf: bytes | bytearray | memoryview, *, max_frame: int = DEFAULT_MAX_FRAME) -> Iterator[tuple[int, memoryview]]:
+    """Split a complete response body into frames; raises ProtocolError on truncation."""
+    mv = memoryview(buf)
+    off = 0
+    end = len(mv)
+    while off < end:
+        if end - off < FRAME_HEADER:
+            raise ProtocolError(f"truncated frame header at byte {off}")
+        ftype, length = parse_frame_header(mv[off : off + FRAME_HEADER], max_frame=max_frame)
+        off += FRAME_HEADER
+        if end - off < length:
+            raise ProtocolError(f"truncated frame at byte {off}: {length} bytes announced, {end - off} present")
+        yield ftype, mv[off : off + length]
+        off += length
+
+
+def encode_log(index: int, stream: int, text: str | bytes | memoryview) -> bytes:
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else bytes(text)
+    return _FRAME.pack(F_LOG, _LOG.size + len(data)) + _LOG.pack(index, stream) + data
+
+
+def decode_log(payload: memoryview) -> tuple[int, int, str]:
+    if len(payload) < _LOG.size:
+        raise ProtocolError("log frame too short")
+    index, stream = _LOG.unpack_from(payload)
+    if stream not in (STDOUT, STDERR):
+        raise ProtocolError(f"log frame names unknown stream {stream}")
+    return index, stream, bytes(payload[_LOG.size :]).decode("utf-8", "replace")
+
+
+# An outcome payload is <meta length:u32><meta JSON><blob>. The meta says which items it covers
+# ("first", "n") and carries per-item stats and error descriptions; the blob is a pickle of
+# (values, {index: pickled exception}) produced by the worker, relayed by the server untouched.
+
+
+def encode_outcome_payload(meta: dict[str, Any], blob: bytes) -> bytes:
+    mj = json.dumps(meta, separators=(",", ":")).encode()
+    return _U32.pack(len(mj)) + mj + blob
+
+
+def decode_outcome_payload(payload: memoryview) -> tuple[dict[str, Any], memoryview]:
+    if len(payload) < 4:
+        raise ProtocolError("outcome frame too short")
+    (mlen,) = _U32.unpack_from(payload)
+    if 4 + mlen > len(payload):
+        raise ProtocolError("outcome frame meta overruns the frame")
+    try:
+        meta = json.loads(bytes(payload[4 : 4 + mlen]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"outcome meta is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("outcome meta must be an object")
+    first, n = meta.get("first"), meta.get("n")
+    if not isinstance(first, int) or not isinstance(n, int) or first < 0 or n < 1:
+        raise ProtocolError("outcome meta needs integer 'first' >= 0 and 'n' >= 1")
+    return meta, payload[4 + mlen :]
+
+
+# Error kinds in an outcome's meta["errors"][index]["kind"]
+ERR_USER = "user"  # the function raised
+ERR_TIMEOUT = "timeout"  # the call exceeded its timeout and its worker was killed
+ERR_CRASHED = "crashed"  # the worker process died while running the call
+ERR_SERIALIZATION = "serialization"  # arguments or result could not be (un)pickled
+ERR_INTERNAL = "internal"  # the runtime failed in a way that is not the call's fault
+ERROR_KINDS = frozenset((ERR_USER, ERR_TIMEOUT, ERR_CRASHED, ERR_SERIALIZATION, ERR_INTERNAL))

@@ -1,0 +1,32 @@
+"""Backends: where the runtime's replicas live. Each one is a module behind :class:`Runtime`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..invoker import Endpoint
+
+
+class Runtime(Protocol):
+    """Starts or finds a runtime and says how to reach it; releases what it started."""
+
+    name: str
+
+    async def start(self) -> Endpoint: ...
+
+    async def aclose(self) -> None: ...
+
+
+def create_runtime(config: Config, **options: Any) -> Runtime:
+    if config.backend == "local":
+        from .local import LocalRuntime
+
+        return LocalRuntime(config, **options)
+    raise ConfigError(
+        "backend 'azure' (Azure Container Apps) is not available in this release yet; "
+        "use backend='local' (the default)"
+    )

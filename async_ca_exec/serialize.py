@@ -1,0 +1,135 @@
+"""Client-side pickling: the function once per job, the user's own modules by value.
+
+A function defined in a file next to the user's script (not an installed package) cannot be
+imported on a replica, which shares neither the client's ``sys.path`` nor its filesystem.
+Such modules are registered with cloudpickle to travel *by value*, as Lithops'
+``include_modules`` does; installed packages and the standard library are referenced by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import site
+import sys
+import sysconfig
+import threading
+from types import ModuleType
+from typing import Any, Callable
+
+import cloudpickle
+
+from .errors import SerializationError
+
+PROTOCOL = 5
+_NEVER_BY_VALUE = frozenset({"async_ca_exec", "acx_server", "cloudpickle", "__main__", "__mp_main__"})
+
+_lock = threading.Lock()
+_registered: set[str] = set()
+_seen_modules = 0
+_roots: tuple[str, ...] | None = None
+
+
+def _library_roots() -> tuple[str, ...]:
+    global _roots
+    if _roots is None:
+        paths = set()
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            p = sysconfig.get_paths().get(key)
+            if p:
+                paths.add(p)
+        try:
+            paths.update(site.getsitepackages())
+        except AttributeError:  # pragma: no cover - old virtualenv
+            pass
+        user_site = getattr(site, "getusersitepackages", lambda: None)()
+        if user_site:
+            paths.add(user_site)
+        _roots = tuple(sorted({os.path.realpath(p) + os.sep for p in paths}))
+    return _roots
+
+
+def is_user_module(name: str, module: ModuleType) -> bool:
+    """True for a module loaded from a file outside the standard library and site-packages."""
+    top = name.partition(".")[0]
+    if top in _NEVER_BY_VALUE or top != name:
+        return False
+    path = getattr(module, "__file__", None)
+    if not path or not isinstance(path, str):
+        return False
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    return not real.startswith(_library_roots())
+
+
+def register_user_modules() -> list[str]:
+    """Register every user module imported so far to be pickled by value; return new ones."""
+    global _seen_modules
+    if len(sys.modules) == _seen_modules:
+        return []
+    new = []
+    with _lock:
+        for name, module in list(sys.modules.items()):
+            if name in _registered or module is None:
+                continue
+            try:
+                user = is_user_module(name, module)
+            except Exception:  # noqa: BLE001 - odd module objects are simply not shipped
+                user = False
+            if user:
+                try:
+                    cloudpickle.register_pickle_by_value(module)
+                except ValueError:  # not importable under that name: leave it by reference
+                    continue
+                _registered.add(name)
+                new.append(name)
+        _seen_modules = len(sys.modules)
+    return new
+
+
+def _describe(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    mod = getattr(obj, "__module__", None)
+    return f"{mod}.{name}" if name and mod else repr(obj)[:80]
+
+
+def dumps_function(fn: Callable[..., Any]) -> tuple[bytes, str]:
+    """Pickle ``fn`` (and the user modules it needs); return the bytes and their SHA-256."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    register_user_modules()
+    try:
+        data = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
+        raise SerializationError(
+            f"function {_describe(fn)} cannot be pickled: {type(exc).__name__}: {exc}. "
+            "Everything it refers to (globals, closure variables) must be picklable; create "
+            "clients, locks or open files inside the function instead"
+        ) from exc
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def dumps_items(items: list[tuple[tuple[Any, ...], dict[str, Any]]], call_id: str) -> bytes:
+    """Pickle the ``(args, kwargs)`` pairs of one request."""
+    try:
+        return cloudpickle.dumps(items, protocol=PROTOCOL)
+    except Exception as exc:  # noqa: BLE001
+        # Find the item and the argument that fails, to name it.
+        for k, (args, kwargs) in enumerate(items):
+            for pos, value in [*enumerate(args), *kwargs.items()]:
+                try:
+                    cloudpickle.dumps(value, protocol=PROTOCOL)
+                except Exception as inner:  # noqa: BLE001
+                    where = f"positional argument {pos}" if isinstance(pos, int) else f"keyword argument {pos!r}"
+                    raise SerializationError(
+                        f"{where} of call {call_id}{'' if len(items) == 1 else f' (item {k})'} "
+                        f"is a {type(value).__module__}.{type(value).__qualname__} that cannot be pickled: "
+                        f"{type(inner).__name__}: {inner}"
+                    ) from inner
+        raise SerializationError(f"the arguments of call {call_id} cannot be pickled: {type(exc).__name__}: {exc}") from exc
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return cloudpickle.loads(data)

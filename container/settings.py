@@ -1,0 +1,131 @@
+"""Server configuration, read from environment variables (the Container App sets them)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from async_ca_exec import protocol
+
+#: The shortest HMAC key the server accepts (characters).
+MIN_KEY_LENGTH = 32
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def available_cpus() -> float:
+    """vCPUs this process may use: the cgroup CPU quota if there is one, else the CPU set."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return min(cpus, quota) if quota else cpus
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2: "max 100000" or "50000 100000"
+            q, p = f.read().split()[:2]
+            return None if q == "max" else int(q) / int(p)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            q2 = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            p2 = int(f.read())
+        return None if q2 <= 0 else q2 / p2
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may use: the cgroup limit if there is one, else RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+            if raw != "max" and int(raw) < 1 << 60:
+                return int(raw)
+        except (OSError, ValueError):
+            continue
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
+@dataclass
+class Settings:
+    key: bytes
+    host: str = "0.0.0.0"
+    port: int = 8080
+    reuse_port: bool = False
+    workers: int = 1
+    heartbeat: float = protocol.DEFAULT_HEARTBEAT
+    max_body: int = protocol.DEFAULT_MAX_BODY
+    max_timeout: float = 3600.0
+    signature_window: float = protocol.DEFAULT_SIGNATURE_WINDOW
+    replica: str = ""
+    shutdown_grace: float = 30.0
+    log_level: str = "INFO"
+    parent_fd: int | None = None
+    ready_fd: int | None = None
+
+    def __repr__(self) -> str:  # never print the key
+        return f"Settings(host={self.host!r}, port={self.port}, workers={self.workers}, replica={self.replica!r})"
+
+
+def _num(env: dict[str, str], name: str, default: float, *, integer: bool = False, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{name}={raw!r} is not {kind}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def from_env(env: dict[str, str] | None = None) -> Settings:
+    """Build settings from ``ACX_*`` variables; raises :class:`SettingsError` naming the variable."""
+    env = dict(os.environ if env is None else env)
+    key_text = env.get("ACX_HMAC_KEY", "")
+    if not key_text and env.get("ACX_HMAC_KEY_STDIN") == "1":
+        key_text = sys.stdin.readline().strip()
+    if not key_text:
+        raise SettingsError(
+            "no request signing key: set ACX_HMAC_KEY (a Container App secret) or ACX_HMAC_KEY_STDIN=1; "
+            "the server refuses to run calls from unauthenticated clients"
+        )
+    if len(key_text) < MIN_KEY_LENGTH:
+        raise SettingsError(f"ACX_HMAC_KEY is too short: use at least {MIN_KEY_LENGTH} random characters")
+    cpus = available_cpus()
+    workers = int(_num(env, "ACX_WORKER_PROCESSES", 0, integer=True))
+    fd = env.get("ACX_PARENT_FD")
+    ready = env.get("ACX_READY_FD")
+    return Settings(
+        key=key_text.encode(),
+        host=env.get("ACX_SERVER_HOST", "0.0.0.0"),
+        port=int(_num(env, "ACX_SERVER_PORT", 8080, integer=True, minimum=0)),
+        reuse_port=env.get("ACX_SERVER_REUSE_PORT", "0") == "1",
+        workers=workers if workers > 0 else max(1, math.ceil(cpus)),
+        heartbeat=_num(env, "ACX_HEARTBEAT_INTERVAL", protocol.DEFAULT_HEARTBEAT, minimum=0.05),
+        max_body=int(_num(env, "ACX_MAX_BODY_BYTES", protocol.DEFAULT_MAX_BODY, integer=True, minimum=1024)),
+        max_timeout=_num(env, "ACX_RUNTIME_TIMEOUT", 3600.0, minimum=0.001),
+        signature_window=_num(env, "ACX_SIGNATURE_WINDOW", protocol.DEFAULT_SIGNATURE_WINDOW, minimum=1),
+        replica=env.get("ACX_REPLICA_ID") or env.get("CONTAINER_APP_REPLICA_NAME") or socket.gethostname(),
+        shutdown_grace=_num(env, "ACX_SHUTDOWN_GRACE", 30.0),
+        log_level=env.get("ACX_LOG_LEVEL", "INFO").upper(),
+        parent_fd=int(fd) if fd else None,
+        ready_fd=int(ready) if ready else None,
+    )

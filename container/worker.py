@@ -1,0 +1,332 @@
+"""A worker process: runs calls handed over by its replica's server, one at a time.
+
+Started by the server as ``python -m acx_server.worker <socket fd> <progress fd> <server pid>``. It reads
+task messages from the socket, unpickles the function (cached by content hash) and the items,
+runs each item with stdout/stderr captured, and sends outcomes back in groups. Before each
+item it writes (task, item, start time) to the shared progress block, so the server can kill
+it on timeout or charge a crash to the right item. It exits when the socket closes, and the
+kernel kills it if its server dies (PR_SET_PDEATHSIG), so no worker outlives its replica.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import resource
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+
+from async_ca_exec import protocol
+
+from . import ipc
+
+#: Send the outcomes of finished items of a batch at least this often (seconds), so a crash
+#: later in the batch re-runs at most this much already finished work.
+FLUSH_INTERVAL = 0.02
+#: Captured output kept per call; the rest is cut with a note.
+MAX_LOG_CHARS = 1 << 20
+MAX_TRACEBACK_CHARS = 100_000
+MAX_MESSAGE_CHARS = 10_000
+_FN_CACHE_LIMIT = 64
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when the server that started it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        pass
+
+
+def _qualname(tp: type) -> str:
+    mod = getattr(tp, "__module__", None) or "builtins"
+    return f"{mod}.{tp.__qualname__}"
+
+
+def _format_tb(exc: BaseException) -> str:
+    # Drop this module's own frame so the traceback starts in the user's function.
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = text[: MAX_TRACEBACK_CHARS // 2] + "\n... traceback cut ...\n" + text[-MAX_TRACEBACK_CHARS // 2 :]
+    return text
+
+
+def _error_info(kind: str, exc: BaseException, message: str | None = None) -> dict[str, Any]:
+    msg = message if message is not None else str(exc)
+    return {
+        "kind": kind,
+        "type": _qualname(type(exc)),
+        "message": msg[:MAX_MESSAGE_CHARS],
+        "traceback": _format_tb(exc),
+    }
+
+
+class _Capture(io.TextIOBase):
+    """A text stream that keeps what is written, up to a limit."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._size = 0
+        self.cut = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self._size < MAX_LOG_CHARS:
+            self._parts.append(s[: MAX_LOG_CHARS - self._size])
+            self._size += len(s)
+            if self._size > MAX_LOG_CHARS:
+                self.cut = True
+        return len(s)
+
+    def take(self) -> str:
+        text = "".join(self._parts)
+        if self.cut:
+            text += f"\n[output cut at {MAX_LOG_CHARS} characters]\n"
+        self._parts, self._size, self.cut = [], 0, False
+        return text
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, progress: ipc.Progress) -> None:
+        self.sock = sock
+        self.rfile = sock.makefile("rb", buffering=1 << 16)
+        self.progress = progress
+        self.fns: dict[bytes, Callable[..., Any] | BaseException] = {}
+        self.pid = os.getpid()
+        self.replica = os.environ.get("ACX_REPLICA_ID", "")
+        self.out = _Capture()
+        self.err = _Capture()
+
+    # -- io --------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_message(self) -> tuple[int, memoryview] | None:
+        hdr = self.rfile.read(ipc.HDR.size)
+        if len(hdr) < ipc.HDR.size:
+            return None
+        size, mtype = ipc.HDR.unpack(hdr)
+        payload = self.rfile.read(size - 1)
+        if len(payload) < size - 1:
+            return None
+        return mtype, memoryview(payload)
+
+    # -- main loop -------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.send(ipc.message(ipc.M_READY, json.dumps({"pid": self.pid}).encode()))
+        while True:
+            msg = self.read_message()
+            if msg is None:
+                return
+            mtype, payload = msg
+            if mtype == ipc.M_TASK:
+                self.run_task(payload)
+            else:  # pragma: no cover - server bug
+                raise RuntimeError(f"unexpected message type {mtype}")
+
+    def run_task(self, payload: memoryview) -> None:
+        task_id, first, n, flags, nforget, nskip, fn_hash, fn_len = ipc.TASK_HEAD.unpack_from(payload)
+        off = ipc.TASK_HEAD.size
+        for _ in range(nforget):
+            self.fns.pop(bytes(payload[off : off + 32]), None)
+            off += 32
+        skip = set()
+        for _ in range(nskip):
+            skip.add(ipc.U32.unpack_from(payload, off)[0])
+            off += 4
+        fn_bytes = payload[off : off + fn_len]
+        off += fn_len
+        items_bytes = payload[off:]
+        self.progress.set(task_id, first, time.time(), ipc.STATE_PREPARING)
+
+        fn = self.fns.get(fn_hash)
+        if flags & ipc.FLAG_HAS_FN:
+            try:
+                fn = pickle.loads(fn_bytes)
+            except BaseException as exc:  # noqa: BLE001 - any failure is reported, not fatal
+                fn = exc
+            if len(self.fns) >= _FN_CACHE_LIMIT:
+                self.fns.pop(next(iter(self.fns)))
+            self.fns[fn_hash] = fn
+        todo = [i for i in range(first, n) if i not in skip]
+        if fn is None:
+            self._fail_all(task_id, todo, protocol.ERR_INTERNAL, RuntimeError(
+                "the server referred to a function this worker does not have cached"), None)
+            return
+        if isinstance(fn, BaseException):
+            self._fail_all(task_id, todo, protocol.ERR_SERIALIZATION, fn,
+                           f"the function could not be unpickled on the worker: {type(fn).__name__}: {fn}")
+            return
+        try:
+            items = pickle.loads(items_bytes)
+            if not isinstance(items, list) or len(items) != n:
+                raise ValueError(f"expected a list of {n} (args, kwargs) pairs")
+        except BaseException as exc:  # noqa: BLE001
+            self._fail_all(task_id, todo, protocol.ERR_SERIALIZATION, exc,
+                           f"the arguments could not be unpickled on the worker: {type(exc).__name__}: {exc}")
+            return
+        self._run_items(task_id, fn, items, todo)
+
+    def _run_items(self, task_id: int, fn: Callable[..., Any], items: list[Any], todo: list[int]) -> None:
+        group: list[int] = []
+        values: list[Any] = []
+        errors: dict[int, tuple[dict[str, Any], BaseException | None]] = {}
+        t0s: list[float] = []
+        t1s: list[float] = []
+        cpus: list[float] = []
+        last_flush = time.monotonic()
+        real_out, real_err = sys.stdout, sys.stderr
+        progress = self.progress
+        clock, cpu_clock = time.time, time.process_time
+        for pos, i in enumerate(todo):
+            sys.stdout, sys.stderr = self.out, self.err
+            t0 = clock()
+            progress.set(task_id, i, t0, ipc.STATE_RUNNING)
+            c0 = cpu_clock()
+            try:
+                args, kwargs = items[i]
+                value = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - the user's exception is the result
+                value = None
+                errors[i] = (_error_info(protocol.ERR_USER, exc), exc)
+            finally:
+                c1 = cpu_clock()
+                t1 = clock()
+                sys.stdout, sys.stderr = real_out, real_err
+            progress.set(task_id, i, t1, ipc.STATE_REPORTING)
+            items[i] = None  # let arguments go as soon as they are used
+            out, err = self.out.take(), self.err.take()
+            if out:
+                self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, protocol.STDOUT), out.encode("utf-8", "replace")))
+            if err:
+                self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, protocol.STDERR), err.encode("utf-8", "replace")))
+            group.append(i)
+            values.append(value)
+            t0s.append(t0)
+            t1s.append(t1)
+            cpus.append(c1 - c0)
+            now = time.monotonic()
+            last = pos == len(todo) - 1
+            # Indices in one outcome must be contiguous; a skipped index (already charged
+            # with a crash) starts a new group.
+            gap = not last and todo[pos + 1] != i + 1
+            if last or gap or now - last_flush >= FLUSH_INTERVAL:
+                self._flush(task_id, group, values, errors, t0s, t1s, cpus, last)
+                group, values, errors, t0s, t1s, cpus = [], [], {}, [], [], []
+                last_flush = now
+        progress.set(task_id, todo[-1] if todo else 0, clock(), ipc.STATE_IDLE)
+
+    def _fail_all(self, task_id: int, todo: list[int], kind: str, exc: BaseException, message: str | None) -> None:
+        if not todo:
+            return
+        info = _error_info(kind, exc, message)
+        # Contiguous runs only: the skip list may have punched holes.
+        runs: list[list[int]] = [[todo[0]]]
+        for i in todo[1:]:
+            if i == runs[-1][-1] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        now = time.time()
+        for k, run in enumerate(runs):
+            errs: dict[int, tuple[dict[str, Any], BaseException | None]] = {i: (info, None) for i in run}
+            self._flush(task_id, run, [None] * len(run), errs, [now] * len(run), [now] * len(run),
+                        [0.0] * len(run), k == len(runs) - 1)
+
+    def _flush(
+        self,
+        task_id: int,
+        group: list[int],
+        values: list[Any],
+        errors: dict[int, tuple[dict[str, Any], BaseException | None]],
+        t0s: list[float],
+        t1s: list[float],
+        cpus: list[float],
+        last: bool,
+    ) -> None:
+        first = group[0]
+        exc_blobs: dict[int, bytes] = {}
+        for i, (info, exc) in errors.items():
+            if exc is None:
+                continue
+            try:
+                exc_blobs[i] = cloudpickle.dumps(exc)
+            except BaseException as pexc:  # noqa: BLE001
+                info["unpicklable"] = f"{type(pexc).__name__}: {pexc}"
+        try:
+            blob = cloudpickle.dumps((values, exc_blobs))
+        except BaseException:  # noqa: BLE001 - find the culprit(s), fail only those items
+            for k, v in enumerate(values):
+                try:
+                    cloudpickle.dumps(v)
+                except BaseException as pexc:  # noqa: BLE001
+                    values[k] = None
+                    errors[first + k] = (
+                        _error_info(
+                            protocol.ERR_SERIALIZATION,
+                            pexc,
+                            f"the result (a {_qualname(type(v))}) could not be pickled on the worker: "
+                            f"{type(pexc).__name__}: {pexc}; return plain data or a picklable object",
+                        ),
+                        None,
+                    )
+            blob = cloudpickle.dumps((values, exc_blobs))
+        meta: dict[str, Any] = {
+            "first": first,
+            "n": len(group),
+            "t0": t0s,
+            "t1": t1s,
+            "cpu": cpus,
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+            "pid": self.pid,
+            "replica": self.replica,
+        }
+        if errors:
+            meta["errors"] = {str(i): info for i, (info, _exc) in errors.items()}
+        body = protocol.encode_outcome_payload(meta, blob)
+        self.send(ipc.message(ipc.M_OUTCOME, ipc.TASK_OUTCOME.pack(task_id, first, len(group), 1 if last else 0), body))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        raise SystemExit("usage: python -m acx_server.worker <socket fd> <progress fd> <server pid>")
+    _set_parent_death_signal()
+    # A server that died before the death signal was armed left us re-parented: leave too.
+    if os.getppid() != int(argv[2]):
+        raise SystemExit(0)
+    # Ctrl-C in a terminal is the server's business; it stops workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    progress = ipc.Progress(int(argv[1]))
+    try:
+        Worker(sock, progress).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+if __name__ == "__main__":
+    main()
