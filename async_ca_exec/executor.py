@@ -15,7 +15,7 @@ from . import serialize
 from .config import Config, load_config
 from .errors import ConfigError, SerializationError
 from .futures import CallFuture
-from .invoker import Endpoint, Invoker, Request
+from .invoker import Endpoint, FutureRequest, Invoker, SliceRequest
 from .jobs import Job, Stats
 from .runtimes import Runtime, create_runtime
 
@@ -188,11 +188,11 @@ class AsyncExecutor:
         return Job(key, fn_bytes, fn_hash, t, self._stats, **job_options)
 
     def _submit_items(self, invoker: Invoker, job: Job, items: list[Item]) -> list[CallFuture]:
+        """Send ``items`` as one request whose calls each get a future."""
         loop = self._loop
         assert loop is not None
-        futures = [job.new_future(loop) for _ in items]
-        first = futures[0]
-        call_id = first.call_id if len(futures) == 1 else f"{first.call_id}:{len(futures)}"
+        futures = job.new_futures(loop, len(items))
+        call_id = _request_id(job, futures[0].index, len(items))
         try:
             blob = serialize.dumps_items(items, call_id)
         except SerializationError as exc:
@@ -200,8 +200,25 @@ class AsyncExecutor:
                 f.set_exception(exc)
                 job.item_done(f)
             return futures
-        invoker.enqueue(Request(call_id, job, futures, blob))
+        invoker.enqueue(FutureRequest(call_id, job, futures, blob))
         return futures
+
+    def _submit_slice(self, invoker: Invoker, job: Job, items: list[Item]) -> None:
+        """Send ``items`` as one request whose outcomes land in the job's result list."""
+        n = len(items)
+        offset, now = job.new_slots(n)
+        call_id = _request_id(job, offset, n)
+        try:
+            blob = serialize.dumps_items(items, call_id)
+        except SerializationError as exc:
+            assert job.results is not None
+            job.results[offset : offset + n] = [exc] * n
+            job.stats.record_outcome(n, n, 0.0, now)
+            job.slots_done(n, (offset, exc))
+            return
+        req = SliceRequest(call_id, job, offset, n, blob, now)
+        job.requests.append(req)
+        invoker.enqueue(req)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> CallFuture:
         """Schedule ``fn(*args, **kwargs)``; needs a running event loop.
@@ -242,50 +259,60 @@ class AsyncExecutor:
                 return
             yield chunk
 
-    async def _map_futures(
-        self, fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], *, to_item: Callable[[Any], Item],
-        chunksize: int, timeout: float | None, fail_fast: bool, kind: str = "M",
-    ) -> tuple[Job, list[CallFuture]]:
-        if not isinstance(chunksize, int) or chunksize < 1:
+    async def _submit_all(
+        self, job: Job, items: Iterable[Any] | AsyncIterable[Any], to_item: Callable[[Any], Item], chunksize: int,
+        submit: Callable[[Invoker, Job, list[Item]], Any],
+    ) -> None:
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize={chunksize!r} must be a positive integer")
         invoker = self._ensure_started()
-        job = self._new_job(fn, timeout, kind, fail_fast=fail_fast)
+        n = 0
+        async for chunk in self._iter_chunks(items, chunksize):
+            submit(invoker, job, [to_item(x) for x in chunk])
+            n += len(chunk)
+            if n >= _YIELD_EVERY:
+                n = 0
+                await asyncio.sleep(0)
+                if job.failed is not None:
+                    break
+
+    async def _map_futures(
+        self, fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], *, to_item: Callable[[Any], Item],
+        chunksize: int, timeout: float | None, kind: str = "M",
+    ) -> list[CallFuture]:
+        """Submit one call per item, each with a future (the Lithops facade's map)."""
+        self._ensure_started()
+        job = self._new_job(fn, timeout, kind)
         futures: list[CallFuture] = []
+
+        def submit(invoker: Invoker, job: Job, chunk: list[Item]) -> None:
+            futures.extend(self._submit_items(invoker, job, chunk))
+
         try:
-            n = 0
-            async for chunk in self._iter_chunks(items, chunksize):
-                futures.extend(self._submit_items(invoker, job, [to_item(x) for x in chunk]))
-                n += len(chunk)
-                if n >= _YIELD_EVERY:
-                    n = 0
-                    await asyncio.sleep(0)
-                    if job.failed is not None:
-                        break
+            await self._submit_all(job, items, to_item, chunksize, submit)
         except BaseException:
             _cancel_all(futures)
             raise
-        return job, futures
+        return futures
 
-    async def _collect(self, job: Job, futures: list[CallFuture], return_exceptions: bool) -> list[Any]:
+    async def _map_list(
+        self, fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], *, to_item: Callable[[Any], Item],
+        chunksize: int, timeout: float | None, return_exceptions: bool, kind: str = "M",
+    ) -> list[Any]:
+        """Submit one call per item and gather the results in input order."""
+        self._ensure_started()
+        job = self._new_job(fn, timeout, kind, fail_fast=not return_exceptions, collect=True)
         try:
+            await self._submit_all(job, items, to_item, chunksize, self._submit_slice)
             await job.wait()
         except BaseException:
-            _cancel_all(futures)
+            job.cancel()
             raise
         if job.failed is not None and not return_exceptions:
-            _cancel_all(futures)
-            _mark_retrieved(futures)
-            exc = job.failed.exception()
-            assert exc is not None
-            raise exc
-        out: list[Any] = []
-        for f in futures:
-            if f.cancelled():
-                out.append(asyncio.CancelledError(f"call {f.call_id} was cancelled"))
-                continue
-            e = f.exception()
-            out.append(e if e is not None else f.result())
-        return out
+            job.cancel()
+            raise job.failed[1]
+        assert job.results is not None
+        return job.results
 
     async def map(
         self,
@@ -303,10 +330,9 @@ class AsyncExecutor:
         calls still running and is raised, unless ``return_exceptions=True``, which puts
         exceptions in the list instead. ``items`` may be an iterable or an async iterable.
         """
-        job, futures = await self._map_futures(
-            fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, fail_fast=not return_exceptions
+        return await self._map_list(
+            fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions
         )
-        return await self._collect(job, futures, return_exceptions)
 
     async def starmap(
         self,
@@ -319,10 +345,10 @@ class AsyncExecutor:
         progress: bool | None = None,
     ) -> list[T]:
         """Like :meth:`map`, with each item unpacked as ``fn(*item)``."""
-        job, futures = await self._map_futures(
-            fn, items, to_item=_star, chunksize=chunksize, timeout=timeout, fail_fast=not return_exceptions
+        return await self._map_list(
+            fn, items, to_item=_star, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions,
+            kind="S",
         )
-        return await self._collect(job, futures, return_exceptions)
 
     async def imap(
         self,
@@ -497,6 +523,10 @@ class AsyncExecutor:
     def plot(self, dest_dir: str | Path) -> list[Path]:
         """Timeline and latency histogram PNGs. Not available in this release yet."""
         raise NotImplementedError("plot() is not available in this release yet; use job_summary() and fut.stats")
+
+
+def _request_id(job: Job, first: int, n: int) -> str:
+    return job.call_id(first) if n == 1 else f"{job.call_id(first)}:{n}"
 
 
 def _single(x: Any) -> Item:

@@ -20,13 +20,13 @@ class CallFuture(asyncio.Future):  # type: ignore[type-arg]
     """
 
     __slots__ = (
-        "call_id", "index", "_job", "_request", "_submitted", "_sent", "_received", "_attempts",
-        "_worker", "_logs", "_retrieved",
+        "_call_id", "index", "_job", "_request", "_submitted", "_sent", "_received", "_attempts",
+        "_worker", "_logs",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, call_id: str, index: int, job: Job, submitted: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, job: Job, index: int, submitted: float) -> None:
         super().__init__(loop=loop)
-        self.call_id = call_id
+        self._call_id: str | None = None
         #: Position of the call in its job (``map`` input order).
         self.index = index
         self._job = job
@@ -38,7 +38,15 @@ class CallFuture(asyncio.Future):  # type: ignore[type-arg]
         # started, finished, cpu seconds, peak rss, worker pid, replica
         self._worker: tuple[float, float, float, int, int, str] | None = None
         self._logs: list[str] | None = None
-        self._retrieved = False
+
+    @property
+    def call_id(self) -> str:
+        """The call's id, unique per executor (``<executor>-<job>-<index>``); retries keep it."""
+        return self._call_id or self._job.call_id(self.index)
+
+    @call_id.setter
+    def call_id(self, value: str) -> None:
+        self._call_id = value
 
     def cancel(self, msg: Any | None = None) -> bool:
         if self.done():
@@ -47,7 +55,7 @@ class CallFuture(asyncio.Future):  # type: ignore[type-arg]
         if cancelled:
             req = self._request
             if req is not None:
-                req.future_cancelled()
+                req.item_cancelled()
             self._job.item_done(self)
         return cancelled
 

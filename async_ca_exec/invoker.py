@@ -58,37 +58,219 @@ class Endpoint:
 
 
 class Request:
-    """One HTTP request: ``n`` calls of one job, their arguments pickled together."""
+    """One HTTP request: ``n`` calls of one job, their arguments pickled together.
 
-    __slots__ = ("call_id", "job", "futures", "items", "lane", "unresolved")
+    Subclasses decide where outcomes go: a future per call, or the job's result list.
+    """
 
-    def __init__(self, call_id: str, job: Job, futures: list[CallFuture], items: bytes) -> None:
+    __slots__ = ("call_id", "job", "n", "items", "lane", "unresolved", "cancelled", "_resolved")
+
+    def __init__(self, call_id: str, job: Job, n: int, items: bytes) -> None:
         self.call_id = call_id
         self.job = job
-        self.futures = futures
+        self.n = n
         self.items = items
         self.lane: asyncio.Task[None] | None = None
-        self.unresolved = len(futures)
+        self.unresolved = n
+        self.cancelled = False
+        self._resolved: bytearray | None = None  # only once outcomes arrive piecemeal
+
+    def cancel(self) -> None:
+        """Stop caring about this request: skip it if queued, abort it if in flight."""
+        self.cancelled = True
+        if self.lane is not None:
+            self.lane.cancel()
+
+    def item_cancelled(self) -> None:
+        self.unresolved -= 1
+        if self.unresolved == 0:
+            self.cancel()
+
+    def is_resolved(self, k: int) -> bool:
+        return self.unresolved == 0 or (self._resolved is not None and bool(self._resolved[k]))
+
+    def _claim(self, first: int, n: int) -> list[int] | None:
+        """Mark items resolved; return those that already were (None when none were)."""
+        if self._resolved is None:
+            if first == 0 and n == self.n and self.unresolved == self.n:
+                self.unresolved = 0
+                return None
+            self._resolved = bytearray(self.n)
+        seen = [k for k in range(first, first + n) if self._resolved[k]]
+        self._resolved[first : first + n] = b"\x01" * n
+        self.unresolved -= n - len(seen)
+        return seen or None
+
+    def body(self) -> bytes:
+        skip = [k for k in range(self.n) if self.is_resolved(k)] if self._resolved is not None else None
+        return protocol.encode_invocation(
+            call_id=self.call_id, n=self.n, fn=self.job.fn, fn_hash=self.job.fn_hash,
+            items=self.items, timeout=self.job.timeout, extra={"skip": skip} if skip else None,
+        )
+
+    def note_sent(self, now: float, attempt: int) -> None:
+        pass
+
+    def apply(self, first: int, n: int, values: list[Any] | None, exc_blobs: dict[int, bytes], timing: Any,
+              errors: dict[str, Any], load_error: BaseException | None, meta: dict[str, Any], now: float) -> None:
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException, now: float) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self.items = b""
+
+
+class FutureRequest(Request):
+    """Calls that each have a :class:`CallFuture` (submit, imap, the Lithops facade)."""
+
+    __slots__ = ("futures",)
+
+    def __init__(self, call_id: str, job: Job, futures: list[CallFuture], items: bytes) -> None:
+        super().__init__(call_id, job, len(futures), items)
+        self.futures = futures
         for f in futures:
             f._request = self
 
-    def future_cancelled(self) -> None:
-        self.unresolved -= 1
-        if self.unresolved == 0 and self.lane is not None:
-            self.lane.cancel()
+    def is_resolved(self, k: int) -> bool:
+        return self.futures[k].done()
 
     def body(self) -> bytes:
-        resolved = [i for i, f in enumerate(self.futures) if f.done()]
-        extra = {"skip": resolved} if resolved else None
+        skip = [k for k, f in enumerate(self.futures) if f.done()]
         return protocol.encode_invocation(
-            call_id=self.call_id, n=len(self.futures), fn=self.job.fn, fn_hash=self.job.fn_hash,
-            items=self.items, timeout=self.job.timeout, extra=extra,
+            call_id=self.call_id, n=self.n, fn=self.job.fn, fn_hash=self.job.fn_hash,
+            items=self.items, timeout=self.job.timeout, extra={"skip": skip} if skip else None,
         )
+
+    def note_sent(self, now: float, attempt: int) -> None:
+        for f in self.futures:
+            if f._sent is None:
+                f._sent = now
+            f._attempts = attempt + 1
+
+    def apply(self, first: int, n: int, values: list[Any] | None, exc_blobs: dict[int, bytes], timing: Any,
+              errors: dict[str, Any], load_error: BaseException | None, meta: dict[str, Any], now: float) -> None:
+        t0, t1, cpu = _timing(timing, n)
+        timed = bool(t0)
+        if timed:
+            self.job.stats.record_work(t0, t1, cpu)
+        rss, pid, replica = int(meta.get("rss") or 0), int(meta.get("pid") or 0), str(meta.get("replica") or "")
+        futures = self.futures
+        for k in range(n):
+            i = first + k
+            fut = futures[i]
+            if fut.done():
+                continue
+            fut._received = now
+            if timed:
+                fut._worker = (t0[k], t1[k], cpu[k], rss, pid, replica)
+            info = errors.get(str(i)) if errors else None
+            if info is not None:
+                fut.set_exception(build_error(info, exc_blobs.get(i), fut.call_id))
+            elif values is None:
+                fut.set_exception(_unpickle_error(fut.call_id, load_error))
+            else:
+                fut.set_result(values[k])
+            self.unresolved -= 1
+            self.job.item_done(fut)
+
+    def fail(self, exc: BaseException, now: float) -> None:
+        for f in self.futures:
+            if not f.done():
+                f._received = now
+                f.set_exception(exc)
+                self.unresolved -= 1
+                self.job.item_done(f)
 
     def release(self) -> None:
         for f in self.futures:
             f._request = None
         self.items = b""
+
+
+class SliceRequest(Request):
+    """Calls whose outcomes go straight into the job's result list at ``offset`` (map)."""
+
+    __slots__ = ("offset", "submitted")
+
+    def __init__(self, call_id: str, job: Job, offset: int, n: int, items: bytes, submitted: float) -> None:
+        super().__init__(call_id, job, n, items)
+        self.offset = offset
+        self.submitted = submitted
+
+    def apply(self, first: int, n: int, values: list[Any] | None, exc_blobs: dict[int, bytes], timing: Any,
+              errors: dict[str, Any], load_error: BaseException | None, meta: dict[str, Any], now: float) -> None:
+        if self.cancelled:
+            return
+        already = self._claim(first, n)
+        job = self.job
+        results = job.results
+        assert results is not None
+        base = self.offset + first
+        if values is None:
+            values = [_unpickle_error(job.call_id(base + k), load_error) for k in range(n)]
+            errors = {str(first + k): None for k in range(n)}
+        if already:  # a retried request answered twice: keep the first outcome
+            keep = set(already)
+            for k in range(n):
+                if first + k not in keep:
+                    results[base + k] = values[k]
+        else:
+            results[base : base + n] = values
+        first_error: tuple[int, BaseException] | None = None
+        failed = 0
+        for key, info in (errors or {}).items():
+            i = int(key)
+            if not first <= i < first + n or (already and i in already):
+                continue
+            exc = results[self.offset + i] if info is None else build_error(
+                info, exc_blobs.get(i), job.call_id(self.offset + i)
+            )
+            results[self.offset + i] = exc
+            failed += 1
+            if first_error is None:
+                first_error = (self.offset + i, exc)
+        fresh = n - (len(already) if already else 0)
+        stats = job.stats
+        stats.record_outcome(fresh, failed, now - self.submitted, now)
+        t0, t1, cpu = _timing(timing, n)
+        if t0:
+            stats.record_work(t0, t1, cpu)
+        job.slots_done(fresh, first_error)
+
+    def fail(self, exc: BaseException, now: float) -> None:
+        if self.cancelled or self.unresolved == 0:
+            return
+        job = self.job
+        results = job.results
+        assert results is not None
+        todo = [k for k in range(self.n) if not self.is_resolved(k)]
+        for k in todo:
+            results[self.offset + k] = exc
+        self.unresolved = 0
+        job.stats.record_outcome(len(todo), len(todo), now - self.submitted, now)
+        job.slots_done(len(todo), (self.offset + todo[0], exc) if todo else None)
+
+
+def _timing(timing: Any, n: int) -> tuple[list[float], list[float], list[float]]:
+    """Per-item (started, finished, cpu seconds) lists from an outcome, or empty ones."""
+    try:
+        t0, t1, cpu = timing
+        if len(t0) == n and len(t1) == n and len(cpu) == n:
+            return t0, t1, cpu
+    except (TypeError, ValueError):
+        pass
+    return [], [], []
+
+
+def _unpickle_error(call_id: str, load_error: BaseException | None) -> SerializationError:
+    err = SerializationError(
+        f"the result of call {call_id} could not be unpickled here: "
+        f"{type(load_error).__name__}: {load_error}; return plain data or types importable on the client"
+    )
+    err.__cause__ = load_error
+    return err
 
 
 class _Retry(Exception):
@@ -202,8 +384,10 @@ class Invoker:
             await asyncio.gather(*self._lanes, return_exceptions=True)
         while self._pending:
             req = self._pending.popleft()
-            for f in req.futures:
-                f.cancel("the executor was closed")
+            if isinstance(req, FutureRequest):
+                for f in req.futures:
+                    f.cancel("the executor was closed")
+            req.cancel()
             req.release()
         if not self._ready.done():
             self._ready.cancel()
@@ -240,16 +424,16 @@ class Invoker:
         pending = self._pending
         while pending:
             req = pending.popleft()
-            if req.unresolved == 0:
+            if req.unresolved == 0 or req.cancelled:
                 req.release()
                 continue
             req.lane = me
             try:
                 await self._deliver(req)
             except asyncio.CancelledError:
-                if self._closing or req.unresolved > 0:
+                if self._closing or not req.cancelled:
                     raise
-                # Every call of this request was cancelled: the lane carries on.
+                # The request was abandoned (its calls cancelled): the lane carries on.
                 uncancel = getattr(me, "uncancel", None)
                 if uncancel is not None:
                     uncancel()
@@ -293,16 +477,10 @@ class Invoker:
         ))
 
     def _fail(self, req: Request, exc: BaseException) -> None:
-        now = time.time()
-        for f in req.futures:
-            if not f.done():
-                f._received = now
-                f.set_exception(exc)
-                req.unresolved -= 1
-                f._job.item_done(f)
+        req.fail(exc, time.time())
 
     def _timeout(self, req: Request, ep: Endpoint) -> aiohttp.ClientTimeout:
-        total = req.job.timeout * len(req.futures) + CLIENT_TIMEOUT_GRACE
+        total = req.job.timeout * req.n + CLIENT_TIMEOUT_GRACE
         t = self._timeouts.get(total)
         if t is None:
             # No byte for three heartbeats means the replica or the connection died.
@@ -320,11 +498,7 @@ class Invoker:
         headers = protocol.signed_headers(ep.key, "POST", protocol.INVOKE_PATH, req.call_id, body)
         if attempt:
             headers[protocol.H_ATTEMPT] = str(attempt)
-        now = time.time()
-        for f in req.futures:
-            if f._sent is None:
-                f._sent = now
-            f._attempts = attempt + 1
+        req.note_sent(time.time(), attempt)
         assert self._session is not None
         try:
             async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(req, ep)) as resp:
@@ -388,7 +562,7 @@ class Invoker:
                 self._outcome(req, payload)
             elif ftype == protocol.F_LOG:
                 index, _stream, text = protocol.decode_log(payload)
-                if 0 <= index < len(req.futures):
+                if isinstance(req, FutureRequest) and 0 <= index < req.n:
                     req.futures[index]._add_log(text)
             elif ftype == protocol.F_END:
                 if req.unresolved:
@@ -399,41 +573,17 @@ class Invoker:
     def _outcome(self, req: Request, payload: memoryview) -> None:
         meta, blob = protocol.decode_outcome_payload(payload)
         first, n = meta["first"], meta["n"]
-        futures = req.futures
-        if first + n > len(futures):
-            raise protocol.ProtocolError(f"outcome for items {first}..{first + n - 1} of a request of {len(futures)}")
+        if first + n > req.n:
+            raise protocol.ProtocolError(f"outcome for items {first}..{first + n - 1} of a request of {req.n}")
         values: list[Any] | None
         exc_blobs: dict[int, bytes]
         load_error: BaseException | None = None
+        timing: Any = None
         try:
-            values, exc_blobs = serialize.loads(blob)
-        except Exception as exc:  # noqa: BLE001
+            values, exc_blobs, timing = serialize.loads(blob)
+            if len(values) != n:
+                raise ValueError(f"{len(values)} results for {n} items")
+        except Exception as exc:  # noqa: BLE001 - every item of the outcome gets the error
             values, exc_blobs = None, {}
             load_error = exc
-        errors = meta.get("errors") or {}
-        t0, t1, cpu = meta.get("t0") or (), meta.get("t1") or (), meta.get("cpu") or ()
-        timed = len(t0) == n and len(t1) == n and len(cpu) == n
-        rss, pid, replica = int(meta.get("rss") or 0), int(meta.get("pid") or 0), str(meta.get("replica") or "")
-        now = time.time()
-        for k in range(n):
-            i = first + k
-            fut = futures[i]
-            if fut.done():
-                continue
-            fut._received = now
-            if timed:
-                fut._worker = (t0[k], t1[k], cpu[k], rss, pid, replica)
-            info = errors.get(str(i)) if errors else None
-            if info is not None:
-                fut.set_exception(build_error(info, exc_blobs.get(i), fut.call_id))
-            elif values is None:
-                err = SerializationError(
-                    f"the result of call {fut.call_id} could not be unpickled here: "
-                    f"{type(load_error).__name__}: {load_error}; return plain data or types importable on the client"
-                )
-                err.__cause__ = load_error
-                fut.set_exception(err)
-            else:
-                fut.set_result(values[k])
-            req.unresolved -= 1
-            fut._job.item_done(fut)
+        req.apply(first, n, values, exc_blobs, timing, meta.get("errors") or {}, load_error, meta, time.time())

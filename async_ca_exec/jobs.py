@@ -1,13 +1,21 @@
-"""Jobs (a function pickled once, and its calls) and the executor's running statistics."""
+"""Jobs (a function pickled once, and its calls) and the executor's running statistics.
+
+A job's calls report either through a :class:`CallFuture` each (``submit``, ``imap``, the
+Lithops facade) or, for ``map``, straight into the job's result list: ``map`` returns a list,
+so a future per item would only cost time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from array import array
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .futures import CallFuture
+
+if TYPE_CHECKING:
+    from .invoker import Request
 
 
 class Stats:
@@ -26,6 +34,11 @@ class Stats:
         self.first_submitted: float | None = None
         self.last_received: float | None = None
 
+    def submitting(self, n: int, now: float) -> None:
+        self.submitted += n
+        if self.first_submitted is None:
+            self.first_submitted = now
+
     def record(self, fut: CallFuture) -> None:
         if fut.cancelled():
             self.cancelled += 1
@@ -37,10 +50,16 @@ class Stats:
         if fut._received is not None:
             self.latencies.append(fut._received - fut._submitted)
             self.last_received = fut._received
-        w = fut._worker
-        if w is not None:
-            self.worker_seconds += w[1] - w[0]
-            self.cpu_seconds += w[2]
+
+    def record_outcome(self, n: int, failed: int, latency: float, received: float) -> None:
+        self.succeeded += n - failed
+        self.failed += failed
+        self.latencies.extend([latency] * n)
+        self.last_received = received
+
+    def record_work(self, t0: list[float], t1: list[float], cpu: list[float]) -> None:
+        self.worker_seconds += sum(t1) - sum(t0)
+        self.cpu_seconds += sum(cpu)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -77,14 +96,14 @@ class Stats:
 class Job:
     """One function, pickled once, and the calls made with it.
 
-    ``item_done`` is called exactly once per call future, when it gets a result, an
-    exception or is cancelled; a job that is waited on as a whole (``map``) wakes its waiter
-    when the last call is done or, with ``fail_fast``, at the first failure.
+    Completion is counted per call: through :meth:`item_done` (futures) or
+    :meth:`slots_done` (result list). A job that is waited on as a whole (``map``) wakes its
+    waiter when the last call is done or, with ``fail_fast``, at the first failure.
     """
 
     __slots__ = (
         "key", "fn", "fn_hash", "timeout", "stats", "pending", "sealed", "fail_fast", "failed",
-        "sink", "_waiter", "next_index",
+        "sink", "_waiter", "next_index", "results", "requests",
     )
 
     def __init__(
@@ -97,6 +116,7 @@ class Job:
         *,
         fail_fast: bool = False,
         sink: Callable[[CallFuture], None] | None = None,
+        collect: bool = False,
     ) -> None:
         self.key = key
         self.fn = fn
@@ -106,33 +126,64 @@ class Job:
         self.pending = 0
         self.sealed = False
         self.fail_fast = fail_fast
-        self.failed: CallFuture | None = None
+        #: The first failure: its exception (and, in result-list mode, its index).
+        self.failed: tuple[int, BaseException] | None = None
         self.sink = sink
         self._waiter: asyncio.Future[None] | None = None
         self.next_index = 0
+        #: Result-list mode: results (or exceptions) by input position.
+        self.results: list[Any] | None = [] if collect else None
+        self.requests: list[Request] = []
 
-    def new_future(self, loop: asyncio.AbstractEventLoop) -> CallFuture:
+    def call_id(self, index: int) -> str:
+        return f"{self.key}-{index:05d}"
+
+    def new_futures(self, loop: asyncio.AbstractEventLoop, n: int) -> list[CallFuture]:
         i = self.next_index
-        self.next_index += 1
+        self.next_index += n
         now = time.time()
-        fut = CallFuture(loop, f"{self.key}-{i:05d}", i, self, now)
-        self.pending += 1
-        st = self.stats
-        st.submitted += 1
-        if st.first_submitted is None:
-            st.first_submitted = now
-        return fut
+        self.pending += n
+        self.stats.submitting(n, now)
+        return [CallFuture(loop, self, k, now) for k in range(i, i + n)]
+
+    def new_slots(self, n: int) -> tuple[int, float]:
+        """Reserve ``n`` places in the result list; return the first index and the time."""
+        assert self.results is not None
+        i = self.next_index
+        self.next_index += n
+        self.results.extend([None] * n)
+        now = time.time()
+        self.pending += n
+        self.stats.submitting(n, now)
+        return i, now
 
     def item_done(self, fut: CallFuture) -> None:
         self.pending -= 1
         self.stats.record(fut)
         if self.sink is not None:
             self.sink(fut)
-        if self.fail_fast and self.failed is None and not fut.cancelled() and fut.exception() is not None:
-            self.failed = fut
+        if self.fail_fast and self.failed is None and not fut.cancelled():
+            exc = fut.exception()
+            if exc is not None:
+                self.failed = (fut.index, exc)
+        self._wake()
+
+    def slots_done(self, n: int, first_error: tuple[int, BaseException] | None) -> None:
+        self.pending -= n
+        if self.fail_fast and self.failed is None and first_error is not None:
+            self.failed = first_error
+        self._wake()
+
+    def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done() and (self.failed is not None or (self.sealed and self.pending == 0)):
             w.set_result(None)
+
+    def cancel(self) -> None:
+        """Abandon every request of this job that is still queued or in flight."""
+        for req in self.requests:
+            req.cancel()
+        self.requests.clear()
 
     async def wait(self) -> None:
         """Until every call is done (or, with ``fail_fast``, one has failed)."""

@@ -332,11 +332,10 @@ class FunctionExecutor:
             return args, kwargs
 
         async def submit() -> list[CallFuture]:
-            _job, futs = await self._ex._map_futures(
+            return await self._ex._map_futures(
                 fn, iterdata, to_item=to_item, chunksize=chunksize or self.config.lithops.chunksize,
-                timeout=timeout, fail_fast=False, kind=kind,
+                timeout=timeout, kind=kind,
             )
-            return futs
 
         return self._wrap(self._run(submit()))
 
@@ -369,7 +368,7 @@ class FunctionExecutor:
 
         async def spawn() -> CallFuture:
             loop = asyncio.get_running_loop()
-            outer = CallFuture(loop, f"{ex.executor_id}-reduce", 0, _NullJob(), time.time())  # type: ignore[arg-type]
+            outer = CallFuture(loop, _NullJob(f"{ex.executor_id}-reduce"), 0, time.time())  # type: ignore[arg-type]
 
             async def chain() -> None:
                 try:
@@ -479,6 +478,12 @@ class FunctionExecutor:
 
 class _NullJob:
     """Job stand-in for futures the facade makes itself (the reducer's)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def call_id(self, index: int) -> str:
+        return self.key
 
     def item_done(self, fut: CallFuture) -> None:
         pass

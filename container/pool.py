@@ -120,11 +120,8 @@ class Task:
         now = time.time()
         for run in runs:
             k = len(run)
-            meta = {
-                "first": run[0], "n": k, "t0": [now] * k, "t1": [now] * k, "cpu": [0.0] * k,
-                "replica": replica, "errors": {str(i): info for i in run},
-            }
-            blob = pickle.dumps(([None] * k, {}))
+            meta = {"first": run[0], "n": k, "replica": replica, "errors": {str(i): info for i in run}}
+            blob = pickle.dumps(([None] * k, {}, ([now] * k, [now] * k, [0.0] * k)))
             self.add_frame(_outcome_frame(protocol.encode_outcome_payload(meta, blob)))
         self.skip.extend(indices)
         self.remaining -= len(indices)

@@ -83,7 +83,7 @@ class _Capture(io.TextIOBase):
 
     def __init__(self) -> None:
         self._parts: list[str] = []
-        self._size = 0
+        self.size = 0
         self.cut = False
 
     def writable(self) -> bool:
@@ -92,18 +92,20 @@ class _Capture(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        if self._size < MAX_LOG_CHARS:
-            self._parts.append(s[: MAX_LOG_CHARS - self._size])
-            self._size += len(s)
-            if self._size > MAX_LOG_CHARS:
+        if not s:
+            return 0
+        if self.size < MAX_LOG_CHARS:
+            self._parts.append(s[: MAX_LOG_CHARS - self.size])
+            if self.size + len(s) > MAX_LOG_CHARS:
                 self.cut = True
+        self.size += len(s)
         return len(s)
 
     def take(self) -> str:
         text = "".join(self._parts)
         if self.cut:
             text += f"\n[output cut at {MAX_LOG_CHARS} characters]\n"
-        self._parts, self._size, self.cut = [], 0, False
+        self._parts, self.size, self.cut = [], 0, False
         return text
 
 
@@ -196,48 +198,50 @@ class Worker:
         errors: dict[int, tuple[dict[str, Any], BaseException | None]] = {}
         t0s: list[float] = []
         t1s: list[float] = []
-        cpus: list[float] = []
-        last_flush = time.monotonic()
+        clock = time.time
+        cpu_clock = time.process_time
+        last_flush = clock()
+        group_cpu = cpu_clock()
+        set_progress = self.progress.set
+        out, err = self.out, self.err
         real_out, real_err = sys.stdout, sys.stderr
-        progress = self.progress
-        clock, cpu_clock = time.time, time.process_time
-        for pos, i in enumerate(todo):
-            sys.stdout, sys.stderr = self.out, self.err
-            t0 = clock()
-            progress.set(task_id, i, t0, ipc.STATE_RUNNING)
-            c0 = cpu_clock()
-            try:
-                args, kwargs = items[i]
-                value = fn(*args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - the user's exception is the result
-                value = None
-                errors[i] = (_error_info(protocol.ERR_USER, exc), exc)
-            finally:
-                c1 = cpu_clock()
+        last_pos = len(todo) - 1
+        sys.stdout, sys.stderr = out, err
+        try:
+            for pos, i in enumerate(todo):
+                t0 = clock()
+                set_progress(task_id, i, t0, ipc.STATE_RUNNING)
+                try:
+                    args, kwargs = items[i]
+                    value = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - the user's exception is the result
+                    value = None
+                    errors[i] = (_error_info(protocol.ERR_USER, exc), exc)
                 t1 = clock()
-                sys.stdout, sys.stderr = real_out, real_err
-            progress.set(task_id, i, t1, ipc.STATE_REPORTING)
-            items[i] = None  # let arguments go as soon as they are used
-            out, err = self.out.take(), self.err.take()
-            if out:
-                self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, protocol.STDOUT), out.encode("utf-8", "replace")))
-            if err:
-                self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, protocol.STDERR), err.encode("utf-8", "replace")))
-            group.append(i)
-            values.append(value)
-            t0s.append(t0)
-            t1s.append(t1)
-            cpus.append(c1 - c0)
-            now = time.monotonic()
-            last = pos == len(todo) - 1
-            # Indices in one outcome must be contiguous; a skipped index (already charged
-            # with a crash) starts a new group.
-            gap = not last and todo[pos + 1] != i + 1
-            if last or gap or now - last_flush >= FLUSH_INTERVAL:
-                self._flush(task_id, group, values, errors, t0s, t1s, cpus, last)
-                group, values, errors, t0s, t1s, cpus = [], [], {}, [], [], []
-                last_flush = now
-        progress.set(task_id, todo[-1] if todo else 0, clock(), ipc.STATE_IDLE)
+                items[i] = None  # let arguments go as soon as they are used
+                if out.size or err.size:
+                    self._send_logs(task_id, i)
+                group.append(i)
+                values.append(value)
+                t0s.append(t0)
+                t1s.append(t1)
+                # Outcomes cover contiguous items: an index skipped (already answered, or charged
+                # with a crash) ends a group, as do the last item and the flush interval.
+                if pos == last_pos or todo[pos + 1] != i + 1 or t1 - last_flush >= FLUSH_INTERVAL:
+                    now_cpu = cpu_clock()
+                    self._flush(task_id, group, values, errors, t0s, t1s, now_cpu - group_cpu, pos == last_pos)
+                    group, values, errors, t0s, t1s = [], [], {}, [], []
+                    last_flush = clock()
+                    group_cpu = cpu_clock()
+        finally:
+            sys.stdout, sys.stderr = real_out, real_err
+        set_progress(task_id, todo[-1] if todo else 0, clock(), ipc.STATE_IDLE)
+
+    def _send_logs(self, task_id: int, i: int) -> None:
+        for stream, cap in ((protocol.STDOUT, self.out), (protocol.STDERR, self.err)):
+            if cap.size:
+                text = cap.take()
+                self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, stream), text.encode("utf-8", "replace")))
 
     def _fail_all(self, task_id: int, todo: list[int], kind: str, exc: BaseException, message: str | None) -> None:
         if not todo:
@@ -254,7 +258,7 @@ class Worker:
         for k, run in enumerate(runs):
             errs: dict[int, tuple[dict[str, Any], BaseException | None]] = {i: (info, None) for i in run}
             self._flush(task_id, run, [None] * len(run), errs, [now] * len(run), [now] * len(run),
-                        [0.0] * len(run), k == len(runs) - 1)
+                        0.0, k == len(runs) - 1)
 
     def _flush(
         self,
@@ -264,10 +268,16 @@ class Worker:
         errors: dict[int, tuple[dict[str, Any], BaseException | None]],
         t0s: list[float],
         t1s: list[float],
-        cpus: list[float],
+        cpu: float,
         last: bool,
     ) -> None:
+        self.progress.set(task_id, group[-1], time.time(), ipc.STATE_REPORTING)
         first = group[0]
+        # CPU time is read once per group and shared out by wall time within it: a clock
+        # read per item would cost more than the calls of a fast batch.
+        walls = [b - a for a, b in zip(t0s, t1s)]
+        total = sum(walls)
+        cpus = [cpu * w / total for w in walls] if total > 0 else [cpu / len(group)] * len(group)
         exc_blobs: dict[int, bytes] = {}
         for i, (info, exc) in errors.items():
             if exc is None:
@@ -276,8 +286,9 @@ class Worker:
                 exc_blobs[i] = cloudpickle.dumps(exc)
             except BaseException as pexc:  # noqa: BLE001
                 info["unpicklable"] = f"{type(pexc).__name__}: {pexc}"
+        timing = (t0s, t1s, cpus)
         try:
-            blob = cloudpickle.dumps((values, exc_blobs))
+            blob = cloudpickle.dumps((values, exc_blobs, timing))
         except BaseException:  # noqa: BLE001 - find the culprit(s), fail only those items
             for k, v in enumerate(values):
                 try:
@@ -293,13 +304,10 @@ class Worker:
                         ),
                         None,
                     )
-            blob = cloudpickle.dumps((values, exc_blobs))
+            blob = cloudpickle.dumps((values, exc_blobs, timing))
         meta: dict[str, Any] = {
             "first": first,
             "n": len(group),
-            "t0": t0s,
-            "t1": t1s,
-            "cpu": cpus,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
             "pid": self.pid,
             "replica": self.replica,
