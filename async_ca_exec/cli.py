@@ -9,7 +9,8 @@ import platform
 import socket
 import sys
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .errors import AsyncCAExecError
@@ -30,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-s", "--storage", help="azure_storage, or localhost for none")
     common.add_argument("-d", "--debug", action="store_true", help="debug logging and full tracebacks")
 
-    p = argparse.ArgumentParser(prog="acx", description="Run Python functions at scale on Azure Container Apps.",
-                                parents=[common])
+    p = argparse.ArgumentParser(
+        prog="acx", description="Run Python functions at scale on Azure Container Apps.", parents=[common]
+    )
     p.add_argument("--version", action="version", version=f"async_ca_exec {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -78,9 +80,7 @@ def _runtime(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage})
     if cfg.backend != "local":
-        raise AsyncCAExecError(
-            f"'acx runtime {args.action}' for backend 'azure' is not available in this release yet"
-        )
+        raise AsyncCAExecError(f"'acx runtime {args.action}' for backend 'azure' is not available in this release yet")
     if args.action == "list":
         replicas, workers = default_local_layout(cfg)
         print(f"{'NAME':<8} {'PYTHON':<8} {'VERSION':<8} {'REPLICAS':<9} WORKERS/REPLICA")

@@ -16,8 +16,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
@@ -85,7 +86,9 @@ class LithopsSection(_Section):
     max_concurrency: int | None = Field(
         None, ge=1, le=100_000, description="Most calls in flight at once. Default: 1,000 on Azure, 64 locally."
     )
-    retries: int = Field(4, ge=0, le=100, description="Delivery retries per request (network errors, 5xx, 429); user errors are never re-run.")
+    retries: int = Field(
+        4, ge=0, le=100, description="Delivery retries per request (network errors, 5xx, 429); user errors are never re-run."
+    )
     chunksize: int = Field(1, ge=1, description="Items per request for `map` when the call gives none.")
     log_level: str | None = Field(None, description="Level of the `async_ca_exec` logger (DEBUG, INFO, WARNING...).")
     progress: bool | None = Field(None, description="Progress bars (arrive with a later release; accepted now).")
@@ -110,9 +113,7 @@ class LithopsSection(_Section):
     def _backend(cls, v: str) -> str:
         key = str(v).strip().lower()
         if key not in BACKEND_ALIASES:
-            raise ValueError(
-                f"backend={v!r} is not known: use 'local' (alias 'localhost') or 'azure' (alias 'azure_containers')"
-            )
+            raise ValueError(f"backend={v!r} is not known: use 'local' (alias 'localhost') or 'azure' (alias 'azure_containers')")
         return BACKEND_ALIASES[key]
 
     @field_validator("storage")
@@ -139,11 +140,19 @@ class LithopsSection(_Section):
 class LocalSection(_Section):
     """The embedded local runtime (Lithops' ``localhost`` section; ``local`` is accepted too)."""
 
-    replicas: int | None = Field(None, ge=1, le=64, description="Server processes sharing one loopback port. Default: 2 (1 on a single CPU).")
-    worker_processes: int | None = Field(None, ge=1, le=1024, description="Worker processes per replica. Default: CPUs / replicas, at least 1.")
+    replicas: int | None = Field(
+        None, ge=1, le=64, description="Server processes sharing one loopback port. Default: 2 (1 on a single CPU)."
+    )
+    worker_processes: int | None = Field(
+        None, ge=1, le=1024, description="Worker processes per replica. Default: CPUs / replicas, at least 1."
+    )
     runtime: str | None = Field(None, description="Python interpreter for the servers. Default: the client's own.")
-    runtime_memory: int | None = Field(None, description=f"MB per worker, {ALLOWED_MEMORY[0]}..{ALLOWED_MEMORY[-1]} step 512. Default: no limit.")
-    runtime_timeout: float = Field(3600.0, gt=0, description="Longest call the runtime allows (seconds); default per-call timeout.")
+    runtime_memory: int | None = Field(
+        None, description=f"MB per worker, {ALLOWED_MEMORY[0]}..{ALLOWED_MEMORY[-1]} step 512. Default: no limit."
+    )
+    runtime_timeout: float = Field(
+        3600.0, gt=0, description="Longest call the runtime allows (seconds); default per-call timeout."
+    )
     heartbeat: float = Field(5.0, gt=0, description="Seconds between heartbeat frames of a running call.")
     version: int | None = Field(None, description="Lithops key, ignored.")
     max_workers: int | None = Field(None, description="Lithops key, ignored.")
@@ -170,12 +179,16 @@ class AzureContainersSection(_Section):
 
     environment: str = Field("acx", description="Container Apps environment name.")
     environment_id: str | None = Field(None, description="Full ARM id of the environment (wins over `environment`).")
-    runtime: str | None = Field(None, description="Runtime image, e.g. myregistry.azurecr.io/me/rt:1; `default` or unset: the default image.")
+    runtime: str | None = Field(
+        None, description="Runtime image, e.g. myregistry.azurecr.io/me/rt:1; `default` or unset: the default image."
+    )
     runtime_memory: int = Field(512, description="MB per replica: 512..8192 step 512 (0.25 vCPU per 512 MB).")
     runtime_timeout: float = Field(600.0, gt=0, description="Longest call allowed (seconds).")
     max_workers: int = Field(100, ge=1, le=1000, description="maxReplicas of the Container App (at most 1,000).")
     min_workers: int = Field(0, ge=0, le=1000, description="minReplicas (0 lets the app scale to zero).")
-    worker_processes: int | None = Field(None, ge=1, le=256, description="Worker processes per replica. Default: the replica's vCPUs rounded up.")
+    worker_processes: int | None = Field(
+        None, ge=1, le=256, description="Worker processes per replica. Default: the replica's vCPUs rounded up."
+    )
     docker_server: str | None = None
     docker_user: str | None = None
     docker_password: SecretStr | None = None
@@ -425,20 +438,19 @@ def load_config(
             continue
         if name not in ENV_VARS:
             warnings.warn(
-                f"environment variable {name} is not an async_ca_exec setting and is ignored"
-                + _suggest(name, list(ENV_VARS)),
+                f"environment variable {name} is not an async_ca_exec setting and is ignored" + _suggest(name, list(ENV_VARS)),
                 stacklevel=3,
             )
             continue
-        key, section = ENV_VARS[name]
-        put(section, key, _parse_env_value(name, env[name]), f"environment variable {name}")
+        key, target = ENV_VARS[name]
+        put(target, key, _parse_env_value(name, env[name]), f"environment variable {name}")
 
     # arguments beat everything
     for name, value in args.items():
         if name not in ARGUMENTS:
             raise ConfigError(f"unknown argument {name!r}" + _suggest(name, list(ARGUMENTS)))
-        key, section = ARGUMENTS[name]
-        put(section, key, value, f"the {name} argument")
+        key, target = ARGUMENTS[name]
+        put(target, key, value, f"the {name} argument")
 
     try:
         cfg = Config.model_validate(data)
@@ -458,7 +470,7 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> st
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        section, key = (loc + ["", ""])[:2]
+        section, key = [*loc, "", ""][:2]
         where = sources.get((section, key), "the configuration")
         if err["type"] == "extra_forbidden":
             model = _SECTION_MODELS.get(section)
@@ -480,8 +492,20 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> st
 
 def _log_ignored(cfg: Config) -> None:
     ignored = [
-        name for name in ("mode", "monitoring", "monitoring_interval", "data_limit", "data_cleaner",
-                          "log_format", "log_stream", "log_filename", "telemetry", "customized_runtime", "workers")
+        name
+        for name in (
+            "mode",
+            "monitoring",
+            "monitoring_interval",
+            "data_limit",
+            "data_cleaner",
+            "log_format",
+            "log_stream",
+            "log_filename",
+            "telemetry",
+            "customized_runtime",
+            "workers",
+        )
         if getattr(cfg.lithops, name) is not None
     ]
     if ignored:

@@ -8,8 +8,9 @@ import itertools
 import logging
 import secrets
 import sys
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from . import serialize
 from .config import Config, load_config
@@ -72,9 +73,15 @@ class AsyncExecutor:
         self.config: Config = load_config(
             config,
             arguments={
-                "backend": backend, "runtime": runtime, "runtime_memory": runtime_memory, "timeout": timeout,
-                "max_concurrency": max_concurrency, "retries": retries, "storage": storage,
-                "progress": progress, "log_level": log_level,
+                "backend": backend,
+                "runtime": runtime,
+                "runtime_memory": runtime_memory,
+                "timeout": timeout,
+                "max_concurrency": max_concurrency,
+                "retries": retries,
+                "storage": storage,
+                "progress": progress,
+                "log_level": log_level,
             },
         )
         if self.config.lithops.storage is not None:
@@ -125,9 +132,7 @@ class AsyncExecutor:
         elif self._loop is not loop:
             raise RuntimeError("this executor belongs to another event loop; create one executor per loop")
         if self._invoker is None:
-            self._invoker = Invoker(
-                max_concurrency=self.config.max_concurrency, retries=self.config.retries, stats=self._stats
-            )
+            self._invoker = Invoker(max_concurrency=self.config.max_concurrency, retries=self.config.retries, stats=self._stats)
             self._start_task = loop.create_task(self._start_runtime())
             self._start_task.add_done_callback(_retrieve)
         return self._invoker
@@ -239,7 +244,7 @@ class AsyncExecutor:
         args, kwargs = _lithops_item(data)
         return self.submit(fn, *args, **kwargs)
 
-    async def _iter_chunks(self, items: Iterable[Any] | AsyncIterable[Any], chunksize: int) -> AsyncIterator[list[Any]]:
+    async def _iter_chunks(self, items: Iterable[Any] | AsyncIterable[Any], chunksize: int) -> AsyncGenerator[list[Any], None]:
         if isinstance(items, (str, bytes)):
             raise TypeError("items is a string: pass a list of items (a string would be split into characters)")
         if hasattr(items, "__aiter__"):
@@ -260,7 +265,11 @@ class AsyncExecutor:
             yield chunk
 
     async def _submit_all(
-        self, job: Job, items: Iterable[Any] | AsyncIterable[Any], to_item: Callable[[Any], Item], chunksize: int,
+        self,
+        job: Job,
+        items: Iterable[Any] | AsyncIterable[Any],
+        to_item: Callable[[Any], Item],
+        chunksize: int,
         submit: Callable[[Invoker, Job, list[Item]], Any],
     ) -> None:
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
@@ -277,8 +286,14 @@ class AsyncExecutor:
                     break
 
     async def _map_futures(
-        self, fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], *, to_item: Callable[[Any], Item],
-        chunksize: int, timeout: float | None, kind: str = "M",
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        to_item: Callable[[Any], Item],
+        chunksize: int,
+        timeout: float | None,
+        kind: str = "M",
     ) -> list[CallFuture]:
         """Submit one call per item, each with a future (the Lithops facade's map)."""
         self._ensure_started()
@@ -296,8 +311,15 @@ class AsyncExecutor:
         return futures
 
     async def _map_list(
-        self, fn: Callable[..., Any], items: Iterable[Any] | AsyncIterable[Any], *, to_item: Callable[[Any], Item],
-        chunksize: int, timeout: float | None, return_exceptions: bool, kind: str = "M",
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        to_item: Callable[[Any], Item],
+        chunksize: int,
+        timeout: float | None,
+        return_exceptions: bool,
+        kind: str = "M",
     ) -> list[Any]:
         """Submit one call per item and gather the results in input order."""
         self._ensure_started()
@@ -346,7 +368,12 @@ class AsyncExecutor:
     ) -> list[T]:
         """Like :meth:`map`, with each item unpacked as ``fn(*item)``."""
         return await self._map_list(
-            fn, items, to_item=_star, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions,
+            fn,
+            items,
+            to_item=_star,
+            chunksize=chunksize,
+            timeout=timeout,
+            return_exceptions=return_exceptions,
             kind="S",
         )
 
@@ -406,13 +433,13 @@ class AsyncExecutor:
                 if ordered:
                     nxt = order[0]
                     while not nxt.done():
-                        wake[0] = loop.create_future()
-                        await wake[0]
+                        waiter = wake[0] = loop.create_future()
+                        await waiter
                     order.popleft()
                 else:
                     while not done:
-                        wake[0] = loop.create_future()
-                        await wake[0]
+                        waiter = wake[0] = loop.create_future()
+                        await waiter
                     nxt = done.popleft()
                 live.discard(nxt)
                 if nxt.cancelled():
@@ -495,7 +522,7 @@ class AsyncExecutor:
             fs = self._uncollected
             self._uncollected = []
             single = len(fs) == 1 and self._last_call != "map"
-        elif isinstance(futures, asyncio.Future):
+        elif isinstance(futures, CallFuture):
             fs, single = [futures], True
         else:
             fs, single = list(futures), False

@@ -20,8 +20,16 @@ class CallFuture(asyncio.Future):  # type: ignore[type-arg]
     """
 
     __slots__ = (
-        "_call_id", "index", "_job", "_request", "_submitted", "_sent", "_received", "_attempts",
-        "_worker", "_logs",
+        "_attempts",
+        "_call_id",
+        "_job",
+        "_logs",
+        "_received",
+        "_request",
+        "_sent",
+        "_submitted",
+        "_worker",
+        "index",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, job: Job, index: int, submitted: float) -> None:

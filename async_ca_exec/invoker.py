@@ -63,7 +63,7 @@ class Request:
     Subclasses decide where outcomes go: a future per call, or the job's result list.
     """
 
-    __slots__ = ("call_id", "job", "n", "items", "lane", "unresolved", "cancelled", "_resolved")
+    __slots__ = ("_resolved", "call_id", "cancelled", "items", "job", "lane", "n", "unresolved")
 
     def __init__(self, call_id: str, job: Job, n: int, items: bytes) -> None:
         self.call_id = call_id
@@ -104,15 +104,30 @@ class Request:
     def body(self) -> bytes:
         skip = [k for k in range(self.n) if self.is_resolved(k)] if self._resolved is not None else None
         return protocol.encode_invocation(
-            call_id=self.call_id, n=self.n, fn=self.job.fn, fn_hash=self.job.fn_hash,
-            items=self.items, timeout=self.job.timeout, extra={"skip": skip} if skip else None,
+            call_id=self.call_id,
+            n=self.n,
+            fn=self.job.fn,
+            fn_hash=self.job.fn_hash,
+            items=self.items,
+            timeout=self.job.timeout,
+            extra={"skip": skip} if skip else None,
         )
 
     def note_sent(self, now: float, attempt: int) -> None:
         pass
 
-    def apply(self, first: int, n: int, values: list[Any] | None, exc_blobs: dict[int, bytes], timing: Any,
-              errors: dict[str, Any], load_error: BaseException | None, meta: dict[str, Any], now: float) -> None:
+    def apply(
+        self,
+        first: int,
+        n: int,
+        values: list[Any] | None,
+        exc_blobs: dict[int, bytes],
+        timing: Any,
+        errors: dict[str, Any],
+        load_error: BaseException | None,
+        meta: dict[str, Any],
+        now: float,
+    ) -> None:
         raise NotImplementedError
 
     def fail(self, exc: BaseException, now: float) -> None:
@@ -139,8 +154,13 @@ class FutureRequest(Request):
     def body(self) -> bytes:
         skip = [k for k, f in enumerate(self.futures) if f.done()]
         return protocol.encode_invocation(
-            call_id=self.call_id, n=self.n, fn=self.job.fn, fn_hash=self.job.fn_hash,
-            items=self.items, timeout=self.job.timeout, extra={"skip": skip} if skip else None,
+            call_id=self.call_id,
+            n=self.n,
+            fn=self.job.fn,
+            fn_hash=self.job.fn_hash,
+            items=self.items,
+            timeout=self.job.timeout,
+            extra={"skip": skip} if skip else None,
         )
 
     def note_sent(self, now: float, attempt: int) -> None:
@@ -149,8 +169,18 @@ class FutureRequest(Request):
                 f._sent = now
             f._attempts = attempt + 1
 
-    def apply(self, first: int, n: int, values: list[Any] | None, exc_blobs: dict[int, bytes], timing: Any,
-              errors: dict[str, Any], load_error: BaseException | None, meta: dict[str, Any], now: float) -> None:
+    def apply(
+        self,
+        first: int,
+        n: int,
+        values: list[Any] | None,
+        exc_blobs: dict[int, bytes],
+        timing: Any,
+        errors: dict[str, Any],
+        load_error: BaseException | None,
+        meta: dict[str, Any],
+        now: float,
+    ) -> None:
         t0, t1, cpu = _timing(timing, n)
         timed = bool(t0)
         if timed:
@@ -199,8 +229,18 @@ class SliceRequest(Request):
         self.offset = offset
         self.submitted = submitted
 
-    def apply(self, first: int, n: int, values: list[Any] | None, exc_blobs: dict[int, bytes], timing: Any,
-              errors: dict[str, Any], load_error: BaseException | None, meta: dict[str, Any], now: float) -> None:
+    def apply(
+        self,
+        first: int,
+        n: int,
+        values: list[Any] | None,
+        exc_blobs: dict[int, bytes],
+        timing: Any,
+        errors: dict[str, Any],
+        load_error: BaseException | None,
+        meta: dict[str, Any],
+        now: float,
+    ) -> None:
         if self.cancelled:
             return
         already = self._claim(first, n)
@@ -224,9 +264,7 @@ class SliceRequest(Request):
             i = int(key)
             if not first <= i < first + n or (already and i in already):
                 continue
-            exc = results[self.offset + i] if info is None else build_error(
-                info, exc_blobs.get(i), job.call_id(self.offset + i)
-            )
+            exc = results[self.offset + i] if info is None else build_error(info, exc_blobs.get(i), job.call_id(self.offset + i))
             results[self.offset + i] = exc
             failed += 1
             if first_error is None:
@@ -311,7 +349,7 @@ def build_error(info: dict[str, Any], exc_blob: bytes | None, call_id: str) -> B
     else:
         exc = RemoteError(type_name, f"the runtime failed running call {call_id}: {message}", tb, call_id=call_id)
     if tb:
-        exc.__cause__ = RemoteTraceback(tb)
+        exc.__cause__ = RemoteTraceback(serialize.add_source_lines(tb))
     return exc
 
 
@@ -338,8 +376,7 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 
 
 class Invoker:
-    def __init__(self, *, max_concurrency: int, retries: int, stats: Stats,
-                 max_frame: int = protocol.DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, *, max_concurrency: int, retries: int, stats: Stats, max_frame: int = protocol.DEFAULT_MAX_FRAME) -> None:
         self._limit = max_concurrency
         self._retries = retries
         self._stats = stats
@@ -358,7 +395,11 @@ class Invoker:
     def attach(self, endpoint: Endpoint) -> None:
         """The runtime is up: open the session and let the lanes go."""
         connector = aiohttp.TCPConnector(
-            limit=self._limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60, ssl=endpoint.ssl,
+            limit=self._limit,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=60,
+            ssl=endpoint.ssl,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -472,9 +513,9 @@ class Invoker:
             except AsyncCAExecError as exc:
                 self._fail(req, exc)
                 return
-        self._fail(req, InvocationError(
-            f"call {req.call_id} could not be delivered after {attempts} attempt(s); last error: {last}"
-        ))
+        self._fail(
+            req, InvocationError(f"call {req.call_id} could not be delivered after {attempts} attempt(s); last error: {last}")
+        )
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         req.fail(exc, time.time())
@@ -541,9 +582,7 @@ class Invoker:
         if status == 400:
             raise InvocationError(f"the runtime rejected call {req.call_id} as malformed (HTTP 400): {message}")
         if status == 404:
-            raise InvocationError(
-                f"{self._url} answered 404: the endpoint is not an async_ca_exec runtime of this version"
-            )
+            raise InvocationError(f"{self._url} answered 404: the endpoint is not an async_ca_exec runtime of this version")
         raise InvocationError(f"the runtime answered HTTP {status} to call {req.call_id}: {message}")
 
     async def _stream(self, req: Request, reader: aiohttp.StreamReader) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .futures import CallFuture
 
@@ -67,7 +68,7 @@ class Stats:
         def pct(p: float) -> float | None:
             if not lat:
                 return None
-            return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))]
+            return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))]
 
         wall = (
             self.last_received - self.first_submitted
@@ -102,8 +103,20 @@ class Job:
     """
 
     __slots__ = (
-        "key", "fn", "fn_hash", "timeout", "stats", "pending", "sealed", "fail_fast", "failed",
-        "sink", "_waiter", "next_index", "results", "requests",
+        "_waiter",
+        "fail_fast",
+        "failed",
+        "fn",
+        "fn_hash",
+        "key",
+        "next_index",
+        "pending",
+        "requests",
+        "results",
+        "sealed",
+        "sink",
+        "stats",
+        "timeout",
     )
 
     def __init__(

@@ -26,8 +26,9 @@ import json
 import math
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 PROTOCOL_VERSION = 1
 
@@ -93,9 +94,7 @@ def _string_to_sign(method: str, path: str, timestamp: str, call_id: str, digest
     return f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{digest}".encode()
 
 
-def sign(
-    key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview
-) -> str:
+def sign(key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview) -> str:
     """HMAC-SHA256 over method, path, timestamp, call id and the body's SHA-256, as hex."""
     msg = _string_to_sign(method, path, timestamp, call_id, body_digest(body))
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
@@ -111,9 +110,7 @@ def signed_headers(
 
 def check_call_id(call_id: str) -> None:
     if not call_id or len(call_id) > MAX_CALL_ID or not _CALL_ID_CHARS.issuperset(call_id):
-        raise ProtocolError(
-            f"call id must be 1..{MAX_CALL_ID} characters from [A-Za-z0-9-_.:], got {call_id[:40]!r}"
-        )
+        raise ProtocolError(f"call id must be 1..{MAX_CALL_ID} characters from [A-Za-z0-9-_.:], got {call_id[:40]!r}")
 
 
 def check_fresh(timestamp: str | None, *, window: float = DEFAULT_SIGNATURE_WINDOW, now: float | None = None) -> None:
@@ -156,9 +153,7 @@ def verify(
         raise SignatureError(f"unsigned request: headers {H_CALL_ID} and {H_SIGNATURE} are required")
     expected = sign(key, method, path, ts, call_id, body)
     if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
-        raise SignatureError(
-            "signature mismatch: the request was signed with another key or changed in transit"
-        )
+        raise SignatureError("signature mismatch: the request was signed with another key or changed in transit")
     try:
         check_call_id(call_id)
     except ProtocolError as exc:
@@ -197,9 +192,7 @@ def encode_invocation(
     if extra:
         header.update(extra)
     hj = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join(
-        (_ENVELOPE.pack(_MAGIC, PROTOCOL_VERSION, 0, 0, len(hj), len(fn), len(items)), hj, fn, items)
-    )
+    return b"".join((_ENVELOPE.pack(_MAGIC, PROTOCOL_VERSION, 0, 0, len(hj), len(fn), len(items)), hj, fn, items))
 
 
 def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: float | None = None) -> Invocation:
@@ -218,9 +211,7 @@ def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: floa
     if hlen > MAX_JSON_HEADER:
         raise ProtocolError(f"JSON header of {hlen} bytes exceeds the limit of {MAX_JSON_HEADER}")
     if ENVELOPE_FIXED + hlen + flen + ilen != len(mv):
-        raise ProtocolError(
-            f"envelope lengths ({ENVELOPE_FIXED}+{hlen}+{flen}+{ilen}) do not add up to the body size {len(mv)}"
-        )
+        raise ProtocolError(f"envelope lengths ({ENVELOPE_FIXED}+{hlen}+{flen}+{ilen}) do not add up to the body size {len(mv)}")
     off = ENVELOPE_FIXED
     try:
         header = json.loads(bytes(mv[off : off + hlen]))
@@ -301,8 +292,7 @@ def parse_frame_header(hdr: bytes | bytearray | memoryview, *, max_frame: int = 
         raise ProtocolError(f"unknown frame type {ftype}")
     if length > max_frame:
         raise PayloadTooLarge(
-            f"frame of {length} bytes exceeds the client's limit of {max_frame}; "
-            "raise max_frame_bytes or return smaller results"
+            f"frame of {length} bytes exceeds the client's limit of {max_frame}; raise max_frame_bytes or return smaller results"
         )
     return ftype, length
 

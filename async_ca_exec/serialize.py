@@ -8,14 +8,21 @@ Such modules are registered with cloudpickle to travel *by value*, as Lithops'
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
+import io
+import linecache
 import os
+import re
 import site
 import sys
 import sysconfig
 import threading
+import types
+from collections import ChainMap
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
@@ -89,6 +96,47 @@ def register_user_modules() -> list[str]:
     return new
 
 
+_DYNAMIC_FILENAME = "<dynamic-code>"
+_cloudpickle_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+
+def _code_reduce(code: types.CodeType) -> Any:
+    # cloudpickle replaces the file name of code pickled by value with "<dynamic-code>";
+    # keep the real one so remote tracebacks name the user's file.
+    reducer, args = _cloudpickle_code_reduce(code)  # type: ignore[misc]
+    return reducer, tuple(code.co_filename if a == _DYNAMIC_FILENAME else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+    if _cloudpickle_code_reduce is not None:
+        _dispatch_table = {**cloudpickle.Pickler._dispatch_table, types.CodeType: _code_reduce}
+        dispatch_table = ChainMap(_dispatch_table, copyreg.dispatch_table)
+
+
+def dumps(obj: Any) -> bytes:
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=PROTOCOL).dump(obj)
+        return f.getvalue()
+
+
+_TB_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def add_source_lines(tb: str) -> str:
+    """Fill in the source lines a remote traceback lacks (the worker has no copy of the
+    user's files; this client has)."""
+    lines = tb.splitlines()
+    out: list[str] = []
+    for k, line in enumerate(lines):
+        out.append(line)
+        m = _TB_FRAME.match(line)
+        if m and not (k + 1 < len(lines) and lines[k + 1].startswith("    ")):
+            src = linecache.getline(m["file"], int(m["line"])).strip()
+            if src:
+                out.append(f"    {src}")
+    return "\n".join(out) + ("\n" if tb.endswith("\n") else "")
+
+
 def _describe(obj: Any) -> str:
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
     mod = getattr(obj, "__module__", None)
@@ -101,8 +149,8 @@ def dumps_function(fn: Callable[..., Any]) -> tuple[bytes, str]:
         raise TypeError(f"expected a callable, got {type(fn).__name__}")
     register_user_modules()
     try:
-        data = cloudpickle.dumps(fn, protocol=PROTOCOL)
-    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
+        data = dumps(fn)
+    except Exception as exc:
         raise SerializationError(
             f"function {_describe(fn)} cannot be pickled: {type(exc).__name__}: {exc}. "
             "Everything it refers to (globals, closure variables) must be picklable; create "
@@ -114,14 +162,14 @@ def dumps_function(fn: Callable[..., Any]) -> tuple[bytes, str]:
 def dumps_items(items: list[tuple[tuple[Any, ...], dict[str, Any]]], call_id: str) -> bytes:
     """Pickle the ``(args, kwargs)`` pairs of one request."""
     try:
-        return cloudpickle.dumps(items, protocol=PROTOCOL)
-    except Exception as exc:  # noqa: BLE001
+        return dumps(items)
+    except Exception as exc:
         # Find the item and the argument that fails, to name it.
         for k, (args, kwargs) in enumerate(items):
             for pos, value in [*enumerate(args), *kwargs.items()]:
                 try:
-                    cloudpickle.dumps(value, protocol=PROTOCOL)
-                except Exception as inner:  # noqa: BLE001
+                    dumps(value)
+                except Exception as inner:
                     where = f"positional argument {pos}" if isinstance(pos, int) else f"keyword argument {pos!r}"
                     raise SerializationError(
                         f"{where} of call {call_id}{'' if len(items) == 1 else f' (item {k})'} "

@@ -15,8 +15,9 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, AsyncExecutor
@@ -90,7 +91,7 @@ def _shutdown(lt: _LoopThread, ex: AsyncExecutor) -> None:
 class ResponseFuture:
     """A call's future as Lithops users know it: ``result()``, ``done``, ``ready``, ``stats``..."""
 
-    __slots__ = ("_fut", "_lt", "_read", "_produce_output", "__weakref__")
+    __slots__ = ("__weakref__", "_fut", "_lt", "_produce_output", "_read")
 
     def __init__(self, fut: CallFuture, lt: _LoopThread) -> None:
         self._fut = fut
@@ -235,9 +236,16 @@ class FunctionExecutor:
         if backend is None and mode in ("localhost", "local"):
             backend = "local"
         self._ex = AsyncExecutor(
-            backend=backend, runtime=runtime, runtime_memory=runtime_memory, timeout=timeout,
-            max_concurrency=max_concurrency, retries=retries, config=config if config is not None else config_file,
-            storage=storage, credential=credential, progress=progress,
+            backend=backend,
+            runtime=runtime,
+            runtime_memory=runtime_memory,
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+            retries=retries,
+            config=config if config is not None else config_file,
+            storage=storage,
+            credential=credential,
+            progress=progress,
             log_level=log_level if isinstance(log_level, str) else None,
         )
         if backend_options:
@@ -285,9 +293,14 @@ class FunctionExecutor:
     # -- calls -----------------------------------------------------------------------
 
     def call_async(
-        self, func: Callable[..., Any], data: Any, extra_env: dict[str, str] | None = None,
-        runtime_memory: int | None = None, timeout: float | None = None,
-        include_modules: list[str] | None = None, exclude_modules: list[str] | None = None,
+        self,
+        func: Callable[..., Any],
+        data: Any,
+        extra_env: dict[str, str] | None = None,
+        runtime_memory: int | None = None,
+        timeout: float | None = None,
+        include_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
     ) -> ResponseFuture:
         """Run ``func(data)`` (tuple: positional args, dict: keyword args) once; returns its future."""
         futures = self._map(func, [data], None, 1, timeout, extra_env, kind="A")
@@ -295,10 +308,18 @@ class FunctionExecutor:
         return futures[0]
 
     def map(
-        self, map_function: Callable[..., Any], map_iterdata: Iterable[Any], chunksize: int | None = None,
-        extra_args: Any = None, extra_env: dict[str, str] | None = None, runtime_memory: int | None = None,
-        obj_chunk_size: int | None = None, obj_chunk_number: int | None = None, obj_newline: str = "\n",
-        timeout: float | None = None, include_modules: list[str] | None = None,
+        self,
+        map_function: Callable[..., Any],
+        map_iterdata: Iterable[Any],
+        chunksize: int | None = None,
+        extra_args: Any = None,
+        extra_env: dict[str, str] | None = None,
+        runtime_memory: int | None = None,
+        obj_chunk_size: int | None = None,
+        obj_chunk_number: int | None = None,
+        obj_newline: str = "\n",
+        timeout: float | None = None,
+        include_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
     ) -> list[ResponseFuture]:
         """One call per item; returns the futures (collect them with :meth:`get_result`)."""
@@ -309,8 +330,15 @@ class FunctionExecutor:
         return futures
 
     def _map(
-        self, fn: Callable[..., Any], iterdata: Iterable[Any], extra_args: Any, chunksize: int | None,
-        timeout: float | None, extra_env: dict[str, str] | None, *, kind: str,
+        self,
+        fn: Callable[..., Any],
+        iterdata: Iterable[Any],
+        extra_args: Any,
+        chunksize: int | None,
+        timeout: float | None,
+        extra_env: dict[str, str] | None,
+        *,
+        kind: str,
     ) -> list[ResponseFuture]:
         if extra_env:
             raise NotImplementedError("extra_env is not available in this release yet")
@@ -333,19 +361,34 @@ class FunctionExecutor:
 
         async def submit() -> list[CallFuture]:
             return await self._ex._map_futures(
-                fn, iterdata, to_item=to_item, chunksize=chunksize or self.config.lithops.chunksize,
-                timeout=timeout, kind=kind,
+                fn,
+                iterdata,
+                to_item=to_item,
+                chunksize=chunksize or self.config.lithops.chunksize,
+                timeout=timeout,
+                kind=kind,
             )
 
         return self._wrap(self._run(submit()))
 
     def map_reduce(
-        self, map_function: Callable[..., Any], map_iterdata: Iterable[Any], reduce_function: Callable[..., Any],
-        chunksize: int | None = None, extra_args: Any = None, extra_args_reduce: Any = None,
-        extra_env: dict[str, str] | None = None, map_runtime_memory: int | None = None,
-        reduce_runtime_memory: int | None = None, timeout: float | None = None, obj_chunk_size: int | None = None,
-        obj_chunk_number: int | None = None, obj_newline: str = "\n", obj_reduce_by_key: bool = False,
-        spawn_reducer: int = 20, include_modules: list[str] | None = None,
+        self,
+        map_function: Callable[..., Any],
+        map_iterdata: Iterable[Any],
+        reduce_function: Callable[..., Any],
+        chunksize: int | None = None,
+        extra_args: Any = None,
+        extra_args_reduce: Any = None,
+        extra_env: dict[str, str] | None = None,
+        map_runtime_memory: int | None = None,
+        reduce_runtime_memory: int | None = None,
+        timeout: float | None = None,
+        obj_chunk_size: int | None = None,
+        obj_chunk_number: int | None = None,
+        obj_newline: str = "\n",
+        obj_reduce_by_key: bool = False,
+        spawn_reducer: int = 20,
+        include_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
     ) -> list[ResponseFuture]:
         """Map, then one reducer called with the list of map results; get_result returns its value."""
@@ -403,9 +446,14 @@ class FunctionExecutor:
         return list(fs)
 
     def wait(
-        self, fs: ResponseFuture | Iterable[ResponseFuture] | None = None, throw_except: bool = True,
-        return_when: int | str = LITHOPS_ALL_COMPLETED, download_results: bool = False,
-        timeout: float | None = None, threadpool_size: int = 64, wait_dur_sec: float | None = None,
+        self,
+        fs: ResponseFuture | Iterable[ResponseFuture] | None = None,
+        throw_except: bool = True,
+        return_when: int | str = LITHOPS_ALL_COMPLETED,
+        download_results: bool = False,
+        timeout: float | None = None,
+        threadpool_size: int = 64,
+        wait_dur_sec: float | None = None,
         show_progressbar: bool = True,
     ) -> tuple[list[ResponseFuture], list[ResponseFuture]]:
         """``(done, not_done)``. ``return_when``: ALWAYS, ANY_COMPLETED, ALL_COMPLETED, a
@@ -441,8 +489,12 @@ class FunctionExecutor:
         return done, not_done
 
     def get_result(
-        self, fs: ResponseFuture | Iterable[ResponseFuture] | None = None, throw_except: bool = True,
-        timeout: float | None = None, threadpool_size: int = 64, wait_dur_sec: float | None = None,
+        self,
+        fs: ResponseFuture | Iterable[ResponseFuture] | None = None,
+        throw_except: bool = True,
+        timeout: float | None = None,
+        threadpool_size: int = 64,
+        wait_dur_sec: float | None = None,
         show_progressbar: bool = True,
     ) -> Any:
         """Results of ``fs``, or of every future not yet collected: one value after a single
@@ -470,8 +522,15 @@ class FunctionExecutor:
     def plot(self, fs: Any = None, dst: str | Path | None = None, figsize: tuple[int, int] = (10, 6)) -> list[Path]:
         return self._ex.plot(dst or ".")
 
-    def clean(self, fs: Any = None, cs: Any = None, clean_cloudobjects: bool = True, clean_fn: bool = False,
-              force: bool = False, on_exit: bool = False) -> None:
+    def clean(
+        self,
+        fs: Any = None,
+        cs: Any = None,
+        clean_cloudobjects: bool = True,
+        clean_fn: bool = False,
+        force: bool = False,
+        on_exit: bool = False,
+    ) -> None:
         """Remove temporary data. Without storage there is none: calls carry their data inline."""
         return None
 

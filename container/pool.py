@@ -58,9 +58,25 @@ class Task:
     """One request's work for one worker: ``n`` items of one function."""
 
     __slots__ = (
-        "id", "call_id", "n", "fn_hash", "fn", "items", "timeout", "frames", "remaining",
-        "reported_upto", "skip", "finished", "cancelled", "waiter", "streaming", "last_write",
-        "requeues", "dispatched", "heartbeat_due",
+        "call_id",
+        "cancelled",
+        "dispatched",
+        "finished",
+        "fn",
+        "fn_hash",
+        "frames",
+        "heartbeat_due",
+        "id",
+        "items",
+        "last_write",
+        "n",
+        "remaining",
+        "reported_upto",
+        "requeues",
+        "skip",
+        "streaming",
+        "timeout",
+        "waiter",
     )
 
     def __init__(self, task_id: int, inv: protocol.Invocation) -> None:
@@ -233,8 +249,14 @@ class WorkerProc(asyncio.Protocol):
             fn = t.fn if has_fn else b""
             skip = b"".join(ipc.U32.pack(i) for i in t.skip)
             head = ipc.TASK_HEAD.pack(
-                t.id, t.reported_upto, t.n, ipc.FLAG_HAS_FN if has_fn else 0, len(forget), len(t.skip),
-                t.fn_hash, len(fn),
+                t.id,
+                t.reported_upto,
+                t.n,
+                ipc.FLAG_HAS_FN if has_fn else 0,
+                len(forget),
+                len(t.skip),
+                t.fn_hash,
+                len(fn),
             )
             size = 1 + len(head) + 32 * len(forget) + len(skip) + len(fn) + len(t.items)
             parts.append(ipc.HDR.pack(size, ipc.M_TASK))
@@ -314,13 +336,13 @@ class WorkerPool:
         self._closing = True
         for w in list(self.workers):
             w.kill("shutdown")
-        for t in self._helpers:
-            t.cancel()
+        for helper in self._helpers:
+            helper.cancel()
         pending = self._supervisors | self._helpers
         if pending:
             _done, still = await asyncio.wait(pending, timeout=10)
-            for t in still:  # pragma: no cover - a worker that ignores SIGKILL
-                t.cancel()
+            for s in still:  # pragma: no cover - a worker that ignores SIGKILL
+                s.cancel()
         for t in self.queue:
             if not t.finished:
                 t.fail_items(t.todo(), _internal("the runtime shut down before the call ran"), self.replica)
@@ -347,12 +369,17 @@ class WorkerPool:
         w = WorkerProc(self, progress)
         try:
             w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", f"{__package__}.worker",
-                str(child_sock.fileno()), str(progress.fd), str(os.getpid()),
+                sys.executable,
+                "-m",
+                f"{__package__}.worker",
+                str(child_sock.fileno()),
+                str(progress.fd),
+                str(os.getpid()),
                 pass_fds=(child_sock.fileno(), progress.fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=sys.stderr.fileno(),  # stray fd-level output lands in the server log
-                env=self.env, cwd=self.cwd,
+                env=self.env,
+                cwd=self.cwd,
             )
         except OSError as exc:
             child_sock.close()
@@ -394,7 +421,7 @@ class WorkerPool:
                 t.fail_items(t.todo(), _internal(self._broken), self.replica)
                 t.finish()
         if not self._closing:
-            self._spawn_soon(min(30.0, 0.5 * 2 ** self._start_failures))
+            self._spawn_soon(min(30.0, 0.5 * 2**self._start_failures))
 
     def _worker_ready(self, w: WorkerProc) -> None:
         self._start_failures = 0
@@ -458,15 +485,17 @@ class WorkerPool:
 
     def _settle_dead_worker(self, w: WorkerProc, returncode: int | None) -> None:
         reason = w.kill_reason
-        tid, index, started, state = w.progress.get()
+        tid, index, _started, state = w.progress.get()
         requeue: list[Task] = []
         for t in w.inflight:
             if t.finished or t.cancelled:
                 continue
             if t.id == tid and state != ipc.STATE_IDLE:
                 if reason == "timeout":
-                    info = {
-                        "kind": protocol.ERR_TIMEOUT, "type": "TimeoutError", "traceback": "",
+                    info: dict[str, Any] = {
+                        "kind": protocol.ERR_TIMEOUT,
+                        "type": "TimeoutError",
+                        "traceback": "",
                         "message": f"the call ran longer than its timeout of {t.timeout:g} s and its worker was killed",
                         "timeout": t.timeout,
                     }
@@ -474,7 +503,9 @@ class WorkerPool:
                     info = _internal("the runtime shut down while the call was running")
                 else:
                     info = {
-                        "kind": protocol.ERR_CRASHED, "type": "WorkerCrashed", "traceback": "",
+                        "kind": protocol.ERR_CRASHED,
+                        "type": "WorkerCrashed",
+                        "traceback": "",
                         "message": f"the worker process running the call {describe_exit(returncode)}",
                         "exitcode": returncode,
                     }
@@ -493,11 +524,17 @@ class WorkerPool:
             else:
                 t.requeues += 1
                 if t.requeues > MAX_REQUEUES or reason == "shutdown":
-                    t.fail_items(t.todo(), {
-                        "kind": protocol.ERR_CRASHED, "type": "WorkerCrashed", "traceback": "",
-                        "message": f"worker processes died {t.requeues} times before reaching this call "
-                        f"(last one {describe_exit(returncode)})",
-                    }, self.replica)
+                    t.fail_items(
+                        t.todo(),
+                        {
+                            "kind": protocol.ERR_CRASHED,
+                            "type": "WorkerCrashed",
+                            "traceback": "",
+                            "message": f"worker processes died {t.requeues} times before reaching this call "
+                            f"(last one {describe_exit(returncode)})",
+                        },
+                        self.replica,
+                    )
                     t.finish()
                 else:
                     requeue.append(t)

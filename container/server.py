@@ -109,8 +109,7 @@ class Server:
 
     async def meta(self, request: web.Request) -> web.Response:
         try:
-            protocol.verify(self._key, "GET", protocol.META_PATH, request.headers, b"",
-                            window=self.settings.signature_window)
+            protocol.verify(self._key, "GET", protocol.META_PATH, request.headers, b"", window=self.settings.signature_window)
         except protocol.ProtocolError as exc:
             return self._error(exc.status, str(exc))
         if self._meta is None:
@@ -120,8 +119,7 @@ class Server:
     async def invoke(self, request: web.Request) -> web.StreamResponse:
         settings = self.settings
         if self.draining:
-            return self._error(503, "this replica is shutting down; send the call to another one",
-                               **{"Retry-After": "1"})
+            return self._error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
         headers = request.headers
         try:
             protocol.check_fresh(headers.get(protocol.H_TIMESTAMP), window=settings.signature_window)
@@ -135,8 +133,7 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(None)
         try:
-            call_id = protocol.verify(self._key, "POST", protocol.INVOKE_PATH, headers, body,
-                                      window=settings.signature_window)
+            call_id = protocol.verify(self._key, "POST", protocol.INVOKE_PATH, headers, body, window=settings.signature_window)
             inv = protocol.decode_invocation(body, max_timeout=settings.max_timeout)
             if inv.call_id != call_id:
                 raise protocol.ProtocolError("the envelope's call id differs from the signed header")
@@ -164,8 +161,7 @@ class Server:
             if task.finished:
                 frames = task.take_frames()
                 frames.append(protocol.END_FRAME)
-                return web.Response(body=b"".join(frames), content_type=protocol.RESPONSE_CONTENT_TYPE,
-                                    headers=hdrs)
+                return web.Response(body=b"".join(frames), content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
             # A slow call: stream, so the client sees heartbeats and knows the replica lives.
             resp = web.StreamResponse(headers=hdrs)
             resp.content_type = protocol.RESPONSE_CONTENT_TYPE
@@ -213,13 +209,15 @@ class Server:
             shutdown_timeout=self.settings.shutdown_grace,
         )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.settings.host, self.settings.port,
-                           reuse_port=self.settings.reuse_port or None, backlog=1024)
+        site = web.TCPSite(
+            self.runner, self.settings.host, self.settings.port, reuse_port=self.settings.reuse_port or None, backlog=1024
+        )
         await site.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         addresses = list(self.runner.addresses)
-        log.info("acx_server %s listening on %s with %d worker processes",
-                 self.settings.replica, addresses, self.settings.workers)
+        log.info(
+            "acx_server %s listening on %s with %d worker processes", self.settings.replica, addresses, self.settings.workers
+        )
         return addresses
 
     def request_stop(self, grace: float | None = None) -> None:

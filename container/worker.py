@@ -20,7 +20,8 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -175,20 +176,35 @@ class Worker:
             self.fns[fn_hash] = fn
         todo = [i for i in range(first, n) if i not in skip]
         if fn is None:
-            self._fail_all(task_id, todo, protocol.ERR_INTERNAL, RuntimeError(
-                "the server referred to a function this worker does not have cached"), None)
+            self._fail_all(
+                task_id,
+                todo,
+                protocol.ERR_INTERNAL,
+                RuntimeError("the server referred to a function this worker does not have cached"),
+                None,
+            )
             return
         if isinstance(fn, BaseException):
-            self._fail_all(task_id, todo, protocol.ERR_SERIALIZATION, fn,
-                           f"the function could not be unpickled on the worker: {type(fn).__name__}: {fn}")
+            self._fail_all(
+                task_id,
+                todo,
+                protocol.ERR_SERIALIZATION,
+                fn,
+                f"the function could not be unpickled on the worker: {type(fn).__name__}: {fn}",
+            )
             return
         try:
             items = pickle.loads(items_bytes)
             if not isinstance(items, list) or len(items) != n:
                 raise ValueError(f"expected a list of {n} (args, kwargs) pairs")
         except BaseException as exc:  # noqa: BLE001
-            self._fail_all(task_id, todo, protocol.ERR_SERIALIZATION, exc,
-                           f"the arguments could not be unpickled on the worker: {type(exc).__name__}: {exc}")
+            self._fail_all(
+                task_id,
+                todo,
+                protocol.ERR_SERIALIZATION,
+                exc,
+                f"the arguments could not be unpickled on the worker: {type(exc).__name__}: {exc}",
+            )
             return
         self._run_items(task_id, fn, items, todo)
 
@@ -257,8 +273,7 @@ class Worker:
         now = time.time()
         for k, run in enumerate(runs):
             errs: dict[int, tuple[dict[str, Any], BaseException | None]] = {i: (info, None) for i in run}
-            self._flush(task_id, run, [None] * len(run), errs, [now] * len(run), [now] * len(run),
-                        0.0, k == len(runs) - 1)
+            self._flush(task_id, run, [None] * len(run), errs, [now] * len(run), [now] * len(run), 0.0, k == len(runs) - 1)
 
     def _flush(
         self,
@@ -275,7 +290,7 @@ class Worker:
         first = group[0]
         # CPU time is read once per group and shared out by wall time within it: a clock
         # read per item would cost more than the calls of a fast batch.
-        walls = [b - a for a, b in zip(t0s, t1s)]
+        walls = [b - a for a, b in zip(t0s, t1s, strict=True)]
         total = sum(walls)
         cpus = [cpu * w / total for w in walls] if total > 0 else [cpu / len(group)] * len(group)
         exc_blobs: dict[int, bytes] = {}

@@ -27,6 +27,5 @@ def create_runtime(config: Config, **options: Any) -> Runtime:
 
         return LocalRuntime(config, **options)
     raise ConfigError(
-        "backend 'azure' (Azure Container Apps) is not available in this release yet; "
-        "use backend='local' (the default)"
+        "backend 'azure' (Azure Container Apps) is not available in this release yet; use backend='local' (the default)"
     )

@@ -11,6 +11,7 @@ die with them. ``aclose()``, interpreter exit and garbage collection all stop th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -119,7 +120,7 @@ class LocalRuntime:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._parent_w: list[int] = []
         self._rundir = ""
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self.port: int | None = None
         self.endpoint: Endpoint | None = None
 
@@ -144,35 +145,50 @@ class LocalRuntime:
                 ready_r, ready_w = os.pipe()
                 logfile = Path(self._rundir) / f"replica-{i}.log"
                 env = dict(os.environ)
-                env.update({
-                    "ACX_SERVER_HOST": "127.0.0.1",
-                    "ACX_SERVER_PORT": str(self.port),
-                    "ACX_SERVER_REUSE_PORT": "1",
-                    "ACX_HMAC_KEY_STDIN": "1",
-                    "ACX_WORKER_PROCESSES": str(self.worker_processes),
-                    "ACX_REPLICA_ID": f"local-{i}",
-                    "ACX_PARENT_FD": str(parent_r),
-                    "ACX_READY_FD": str(ready_w),
-                    "ACX_HEARTBEAT_INTERVAL": str(self.heartbeat),
-                    "ACX_RUNTIME_TIMEOUT": str(self.runtime_timeout),
-                    "ACX_LOG_LEVEL": self.log_level,
-                    "ACX_SHUTDOWN_GRACE": str(STOP_GRACE),
-                    "PYTHONPATH": pythonpath,
-                })
+                env.update(
+                    {
+                        "ACX_SERVER_HOST": "127.0.0.1",
+                        "ACX_SERVER_PORT": str(self.port),
+                        "ACX_SERVER_REUSE_PORT": "1",
+                        "ACX_HMAC_KEY_STDIN": "1",
+                        "ACX_WORKER_PROCESSES": str(self.worker_processes),
+                        "ACX_REPLICA_ID": f"local-{i}",
+                        "ACX_PARENT_FD": str(parent_r),
+                        "ACX_READY_FD": str(ready_w),
+                        "ACX_HEARTBEAT_INTERVAL": str(self.heartbeat),
+                        "ACX_RUNTIME_TIMEOUT": str(self.runtime_timeout),
+                        "ACX_LOG_LEVEL": self.log_level,
+                        "ACX_SHUTDOWN_GRACE": str(STOP_GRACE),
+                        "PYTHONPATH": pythonpath,
+                    }
+                )
                 env.pop("ACX_HMAC_KEY", None)
                 if self.runtime_memory:
                     env["ACX_WORKER_MEMORY_MB"] = str(self.runtime_memory)
-                with open(logfile, "wb") as logf:
-                    proc = subprocess.Popen(
+                # Blocking calls, on purpose: a fork/exec takes a millisecond and keeps the
+                # process handle usable from atexit and finalizers, where no loop runs.
+                with open(logfile, "wb") as logf:  # noqa: ASYNC230
+                    proc = subprocess.Popen(  # noqa: ASYNC220
                         [self.python, "-m", "acx_server"],
-                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=logf,
-                        pass_fds=(parent_r, ready_w), cwd=self._rundir, env=env, start_new_session=True,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        stderr=logf,
+                        pass_fds=(parent_r, ready_w),
+                        cwd=self._rundir,
+                        env=env,
+                        start_new_session=True,
                     )
                 self._procs.append(proc)
                 os.close(ready_w)
                 assert proc.stdin is not None
-                proc.stdin.write(key.encode() + b"\n")
-                proc.stdin.close()
+                try:
+                    proc.stdin.write(key.encode() + b"\n")
+                    proc.stdin.flush()
+                except BrokenPipeError:  # it died at once; _wait_ready reports why
+                    pass
+                finally:
+                    with contextlib.suppress(BrokenPipeError):
+                        proc.stdin.close()
                 readers.append((ready_r, proc, logfile))
             os.close(parent_r)
             parent_r = -1
@@ -190,8 +206,11 @@ class LocalRuntime:
         meta = await fetch_meta(url, key.encode())
         check_compatible(meta, where="the local runtime")
         self.endpoint = Endpoint(
-            url=url, key=key.encode(), heartbeat=self.heartbeat,
-            max_body=int(meta.get("max_body_bytes") or 0) or Endpoint.max_body, meta=meta,
+            url=url,
+            key=key.encode(),
+            heartbeat=self.heartbeat,
+            max_body=int(meta.get("max_body_bytes") or 0) or Endpoint.max_body,
+            meta=meta,
         )
         log.info("local runtime: %d replicas x %d workers on %s", self.replicas, self.worker_processes, url)
         return self.endpoint
@@ -219,8 +238,7 @@ class LocalRuntime:
                 if chunk == b"" or proc.poll() is not None:
                     proc.wait(5)
                     raise RuntimeStartError(
-                        f"a local runtime server exited during start-up (code {proc.returncode}); "
-                        f"its log says:\n{_tail(logfile)}"
+                        f"a local runtime server exited during start-up (code {proc.returncode}); its log says:\n{_tail(logfile)}"
                     )
             if time.monotonic() > deadline:
                 raise RuntimeStartError(f"the local runtime did not start within {START_TIMEOUT:.0f} s")

@@ -1,0 +1,187 @@
+"""Shared fixtures: real runtimes, real server processes, process-tree inspection.
+
+Everything a test starts binds 127.0.0.1 and is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from async_ca_exec import AsyncExecutor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def children(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in parents.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
+    """Wait until none of ``pids`` is alive; return those still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    left = {p for p in pids if alive(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = {p for p in left if alive(p)}
+    return left
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def ex() -> AsyncIterator[AsyncExecutor]:
+    """A started executor on a local runtime of 2 replicas x 2 workers."""
+    async with AsyncExecutor(config={"localhost": {"replicas": 2, "worker_processes": 2}}) as executor:
+        yield executor
+
+
+class ServerProcess:
+    """One ``python -m acx_server`` process with a known key, for protocol-level tests."""
+
+    def __init__(self, key: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.key = key.encode()
+        self.port = port
+        self.proc = proc
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+
+
+def start_server(tmp: Path, *, workers: int = 1, extra_env: dict[str, str] | None = None) -> ServerProcess:
+    key = secrets.token_urlsafe(32)
+    port = free_port()
+    ready_r, ready_w = os.pipe()
+    log = tmp / f"server-{port}.log"
+    env = dict(os.environ)
+    env.update(
+        {
+            "ACX_HMAC_KEY": key,
+            "ACX_SERVER_HOST": "127.0.0.1",
+            "ACX_SERVER_PORT": str(port),
+            "ACX_WORKER_PROCESSES": str(workers),
+            "ACX_READY_FD": str(ready_w),
+            "ACX_REPLICA_ID": "test-replica",
+            "ACX_SHUTDOWN_GRACE": "2",
+            "ACX_LOG_LEVEL": "INFO",
+        }
+    )
+    env.update(extra_env or {})
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "acx_server"],
+            stdout=subprocess.DEVNULL,
+            stderr=logf,
+            pass_fds=(ready_w,),
+            env=env,
+            cwd=tmp,
+        )
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as r:
+        line = r.readline()
+    if not line:
+        proc.wait(10)
+        raise RuntimeError(f"server did not start: {log.read_text()}")
+    assert json.loads(line)["port"] == port
+    return ServerProcess(key, port, proc, log)
+
+
+def stop_server(server: ServerProcess) -> None:
+    kids = children(server.proc.pid)
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    assert not wait_gone(kids), "server left worker processes behind"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path, workers=2)
+    try:
+        yield s
+    finally:
+        stop_server(s)
+
+
+#: Python source defining tree(pid) -> set of descendant pids, for scripts run by tests.
+TREE_SNIPPET = """
+import os as _os
+def tree(pid):
+    parents = {}
+    for e in _os.listdir('/proc'):
+        if e.isdigit():
+            try:
+                f = open('/proc/%s/stat' % e).read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            parents.setdefault(int(f[1]), []).append(int(e))
+    out, todo = set(), [pid]
+    while todo:
+        for c in parents.get(todo.pop(), []):
+            if c not in out:
+                out.add(c); todo.append(c)
+    return out
+"""
+
+
+def run_python(
+    code: str, *, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet in a fresh interpreter (a user's script)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """Every process a test starts is stopped by that test."""
+    before = children(os.getpid())
+    yield
+    leaked = wait_gone(children(os.getpid()) - before, timeout=15)
+    assert not leaked, f"processes left running by this test: {sorted(leaked)}"

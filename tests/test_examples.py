@@ -1,0 +1,44 @@
+"""Every example runs end to end, as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(name: str, tmp_path: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
+    env["HOME"] = str(tmp_path)  # no user config file
+    r = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_quickstart_prints_1000_results(tmp_path: Path) -> None:
+    out = run("quickstart.py", tmp_path).splitlines()
+    results = eval(out[0])
+    assert len(results) == 1000 and results[26] == 111
+    assert "1000 calls" in out[1]
+
+
+def test_lithops_seed_example(tmp_path: Path) -> None:
+    assert run("lithops_seed.py", tmp_path).splitlines() == ["10", "[8, 9, 10]"]
+
+
+def test_async_patterns_example(tmp_path: Path) -> None:
+    out = run("async_patterns.py", tmp_path)
+    assert "pow: 1048576" in out and "caught: 5 is a multiple of five" in out
+    assert "with a timeout: [0.1, 'CallTimeoutError', 0.2]" in out
+    assert "after cancel: [0.01, 0.01, 0.01, 0.01]" in out
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_is_covered_by_a_test(path: str) -> None:
+    tested = {"quickstart.py", "lithops_seed.py", "async_patterns.py"}
+    assert path in tested, f"examples/{path} has no test"
