@@ -19,6 +19,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install(".[dev]")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
     session.run("mypy")
 
 
@@ -27,3 +28,10 @@ def bench(session: nox.Session) -> None:
     """Throughput beside its baselines; prints the table and exits non-zero on a missed target."""
     session.install(".")
     session.run("python", "benchmarks/fanout.py", *session.posargs)
+
+
+@nox.session(python=["3.10", "3.12", "3.13"])
+def compat(session: nox.Session) -> None:
+    """The suite on the other supported Pythons (run by hand: nox -s compat)."""
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)

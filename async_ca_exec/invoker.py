@@ -63,7 +63,7 @@ class Request:
     Subclasses decide where outcomes go: a future per call, or the job's result list.
     """
 
-    __slots__ = ("_resolved", "call_id", "cancelled", "items", "job", "lane", "n", "unresolved")
+    __slots__ = ("_resolved", "call_id", "cancelled", "items", "job", "lane", "n", "unresolved", "with_fn")
 
     def __init__(self, call_id: str, job: Job, n: int, items: bytes) -> None:
         self.call_id = call_id
@@ -74,6 +74,8 @@ class Request:
         self.unresolved = n
         self.cancelled = False
         self._resolved: bytearray | None = None  # only once outcomes arrive piecemeal
+        #: Send the function's bytes, not just its hash (small functions always go along).
+        self.with_fn = len(job.fn) <= protocol.FN_INLINE_LIMIT
 
     def cancel(self) -> None:
         """Stop caring about this request: skip it if queued, abort it if in flight."""
@@ -101,12 +103,18 @@ class Request:
         self.unresolved -= n - len(seen)
         return seen or None
 
+    def skipped(self) -> list[int]:
+        """Items already answered (by an earlier attempt): the retry must not run them again."""
+        if self._resolved is None:
+            return []
+        return [k for k in range(self.n) if self._resolved[k]]
+
     def body(self) -> bytes:
-        skip = [k for k in range(self.n) if self.is_resolved(k)] if self._resolved is not None else None
+        skip = self.skipped()
         return protocol.encode_invocation(
             call_id=self.call_id,
             n=self.n,
-            fn=self.job.fn,
+            fn=self.job.fn if self.with_fn else b"",
             fn_hash=self.job.fn_hash,
             items=self.items,
             timeout=self.job.timeout,
@@ -151,17 +159,8 @@ class FutureRequest(Request):
     def is_resolved(self, k: int) -> bool:
         return self.futures[k].done()
 
-    def body(self) -> bytes:
-        skip = [k for k, f in enumerate(self.futures) if f.done()]
-        return protocol.encode_invocation(
-            call_id=self.call_id,
-            n=self.n,
-            fn=self.job.fn,
-            fn_hash=self.job.fn_hash,
-            items=self.items,
-            timeout=self.job.timeout,
-            extra={"skip": skip} if skip else None,
-        )
+    def skipped(self) -> list[int]:
+        return [k for k, f in enumerate(self.futures) if f.done()]
 
     def note_sent(self, now: float, attempt: int) -> None:
         for f in self.futures:
@@ -309,6 +308,10 @@ def _unpickle_error(call_id: str, load_error: BaseException | None) -> Serializa
     )
     err.__cause__ = load_error
     return err
+
+
+class _SendFunction(Exception):
+    """The replica lacks a function sent by reference: send the request again with it."""
 
 
 class _Retry(Exception):
@@ -498,7 +501,11 @@ class Invoker:
         attempts = self._retries + 1
         for attempt in range(attempts):
             try:
-                await self._attempt(req, attempt, ep)
+                try:
+                    await self._attempt(req, attempt, ep)
+                except _SendFunction:
+                    req.with_fn = True
+                    await self._attempt(req, attempt, ep)
                 return
             except _Retry as r:
                 if req.unresolved == 0:
@@ -540,6 +547,8 @@ class Invoker:
         if attempt:
             headers[protocol.H_ATTEMPT] = str(attempt)
         req.note_sent(time.time(), attempt)
+        if req.with_fn:
+            self._stats.function_uploads += 1
         assert self._session is not None
         try:
             async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(req, ep)) as resp:
@@ -566,12 +575,15 @@ class Invoker:
     async def _refused(self, resp: aiohttp.ClientResponse, req: Request) -> None:
         raw = await resp.content.read(4096)
         try:
-            message = str(json.loads(raw).get("error", ""))
+            doc = json.loads(raw)
+            message, code = str(doc.get("error", "")), doc.get("code")
         except (ValueError, AttributeError):
-            message = raw.decode("utf-8", "replace").strip()[:500]
+            message, code = raw.decode("utf-8", "replace").strip()[:500], None
         status = resp.status
         if status == 429 or status >= 500:
             raise _Retry(f"HTTP {status}: {message}", _retry_after(resp.headers.get("Retry-After")))
+        if status == 409 and code == protocol.UNKNOWN_FUNCTION and not req.with_fn:
+            raise _SendFunction()
         if status == 401:
             raise AuthenticationError(
                 f"the runtime refused the signature of call {req.call_id}: {message}. The client's key "

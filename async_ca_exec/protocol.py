@@ -55,11 +55,16 @@ MAX_JSON_HEADER = 64 * 1024
 MAX_CALL_ID = 128
 #: Most items one request may carry.
 MAX_BATCH = 100_000
+#: Functions pickled larger than this travel by reference: once per replica, then by hash.
+FN_INLINE_LIMIT = 64 * 1024
+#: Error code of a 409 answer: the replica does not have the function; send it along.
+UNKNOWN_FUNCTION = "unknown-function"
 #: Signatures older or newer than this (seconds) are refused, which bounds replays.
 DEFAULT_SIGNATURE_WINDOW = 300.0
 #: Seconds between heartbeat frames while a call runs.
 DEFAULT_HEARTBEAT = 5.0
 
+_HEX = frozenset("0123456789abcdef")
 _CALL_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 # --------------------------------------------------------------------------------------
@@ -172,7 +177,8 @@ ENVELOPE_FIXED = _ENVELOPE.size
 
 @dataclass(frozen=True)
 class Invocation:
-    """One decoded request: a function (pickled), ``n`` items (pickled together) and options."""
+    """One decoded request: a function (pickled; empty when sent by reference to its hash),
+    ``n`` items (pickled together) and options."""
 
     call_id: str
     n: int
@@ -228,7 +234,7 @@ def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: floa
     check_call_id(call_id)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_BATCH:
         raise ProtocolError(f"header field 'n' must be an integer in 1..{MAX_BATCH}")
-    if not isinstance(fn_hash, str) or len(fn_hash) != 64:
+    if not isinstance(fn_hash, str) or len(fn_hash) != 64 or not _HEX.issuperset(fn_hash):
         raise ProtocolError("header field 'fn' must be a SHA-256 hex digest")
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not (0 < timeout < math.inf):
         raise ProtocolError("header field 'timeout' must be a positive number of seconds")
@@ -245,15 +251,14 @@ def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: floa
     skip = tuple(sorted(set(skip)))
     if len(skip) >= n:
         raise ProtocolError("header field 'skip' leaves no item to run")
-    if flen == 0:
-        raise ProtocolError("the envelope carries no function")
+    # flen == 0: the function by reference (its hash), for a replica that has it cached
     if ilen == 0:
         raise ProtocolError("the envelope carries no items")
     off += hlen
     fn = mv[off : off + flen]
     off += flen
     items = mv[off : off + ilen]
-    if hashlib.sha256(fn).hexdigest() != fn_hash:
+    if flen and hashlib.sha256(fn).hexdigest() != fn_hash:
         raise ProtocolError("function bytes do not match header field 'fn' (their SHA-256)")
     return Invocation(call_id, n, fn_hash, fn, items, float(timeout), skip, header)
 

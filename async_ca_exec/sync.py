@@ -550,17 +550,28 @@ class _NullJob:
 
 async def _wait_count(futures: list[CallFuture], need: int, first_exception: bool, timeout: float | None) -> None:
     """Until ``need`` futures are done (or one failed, with ``first_exception``)."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    pending = {f for f in futures if not f.done()}
-    done = len(futures) - len(pending)
 
-    def failed() -> bool:
-        return first_exception and any(f.done() and not f.cancelled() and f.exception() is not None for f in futures)
+    def failed(f: CallFuture) -> bool:
+        return f.done() and not f.cancelled() and f.exception() is not None
 
-    while done < need and pending and not failed():
-        remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError(f"{need - done} of {len(futures)} calls unfinished after {timeout} s")
-        finished, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        done += len(finished)
+    count = sum(1 for f in futures if f.done())
+    if count >= need or (first_exception and any(failed(f) for f in futures)):
+        return
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_done(f: CallFuture) -> None:
+        nonlocal count
+        count += 1
+        if not waiter.done() and (count >= need or (first_exception and failed(f))):
+            waiter.set_result(None)
+
+    pending = [f for f in futures if not f.done()]
+    for f in pending:
+        f.add_done_callback(on_done)
+    try:
+        await asyncio.wait_for(waiter, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{need - count} of {len(futures)} calls unfinished after {timeout} s") from None
+    finally:
+        for f in pending:
+            f.remove_done_callback(on_done)

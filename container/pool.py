@@ -79,12 +79,12 @@ class Task:
         "waiter",
     )
 
-    def __init__(self, task_id: int, inv: protocol.Invocation) -> None:
+    def __init__(self, task_id: int, inv: protocol.Invocation, fn: bytes | memoryview | None = None) -> None:
         self.id = task_id
         self.call_id = inv.call_id
         self.n = inv.n
         self.fn_hash = bytes.fromhex(inv.fn_hash)
-        self.fn = inv.fn
+        self.fn: bytes | memoryview = inv.fn if fn is None else fn
         self.items = inv.items
         self.timeout = inv.timeout
         self.frames: list[bytes] = []

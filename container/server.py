@@ -11,6 +11,7 @@ worker killed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.metadata
 import json
 import logging
@@ -69,6 +70,36 @@ def runtime_meta(settings: Settings) -> dict[str, Any]:
     }
 
 
+class FunctionCache:
+    """Pickled functions by SHA-256, so a large one crosses the network once per replica."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+
+    def get(self, digest: str) -> bytes | None:
+        fn = self._data.get(digest)
+        if fn is not None:
+            self._data.move_to_end(digest)
+        return fn
+
+    def put(self, digest: str, fn: bytes | memoryview) -> bytes | memoryview:
+        """Remember ``fn`` (if it fits); return the bytes to use from now on."""
+        known = self.get(digest)
+        if known is not None:
+            return known
+        if len(fn) > self.max_bytes // 4:
+            return fn
+        data = bytes(fn)
+        self._data[digest] = data
+        self.size += len(data)
+        while self.size > self.max_bytes:
+            _old, dropped = self._data.popitem(last=False)
+            self.size -= len(dropped)
+        return data
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -84,6 +115,7 @@ class Server:
         self.runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._meta: bytes | None = None
+        self.functions = FunctionCache(settings.fn_cache_bytes)
 
     # -- routes ----------------------------------------------------------------------
 
@@ -94,8 +126,11 @@ class Server:
         app.router.add_get(protocol.META_PATH, self.meta)
         return app
 
-    def _error(self, status: int, message: str, **headers: str) -> web.Response:
-        body = json.dumps({"error": message, "replica": self.settings.replica}).encode()
+    def _error(self, status: int, message: str, code: str | None = None, **headers: str) -> web.Response:
+        doc = {"error": message, "replica": self.settings.replica}
+        if code:
+            doc["code"] = code
+        body = json.dumps(doc).encode()
         return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
@@ -139,7 +174,14 @@ class Server:
                 raise protocol.ProtocolError("the envelope's call id differs from the signed header")
         except protocol.ProtocolError as exc:
             return self._error(exc.status, str(exc))
-        return await self._run(request, Task(self.pool.new_task_id(), inv))
+        if len(inv.fn):
+            fn = self.functions.put(inv.fn_hash, inv.fn)
+        else:
+            cached = self.functions.get(inv.fn_hash)
+            if cached is None:
+                return self._error(409, "this replica does not have the function; send it along", code=protocol.UNKNOWN_FUNCTION)
+            fn = cached
+        return await self._run(request, Task(self.pool.new_task_id(), inv, fn))
 
     def _too_large(self, length: int | None) -> web.Response:
         size = f" of {length} bytes" if length is not None else ""

@@ -74,6 +74,7 @@ class Settings:
     signature_window: float = protocol.DEFAULT_SIGNATURE_WINDOW
     replica: str = ""
     shutdown_grace: float = 30.0
+    fn_cache_bytes: int = 256 * 1024 * 1024
     log_level: str = "INFO"
     parent_fd: int | None = None
     ready_fd: int | None = None
@@ -125,6 +126,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         signature_window=_num(env, "ACX_SIGNATURE_WINDOW", protocol.DEFAULT_SIGNATURE_WINDOW, minimum=1),
         replica=env.get("ACX_REPLICA_ID") or env.get("CONTAINER_APP_REPLICA_NAME") or socket.gethostname(),
         shutdown_grace=_num(env, "ACX_SHUTDOWN_GRACE", 30.0),
+        fn_cache_bytes=int(_num(env, "ACX_FUNCTION_CACHE_BYTES", 256 * 1024 * 1024, integer=True)),
         log_level=env.get("ACX_LOG_LEVEL", "INFO").upper(),
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,

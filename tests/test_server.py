@@ -188,3 +188,21 @@ def test_workers_die_with_a_killed_server(tmp_path: Path) -> None:
     srv.proc.kill()
     srv.proc.wait(10)
     assert not wait_gone(kids), "workers outlived their server"
+
+
+async def test_function_sent_by_reference_needs_to_be_cached_first(server: ServerProcess) -> None:
+    fn_bytes, fn_hash = serialize.dumps_function(len)
+    items = serialize.dumps_items([(("abcd",), {})], "test-00001")
+
+    def body(with_fn: bool) -> bytes:
+        return protocol.encode_invocation(
+            call_id="test-00001", n=1, fn=fn_bytes if with_fn else b"", fn_hash=fn_hash, items=items, timeout=5
+        )
+
+    by_ref = body(False)
+    status, raw = await post(server, by_ref, signed(server, by_ref))
+    assert status == 409 and json.loads(raw)["code"] == protocol.UNKNOWN_FUNCTION
+    full = body(True)
+    assert (await post(server, full, signed(server, full)))[0] == 200
+    status, raw = await post(server, by_ref, signed(server, by_ref))
+    assert status == 200 and decode_result(raw)[1] == [4]

@@ -163,8 +163,6 @@ class LocalRuntime:
                     }
                 )
                 env.pop("ACX_HMAC_KEY", None)
-                if self.runtime_memory:
-                    env["ACX_WORKER_MEMORY_MB"] = str(self.runtime_memory)
                 # Blocking calls, on purpose: a fork/exec takes a millisecond and keeps the
                 # process handle usable from atexit and finalizers, where no loop runs.
                 with open(logfile, "wb") as logf:  # noqa: ASYNC230
@@ -268,8 +266,3 @@ def _tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
-
-
-def describe(runtime: Any) -> dict[str, Any]:
-    """A row for `acx runtime list`."""
-    return {"name": "local", "replicas": runtime.replicas, "worker_processes": runtime.worker_processes}

@@ -1,0 +1,105 @@
+"""Delivery: retries on transport failures only, one pickle per job, one session per executor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from async_ca_exec import AsyncExecutor, InvocationError, serialize
+from async_ca_exec.invoker import backoff
+
+
+def nap(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def record_then_fail(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("ran\n")
+    raise ValueError("user code failed")
+
+
+async def test_calls_on_a_killed_replica_are_retried_on_the_others() -> None:
+    async with AsyncExecutor(config={"localhost": {"replicas": 2, "worker_processes": 2}}) as ex:
+        task = asyncio.ensure_future(ex.map(nap, [1.5] * 8))
+        await asyncio.sleep(0.5)
+        victim = ex.runtime.pids[0]  # type: ignore[union-attr]
+        os.kill(victim, signal.SIGKILL)
+        results = await asyncio.wait_for(task, 120)
+        assert results == [1.5] * 8
+        summary = ex.job_summary()
+        assert summary["retries"] >= 1 and summary["calls"]["succeeded"] == 8
+
+
+async def test_a_call_whose_code_raised_is_never_run_again(tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    async with AsyncExecutor(retries=5) as ex:
+        with pytest.raises(ValueError, match="user code failed"):
+            await ex.submit(record_then_fail, str(marker))
+        assert ex.job_summary()["retries"] == 0
+    assert marker.read_text() == "ran\n"
+
+
+async def test_the_function_is_pickled_once_per_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    real = serialize.dumps_function
+
+    def counting(fn):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real(fn)
+
+    monkeypatch.setattr(serialize, "dumps_function", counting)
+    async with AsyncExecutor() as ex:
+        assert await ex.map(abs, range(-500, 0)) == list(range(500, 0, -1))
+        assert calls == 1
+        session = ex._invoker._session  # type: ignore[union-attr]
+        await ex.map(abs, range(10), chunksize=3)
+        assert calls == 2 and ex._invoker._session is session  # type: ignore[union-attr]
+        assert session.connector.limit == ex.config.max_concurrency  # type: ignore[union-attr]
+
+
+async def test_unreachable_runtime_gives_invocation_error_after_the_retries() -> None:
+    async with AsyncExecutor(retries=2, config={"localhost": {"replicas": 1, "worker_processes": 1}}) as ex:
+        await ex.map(abs, [1])
+        for pid in ex.runtime.pids:  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        with pytest.raises(InvocationError) as info:
+            await ex.submit(abs, -1)
+        msg = str(info.value)
+        assert "could not be delivered after 3 attempt(s)" in msg and "-A" in msg
+        assert ex.job_summary()["retries"] == 2
+
+
+def test_backoff_is_jittered_bounded_and_honours_retry_after() -> None:
+    delays = [backoff(a) for a in range(12) for _ in range(50)]
+    assert all(0 <= d <= 10 for d in delays) and len(set(delays)) > 100
+    assert all(backoff(0, retry_after=3) >= 3 for _ in range(20))
+    assert backoff(0, retry_after=10_000) <= 60
+
+
+async def test_a_large_function_crosses_the_network_once_per_replica_not_once_per_call() -> None:
+    table = bytes(range(256)) * (4 * 1024)  # a 1 MiB closure
+
+    def lookup(i: int) -> int:
+        return table[i % len(table)]
+
+    async with AsyncExecutor(max_concurrency=4, config={"localhost": {"replicas": 2, "worker_processes": 1}}) as ex:
+        assert await ex.map(lookup, range(400)) == [i % 256 for i in range(400)]
+        s = ex.job_summary()
+    assert s["requests"] == 400
+    # Sent with the first requests each replica sees (at most one per connection), then by hash.
+    assert 1 <= s["function_uploads"] <= 4 + 2, s
+
+
+async def test_small_functions_travel_inline_with_every_request() -> None:
+    async with AsyncExecutor() as ex:
+        await ex.map(abs, range(10))
+        assert ex.job_summary()["function_uploads"] == 10
