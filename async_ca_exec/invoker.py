@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -55,6 +55,20 @@ class Endpoint:
     max_body: int = protocol.DEFAULT_MAX_BODY
     ssl: Any = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Outcome(NamedTuple):
+    """What one OUTCOME frame says about items ``first .. first + n - 1`` of a request."""
+
+    first: int
+    n: int
+    values: list[Any] | None  # None: the results could not be unpickled (load_error says why)
+    exc_blobs: dict[int, bytes]  # pickled exceptions by item index
+    timing: Any  # (started, finished, cpu seconds) lists, as the worker sent them
+    errors: dict[str, Any]  # error descriptions by item index (as a string, JSON keys)
+    load_error: BaseException | None
+    meta: dict[str, Any]
+    received: float
 
 
 class Request:
@@ -124,18 +138,7 @@ class Request:
     def note_sent(self, now: float, attempt: int) -> None:
         pass
 
-    def apply(
-        self,
-        first: int,
-        n: int,
-        values: list[Any] | None,
-        exc_blobs: dict[int, bytes],
-        timing: Any,
-        errors: dict[str, Any],
-        load_error: BaseException | None,
-        meta: dict[str, Any],
-        now: float,
-    ) -> None:
+    def apply(self, o: Outcome) -> None:
         raise NotImplementedError
 
     def fail(self, exc: BaseException, now: float) -> None:
@@ -168,22 +171,13 @@ class FutureRequest(Request):
                 f._sent = now
             f._attempts = attempt + 1
 
-    def apply(
-        self,
-        first: int,
-        n: int,
-        values: list[Any] | None,
-        exc_blobs: dict[int, bytes],
-        timing: Any,
-        errors: dict[str, Any],
-        load_error: BaseException | None,
-        meta: dict[str, Any],
-        now: float,
-    ) -> None:
-        t0, t1, cpu = _timing(timing, n)
+    def apply(self, o: Outcome) -> None:
+        first, n, values, errors, now = o.first, o.n, o.values, o.errors, o.received
+        t0, t1, cpu = _timing(o.timing, n)
         timed = bool(t0)
         if timed:
             self.job.stats.record_work(t0, t1, cpu)
+        meta = o.meta
         rss, pid, replica = int(meta.get("rss") or 0), int(meta.get("pid") or 0), str(meta.get("replica") or "")
         futures = self.futures
         for k in range(n):
@@ -196,9 +190,9 @@ class FutureRequest(Request):
                 fut._worker = (t0[k], t1[k], cpu[k], rss, pid, replica)
             info = errors.get(str(i)) if errors else None
             if info is not None:
-                fut.set_exception(build_error(info, exc_blobs.get(i), fut.call_id))
+                fut.set_exception(build_error(info, o.exc_blobs.get(i), fut.call_id))
             elif values is None:
-                fut.set_exception(_unpickle_error(fut.call_id, load_error))
+                fut.set_exception(_unpickle_error(fut.call_id, o.load_error))
             else:
                 fut.set_result(values[k])
             self.unresolved -= 1
@@ -228,27 +222,17 @@ class SliceRequest(Request):
         self.offset = offset
         self.submitted = submitted
 
-    def apply(
-        self,
-        first: int,
-        n: int,
-        values: list[Any] | None,
-        exc_blobs: dict[int, bytes],
-        timing: Any,
-        errors: dict[str, Any],
-        load_error: BaseException | None,
-        meta: dict[str, Any],
-        now: float,
-    ) -> None:
+    def apply(self, o: Outcome) -> None:
         if self.cancelled:
             return
+        first, n, values, errors, now = o.first, o.n, o.values, o.errors, o.received
         already = self._claim(first, n)
         job = self.job
         results = job.results
         assert results is not None
         base = self.offset + first
         if values is None:
-            values = [_unpickle_error(job.call_id(base + k), load_error) for k in range(n)]
+            values = [_unpickle_error(job.call_id(base + k), o.load_error) for k in range(n)]
             errors = {str(first + k): None for k in range(n)}
         if already:  # a retried request answered twice: keep the first outcome
             keep = set(already)
@@ -263,15 +247,16 @@ class SliceRequest(Request):
             i = int(key)
             if not first <= i < first + n or (already and i in already):
                 continue
-            exc = results[self.offset + i] if info is None else build_error(info, exc_blobs.get(i), job.call_id(self.offset + i))
-            results[self.offset + i] = exc
+            pos = self.offset + i
+            exc = results[pos] if info is None else build_error(info, o.exc_blobs.get(i), job.call_id(pos))
+            results[pos] = exc
             failed += 1
             if first_error is None:
-                first_error = (self.offset + i, exc)
+                first_error = (pos, exc)
         fresh = n - (len(already) if already else 0)
         stats = job.stats
         stats.record_outcome(fresh, failed, now - self.submitted, now)
-        t0, t1, cpu = _timing(timing, n)
+        t0, t1, cpu = _timing(o.timing, n)
         if t0:
             stats.record_work(t0, t1, cpu)
         job.slots_done(fresh, first_error)
@@ -627,7 +612,7 @@ class Invoker:
         if first + n > req.n:
             raise protocol.ProtocolError(f"outcome for items {first}..{first + n - 1} of a request of {req.n}")
         values: list[Any] | None
-        exc_blobs: dict[int, bytes]
+        exc_blobs: dict[int, bytes] = {}
         load_error: BaseException | None = None
         timing: Any = None
         try:
@@ -635,6 +620,5 @@ class Invoker:
             if len(values) != n:
                 raise ValueError(f"{len(values)} results for {n} items")
         except Exception as exc:  # noqa: BLE001 - every item of the outcome gets the error
-            values, exc_blobs = None, {}
-            load_error = exc
-        req.apply(first, n, values, exc_blobs, timing, meta.get("errors") or {}, load_error, meta, time.time())
+            values, load_error = None, exc
+        req.apply(Outcome(first, n, values, exc_blobs, timing, meta.get("errors") or {}, load_error, meta, time.time()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -17,18 +16,8 @@ from async_ca_exec import ALWAYS, ANY_COMPLETED, FunctionExecutor
 
 from conftest import TREE_SNIPPET, children, run_python, wait_gone
 
-SEED = textwrap.dedent("""
-    import async_ca_exec as acx
-
-    def my_function(x):
-        return x + 7
-
-    fexec = acx.FunctionExecutor()            # same keyword arguments as AsyncExecutor
-    fexec.call_async(my_function, 3)
-    print(fexec.get_result())                 # 10
-    fexec.map(my_function, [1, 2, 3])         # Lithops semantics: returns futures
-    print(fexec.get_result())                 # [8, 9, 10]
-""")
+#: The seed's exact snippet, kept in examples/ (which test_examples also runs).
+SEED = (Path(__file__).resolve().parent.parent / "examples" / "lithops_seed.py").read_text()
 
 
 def add7(x: int) -> int:
