@@ -141,7 +141,7 @@ class LocalSection(_Section):
     """The embedded local runtime (Lithops' ``localhost`` section; ``local`` is accepted too)."""
 
     replicas: int | None = Field(
-        None, ge=1, le=64, description="Server processes sharing one loopback port. Default: 2 (1 on a single CPU)."
+        None, ge=1, le=64, description="Server processes sharing one loopback port. Default: one per 4 CPUs, at least 1."
     )
     worker_processes: int | None = Field(
         None, ge=1, le=1024, description="Worker processes per replica. Default: CPUs / replicas, at least 1."
@@ -515,6 +515,10 @@ def _log_ignored(cfg: Config) -> None:
 def default_local_layout(cfg: Config, cpus: int | None = None) -> tuple[int, int]:
     """(replicas, worker processes per replica) for the local runtime."""
     cpus = cpus or os.cpu_count() or 1
-    replicas = cfg.localhost.replicas or (2 if cpus >= 2 else 1)
+    # Measured on 2 cores (benchmarks/fanout.py): one replica with 2 workers gives 10.2k calls/s,
+    # two replicas with one worker each 8.8k, two with two each 5.7k -- every extra process
+    # competes with the client for the CPUs. One server event loop keeps up with ~4 CPUs' worth
+    # of workers, so add a replica per 4 CPUs.
+    replicas = cfg.localhost.replicas or max(1, cpus // 4)
     workers = cfg.localhost.worker_processes or max(1, math.ceil(cpus / replicas))
     return replicas, workers

@@ -144,10 +144,11 @@ def test_unknown_environment_variables_warn() -> None:
         load_config(env={"ACX_BAKCEND": "azure"})
 
 
-def test_local_layout_defaults_to_two_replicas_sharing_the_cpus() -> None:
-    assert default_local_layout(load_config(env={}), cpus=2) == (2, 1)
+def test_local_layout_defaults_to_a_replica_per_four_cpus_sharing_them() -> None:
+    assert default_local_layout(load_config(env={}), cpus=2) == (1, 2)
     assert default_local_layout(load_config(env={}), cpus=8) == (2, 4)
     assert default_local_layout(load_config(env={}), cpus=1) == (1, 1)
+    assert default_local_layout(load_config(env={}), cpus=6) == (1, 6)
     cfg = load_config({"localhost": {"replicas": 3, "worker_processes": 5}}, env={})
     assert default_local_layout(cfg, cpus=2) == (3, 5)
     assert load_config({"local": {"replicas": 4}}, env={}).localhost.replicas == 4

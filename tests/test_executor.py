@@ -357,7 +357,7 @@ async def test_after_aclose_no_child_process_remains() -> None:
     async with AsyncExecutor() as ex:
         await ex.map(add7, range(10))
         tree = children(os.getpid())
-        assert len(tree) >= 4  # 2 replicas and their workers
+        assert len(tree) >= 2  # a replica and its workers
     assert not wait_gone(tree), "runtime processes survived aclose()"
     with pytest.raises(RuntimeError, match="closed"):
         ex.submit(add7, 1)
