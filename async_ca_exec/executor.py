@@ -100,6 +100,7 @@ class AsyncExecutor:
         self._closed = False
         self._jobs = itertools.count(1)
         self._uncollected: list[CallFuture] = []
+        self._prune_at = 1024
         self._last_call: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -235,9 +236,16 @@ class AsyncExecutor:
         invoker = self._ensure_started()
         job = self._new_job(fn, None, "A")
         (fut,) = self._submit_items(invoker, job, [(args, kwargs)])
-        self._uncollected.append(fut)
+        self._track(fut)
         self._last_call = "call_async"
         return fut
+
+    def _track(self, fut: CallFuture) -> None:
+        """Keep ``fut`` for get_result(); forget futures already awaited, so memory stays bounded."""
+        self._uncollected.append(fut)
+        if len(self._uncollected) >= self._prune_at:
+            self._uncollected = [f for f in self._uncollected if not (f._collected and f.done())]
+            self._prune_at = max(1024, 2 * len(self._uncollected))
 
     def call_async(self, fn: Callable[..., Any], data: Any) -> CallFuture:
         """Lithops form of :meth:`submit`: a tuple is positional args, a dict keyword args, else one arg."""
@@ -519,21 +527,23 @@ class AsyncExecutor:
         a map's as a list; futures are collected once.
         """
         if futures is None:
-            fs = self._uncollected
-            self._uncollected = []
+            fs = [f for f in self._uncollected if not (f._collected and f.done())]
             single = len(fs) == 1 and self._last_call != "map"
         elif isinstance(futures, CallFuture):
             fs, single = [futures], True
         else:
             fs, single = list(futures), False
         if fs:
-            await asyncio.wait(fs)
+            await asyncio.wait(fs)  # cancelled here, nothing is lost: the futures stay tracked
+        if futures is None:
+            taken = set(fs)
+            self._uncollected = [f for f in self._uncollected if f not in taken]
         out: list[Any] = []
         for k, f in enumerate(fs):
             try:
                 out.append(f.result())
             except BaseException:
-                if futures is None:
+                if futures is None:  # the ones after the failure stay for the next call
                     self._uncollected[:0] = fs[k + 1 :]
                 raise
         return out[0] if single and out else out

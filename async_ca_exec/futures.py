@@ -22,6 +22,7 @@ class CallFuture(asyncio.Future):  # type: ignore[type-arg]
     __slots__ = (
         "_attempts",
         "_call_id",
+        "_collected",
         "_job",
         "_logs",
         "_received",
@@ -46,6 +47,17 @@ class CallFuture(asyncio.Future):  # type: ignore[type-arg]
         # started, finished, cpu seconds, peak rss, worker pid, replica
         self._worker: tuple[float, float, float, int, int, str] | None = None
         self._logs: list[str] | None = None
+        self._collected = False  # awaited or result() read: get_result() need not keep it
+
+    def __await__(self) -> Any:
+        self._collected = True
+        return super().__await__()
+
+    __iter__ = __await__
+
+    def result(self) -> Any:
+        self._collected = True
+        return super().result()
 
     @property
     def call_id(self) -> str:

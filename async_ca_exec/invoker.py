@@ -41,8 +41,6 @@ log = logging.getLogger("async_ca_exec.invoker")
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
 RETRY_AFTER_CAP = 60.0
-#: Extra seconds the client waits beyond a call's own timeout before giving up on it.
-CLIENT_TIMEOUT_GRACE = 60.0
 
 
 @dataclass(frozen=True)
@@ -370,12 +368,13 @@ class Invoker:
         self._stats = stats
         self._max_frame = max_frame
         self._pending: collections.deque[Request] = collections.deque()
+        self._inflight: set[Request] = set()
         self._lanes: set[asyncio.Task[None]] = set()
         self._ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
         self._endpoint: Endpoint | None = None
         self._session: aiohttp.ClientSession | None = None
         self._url = ""
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._read_timeout: aiohttp.ClientTimeout | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -406,23 +405,31 @@ class Invoker:
             self._ready.exception()  # retrieved: lanes report it per call
 
     async def aclose(self) -> None:
+        """Abandon every queued and in-flight call, stop the lanes, close the session."""
         self._closing = True
+        closed = RuntimeError("the executor was closed before the call finished")
+        for req in [*self._inflight, *self._pending]:
+            self._abandon(req, closed)
+        self._pending.clear()
         for lane in list(self._lanes):
             lane.cancel()
         if self._lanes:
             await asyncio.gather(*self._lanes, return_exceptions=True)
-        while self._pending:
-            req = self._pending.popleft()
-            if isinstance(req, FutureRequest):
-                for f in req.futures:
-                    f.cancel("the executor was closed")
-            req.cancel()
-            req.release()
         if not self._ready.done():
             self._ready.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _abandon(self, req: Request, exc: BaseException) -> None:
+        """Settle a request nobody will deliver: futures are cancelled, a map's job fails."""
+        if isinstance(req, FutureRequest):
+            for f in req.futures:
+                f.cancel("the executor was closed")
+        else:
+            req.fail(exc, time.time())
+        req.cancel()
+        req.release()
 
     # -- queueing --------------------------------------------------------------------
 
@@ -431,25 +438,39 @@ class Invoker:
             raise RuntimeError("the executor is closed")
         self._pending.append(req)
         if len(self._lanes) < self._limit:
-            lane = asyncio.get_running_loop().create_task(self._lane())
-            self._lanes.add(lane)
-            lane.add_done_callback(self._lanes.discard)
+            self._lanes.add(asyncio.get_running_loop().create_task(self._lane()))
 
     @property
     def in_flight(self) -> int:
-        return len(self._lanes)
+        return len(self._inflight)
 
     async def _lane(self) -> None:
         me = asyncio.current_task()
-        if not self._ready.done():
+        assert me is not None
+        try:
+            await self._lane_loop(me)  # type: ignore[arg-type]
+        finally:
+            # Leave the count in the same step as the last look at the queue, so a request
+            # enqueued right after always finds a lane or starts one.
+            self._lanes.discard(me)  # type: ignore[arg-type]
+
+    async def _lane_loop(self, me: asyncio.Task[None]) -> None:
+        ready = self._ready
+        if not ready.done():
             try:
-                await asyncio.shield(self._ready)
+                await asyncio.shield(ready)
             except asyncio.CancelledError:
-                if self._closing or not self._ready.cancelled():
+                if self._closing or not ready.cancelled():
                     raise
-            except BaseException as exc:  # noqa: BLE001 - the runtime did not start
-                self._fail_all_pending(exc)
-                return
+            except BaseException:  # noqa: BLE001 - the runtime did not start: handled below
+                pass
+        if ready.cancelled():
+            self._fail_all_pending(RuntimeError("the executor was closed before its runtime started"))
+            return
+        start_error = ready.exception()
+        if start_error is not None:
+            self._fail_all_pending(start_error)
+            return
         pending = self._pending
         while pending:
             req = pending.popleft()
@@ -457,6 +478,7 @@ class Invoker:
                 req.release()
                 continue
             req.lane = me
+            self._inflight.add(req)
             try:
                 await self._deliver(req)
             except asyncio.CancelledError:
@@ -467,6 +489,7 @@ class Invoker:
                 if uncancel is not None:
                     uncancel()
             finally:
+                self._inflight.discard(req)
                 req.lane = None
                 req.release()
 
@@ -512,14 +535,13 @@ class Invoker:
     def _fail(self, req: Request, exc: BaseException) -> None:
         req.fail(exc, time.time())
 
-    def _timeout(self, req: Request, ep: Endpoint) -> aiohttp.ClientTimeout:
-        total = req.job.timeout * req.n + CLIENT_TIMEOUT_GRACE
-        t = self._timeouts.get(total)
-        if t is None:
-            # No byte for three heartbeats means the replica or the connection died.
-            t = aiohttp.ClientTimeout(total=total, sock_connect=30, sock_read=3 * ep.heartbeat + 5)
-            self._timeouts[total] = t
-        return t
+    def _timeout(self, ep: Endpoint) -> aiohttp.ClientTimeout:
+        # No overall deadline: a call may wait in a replica's queue for a long time, and the
+        # runtime enforces the call's own timeout. Liveness comes from heartbeats instead:
+        # no byte for three of them means the replica or the connection died.
+        if self._read_timeout is None:
+            self._read_timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=3 * ep.heartbeat + 5)
+        return self._read_timeout
 
     async def _attempt(self, req: Request, attempt: int, ep: Endpoint) -> None:
         body = req.body()
@@ -536,7 +558,7 @@ class Invoker:
             self._stats.function_uploads += 1
         assert self._session is not None
         try:
-            async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(req, ep)) as resp:
+            async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(ep)) as resp:
                 if resp.status != 200:
                     await self._refused(resp, req)
                 if resp.content_length is not None:
@@ -544,12 +566,8 @@ class Invoker:
                     ended = self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
                 else:
                     ended = await self._stream(req, resp.content)
-        except aiohttp.ServerTimeoutError as exc:
-            raise _Retry(f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({exc})") from None
-        except asyncio.TimeoutError:
-            raise CallTimeoutError(
-                f"call {req.call_id}: no result {req.job.timeout:g} s (+{CLIENT_TIMEOUT_GRACE:g} s) after it was sent"
-            ) from None
+        except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts
+            raise _Retry(f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})") from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         except protocol.ProtocolError as exc:

@@ -39,6 +39,7 @@ META_PATH = "/v1/meta"
 H_TIMESTAMP = "X-Acx-Timestamp"
 H_CALL_ID = "X-Acx-Call-Id"
 H_SIGNATURE = "X-Acx-Signature"
+H_HEAD_SIGNATURE = "X-Acx-Head-Signature"
 H_ATTEMPT = "X-Acx-Attempt"
 H_REPLICA = "X-Acx-Replica"
 
@@ -105,12 +106,51 @@ def sign(key: bytes, method: str, path: str, timestamp: str, call_id: str, body:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
+def sign_head(key: bytes, method: str, path: str, timestamp: str, call_id: str, length: int) -> str:
+    """HMAC-SHA256 over what is known before the body is read (its length, not its digest)."""
+    msg = f"acx-head\n{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{length}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
 def signed_headers(
     key: bytes, method: str, path: str, call_id: str, body: bytes | bytearray | memoryview, now: float | None = None
 ) -> dict[str, str]:
-    """The three headers that authenticate a request."""
+    """The headers that authenticate a request.
+
+    Two signatures: one over the whole request (body digest included), and one over its
+    headers and body length, which a server checks before reading a body of that length.
+    """
     ts = f"{time.time() if now is None else now:.3f}"
-    return {H_TIMESTAMP: ts, H_CALL_ID: call_id, H_SIGNATURE: sign(key, method, path, ts, call_id, body)}
+    return {
+        H_TIMESTAMP: ts,
+        H_CALL_ID: call_id,
+        H_HEAD_SIGNATURE: sign_head(key, method, path, ts, call_id, len(body)),
+        H_SIGNATURE: sign(key, method, path, ts, call_id, body),
+    }
+
+
+def verify_head(
+    key: bytes,
+    method: str,
+    path: str,
+    headers: Any,
+    length: int | None,
+    *,
+    window: float = DEFAULT_SIGNATURE_WINDOW,
+    now: float | None = None,
+) -> None:
+    """Check the timestamp and the head signature, before any byte of the body is read."""
+    ts = headers.get(H_TIMESTAMP)
+    check_fresh(ts, window=window, now=now)
+    call_id = headers.get(H_CALL_ID)
+    sig = headers.get(H_HEAD_SIGNATURE)
+    if not call_id or not sig:
+        raise SignatureError(f"unsigned request: headers {H_CALL_ID} and {H_HEAD_SIGNATURE} are required")
+    if length is None:
+        raise SignatureError("a signed request needs a Content-Length (chunked bodies are not accepted)")
+    expected = sign_head(key, method, path, ts, call_id, length)
+    if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
+        raise SignatureError("signature mismatch: the request was signed with another key or changed in transit")
 
 
 def check_call_id(call_id: str) -> None:

@@ -62,6 +62,8 @@ class _LoopThread:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
+            if fut.done():  # the coroutine's own TimeoutError (the same class on 3.11+)
+                raise
             fut.cancel()
             raise TimeoutError(f"no answer within {timeout} s") from None
         except BaseException:

@@ -26,7 +26,9 @@ M_OUTCOME = 3  # payload: TASK_OUTCOME + outcome payload (protocol.encode_outcom
 M_TASK = 10  # payload: TASK_HEAD + forget hashes + skip indices + fn + items
 
 TASK_LOG = struct.Struct("<QIB")  # task id, item index, stream
-TASK_OUTCOME = struct.Struct("<QIIB")  # task id, first item, item count, last part?
+TASK_OUTCOME = struct.Struct("<QIIB")  # task id, first item, item count, flags
+OUTCOME_LAST = 1  # the task's last outcome: the worker is done with it
+OUTCOME_FN_FAILED = 2  # the function could not be loaded: do not assume the worker has it
 # task id, first item, item count, flags, forget count, skip count, fn hash, fn length
 TASK_HEAD = struct.Struct("<QIIBBH32sI")
 FLAG_HAS_FN = 1
@@ -45,7 +47,7 @@ def message(mtype: int, *parts: bytes | bytearray | memoryview) -> bytes:
 # ---------------------------------------------------------------------------------------
 # progress block
 
-PROGRESS = struct.Struct("<QIdB")  # task id, item index, started (epoch), state
+PROGRESS = struct.Struct("<QIdB")  # task id, item index, since (time.monotonic()), state
 STATE_IDLE = 0
 STATE_RUNNING = 1  # running user code for (task, index) since started
 STATE_PREPARING = 2  # unpickling the function or the items of task

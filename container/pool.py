@@ -205,13 +205,17 @@ class WorkerProc(asyncio.Protocol):
 
     def _handle(self, mtype: int, payload: bytes) -> None:
         if mtype == ipc.M_OUTCOME:
-            task_id, first, n, last = ipc.TASK_OUTCOME.unpack_from(payload)
+            task_id, first, n, flags = ipc.TASK_OUTCOME.unpack_from(payload)
+            last = flags & ipc.OUTCOME_LAST
             task = self._task(task_id)
             if task is None:
                 return
-            task.add_frame(_outcome_frame(memoryview(payload)[ipc.TASK_OUTCOME.size :]))
-            task.remaining -= n
-            task.reported_upto = first + n
+            if flags & ipc.OUTCOME_FN_FAILED:  # send the function again next time
+                self.known.pop(task.fn_hash, None)
+            if n:
+                task.add_frame(_outcome_frame(memoryview(payload)[ipc.TASK_OUTCOME.size :]))
+                task.remaining -= n
+                task.reported_upto = first + n
             if last:
                 self.inflight.remove(task)
                 self.pool._task_left_worker(self, task)
@@ -389,7 +393,17 @@ class WorkerPool:
             return
         child_sock.close()
         w.pid = w.proc.pid
-        await loop.create_unix_connection(lambda: w, sock=parent_sock)
+        try:
+            await loop.create_unix_connection(lambda: w, sock=parent_sock)
+        except BaseException as exc:
+            w.proc.kill()
+            await w.proc.wait()
+            parent_sock.close()
+            progress.close()
+            if isinstance(exc, Exception):
+                self._start_failed(f"could not connect to a new worker process: {exc}")
+                return
+            raise
         self.workers.add(w)
         try:
             returncode = await w.proc.wait()
@@ -449,12 +463,16 @@ class WorkerPool:
         task.cancelled = True
         task.frames = []
         for w in self.workers:
-            if task in w.inflight:
-                if w.inflight[0] is task:
-                    w.kill("cancel")
-                # A task queued behind another one on the same worker is short (only short
-                # tasks are pipelined): let it run and drop its output.
-                return
+            if task not in w.inflight:
+                continue
+            tid, _index, _started, state = w.progress.get()
+            if tid == task.id and state != ipc.STATE_IDLE:
+                w.kill("cancel")  # running it now
+            elif w.inflight[0] is task and not any(t.id == tid for t in w.inflight):
+                w.kill("cancel")  # about to start it
+            # Otherwise it waits behind another task (only short tasks are pipelined) or has
+            # finished with its last outcome in transit: let it be and drop its output.
+            return
 
     def _dispatch(self) -> None:
         queue, idle = self.queue, self.idle
@@ -509,11 +527,13 @@ class WorkerPool:
                         "message": f"the worker process running the call {describe_exit(returncode)}",
                         "exitcode": returncode,
                     }
+                todo = t.todo()
                 if state == ipc.STATE_PREPARING:
-                    charged = t.todo()
+                    charged = todo
                     info["message"] += " while unpickling the function or the arguments"
                 else:
-                    charged = [index]
+                    # The item it was running, or reporting: unless that outcome already arrived.
+                    charged = [index] if index in todo else []
                 t.fail_items(charged, info, self.replica)
                 if t.remaining > 0 and reason != "shutdown":
                     requeue.append(t)
@@ -522,7 +542,8 @@ class WorkerPool:
                         t.fail_items(t.todo(), info, self.replica)
                     t.finish()
             else:
-                t.requeues += 1
+                if reason != "cancel":  # killed for someone else's cancelled call: not its fault
+                    t.requeues += 1
                 if t.requeues > MAX_REQUEUES or reason == "shutdown":
                     t.fail_items(
                         t.todo(),
@@ -540,6 +561,8 @@ class WorkerPool:
                     requeue.append(t)
         w.inflight.clear()
         self.queue.extendleft(reversed(requeue))
+        if requeue and self.idle:
+            self._dispatch()
         if reason not in (None, "cancel", "timeout", "shutdown"):
             log.warning("worker %s %s (%s)", w.pid, describe_exit(returncode), reason)
         elif reason is None:
@@ -549,7 +572,7 @@ class WorkerPool:
         """Kill workers whose current item has run past its task's timeout."""
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL)
-            now = time.time()
+            now = time.monotonic()  # system-wide on Linux and macOS, like the workers' clock
             for w in list(self.workers):
                 if not w.inflight or w.kill_reason is not None:
                     continue

@@ -156,12 +156,15 @@ class Server:
         if self.draining:
             return self._error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
         headers = request.headers
+        length = request.content_length
         try:
-            protocol.check_fresh(headers.get(protocol.H_TIMESTAMP), window=settings.signature_window)
+            # Authenticate what the headers say before reading (and hashing) any body.
+            protocol.verify_head(self._key, "POST", protocol.INVOKE_PATH, headers, length,
+                                 window=settings.signature_window)  # fmt: skip
         except protocol.SignatureError as exc:
             return self._error(401, str(exc))
-        length = request.content_length
-        if length is not None and length > settings.max_body:
+        assert length is not None
+        if length > settings.max_body:
             return self._too_large(length)
         try:
             body = await request.read()

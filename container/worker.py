@@ -63,14 +63,29 @@ def _format_tb(exc: BaseException) -> str:
     tb = exc.__traceback__
     if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:  # noqa: BLE001 - a hostile __str__/__repr__
+        text = "".join(traceback.format_tb(tb)) + f"{_qualname(type(exc))}: <str() failed>\n"
     if len(text) > MAX_TRACEBACK_CHARS:
         text = text[: MAX_TRACEBACK_CHARS // 2] + "\n... traceback cut ...\n" + text[-MAX_TRACEBACK_CHARS // 2 :]
     return text
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_safe_str(exc)}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    # str() runs the user's __str__, which can itself raise.
+    try:
+        return str(exc)
+    except BaseException as inner:  # noqa: BLE001
+        return f"<str() of the exception failed: {type(inner).__name__}>"
+
+
 def _error_info(kind: str, exc: BaseException, message: str | None = None) -> dict[str, Any]:
-    msg = message if message is not None else str(exc)
+    msg = message if message is not None else _safe_str(exc)
     return {
         "kind": kind,
         "type": _qualname(type(exc)),
@@ -115,7 +130,7 @@ class Worker:
         self.sock = sock
         self.rfile = sock.makefile("rb", buffering=1 << 16)
         self.progress = progress
-        self.fns: dict[bytes, Callable[..., Any] | BaseException] = {}
+        self.fns: dict[bytes, Callable[..., Any]] = {}
         self.pid = os.getpid()
         self.replica = os.environ.get("ACX_REPLICA_ID", "")
         self.out = _Capture()
@@ -163,35 +178,33 @@ class Worker:
         fn_bytes = payload[off : off + fn_len]
         off += fn_len
         items_bytes = payload[off:]
-        self.progress.set(task_id, first, time.time(), ipc.STATE_PREPARING)
+        self.progress.set(task_id, first, time.monotonic(), ipc.STATE_PREPARING)
+        todo = [i for i in range(first, n) if i not in skip]
+        if not todo:  # nothing left to run: just say the task is done
+            self.send(ipc.message(ipc.M_OUTCOME, ipc.TASK_OUTCOME.pack(task_id, first, 0, ipc.OUTCOME_LAST)))
+            return
 
         fn = self.fns.get(fn_hash)
         if flags & ipc.FLAG_HAS_FN:
             try:
                 fn = pickle.loads(fn_bytes)
             except BaseException as exc:  # noqa: BLE001 - any failure is reported, not fatal
-                fn = exc
+                # Not cached: the server sends the function again with its next task here.
+                self._fail_all(
+                    task_id,
+                    todo,
+                    protocol.ERR_SERIALIZATION,
+                    exc,
+                    f"the function could not be unpickled on the worker: {_describe(exc)}",
+                    ipc.OUTCOME_FN_FAILED,
+                )
+                return
             if len(self.fns) >= _FN_CACHE_LIMIT:
                 self.fns.pop(next(iter(self.fns)))
             self.fns[fn_hash] = fn
-        todo = [i for i in range(first, n) if i not in skip]
         if fn is None:
-            self._fail_all(
-                task_id,
-                todo,
-                protocol.ERR_INTERNAL,
-                RuntimeError("the server referred to a function this worker does not have cached"),
-                None,
-            )
-            return
-        if isinstance(fn, BaseException):
-            self._fail_all(
-                task_id,
-                todo,
-                protocol.ERR_SERIALIZATION,
-                fn,
-                f"the function could not be unpickled on the worker: {type(fn).__name__}: {fn}",
-            )
+            error = RuntimeError("the server referred to a function this worker does not have")
+            self._fail_all(task_id, todo, protocol.ERR_INTERNAL, error, None, ipc.OUTCOME_FN_FAILED)
             return
         try:
             items = pickle.loads(items_bytes)
@@ -203,7 +216,7 @@ class Worker:
                 todo,
                 protocol.ERR_SERIALIZATION,
                 exc,
-                f"the arguments could not be unpickled on the worker: {type(exc).__name__}: {exc}",
+                f"the arguments could not be unpickled on the worker: {_describe(exc)}",
             )
             return
         self._run_items(task_id, fn, items, todo)
@@ -215,6 +228,7 @@ class Worker:
         t0s: list[float] = []
         t1s: list[float] = []
         clock = time.time
+        mono = time.monotonic
         cpu_clock = time.process_time
         last_flush = clock()
         group_cpu = cpu_clock()
@@ -226,7 +240,7 @@ class Worker:
         try:
             for pos, i in enumerate(todo):
                 t0 = clock()
-                set_progress(task_id, i, t0, ipc.STATE_RUNNING)
+                set_progress(task_id, i, mono(), ipc.STATE_RUNNING)
                 try:
                     args, kwargs = items[i]
                     value = fn(*args, **kwargs)
@@ -251,7 +265,7 @@ class Worker:
                     group_cpu = cpu_clock()
         finally:
             sys.stdout, sys.stderr = real_out, real_err
-        set_progress(task_id, todo[-1] if todo else 0, clock(), ipc.STATE_IDLE)
+        set_progress(task_id, todo[-1], mono(), ipc.STATE_IDLE)
 
     def _send_logs(self, task_id: int, i: int) -> None:
         for stream, cap in ((protocol.STDOUT, self.out), (protocol.STDERR, self.err)):
@@ -259,9 +273,9 @@ class Worker:
                 text = cap.take()
                 self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, stream), text.encode("utf-8", "replace")))
 
-    def _fail_all(self, task_id: int, todo: list[int], kind: str, exc: BaseException, message: str | None) -> None:
-        if not todo:
-            return
+    def _fail_all(
+        self, task_id: int, todo: list[int], kind: str, exc: BaseException, message: str | None, flags: int = 0
+    ) -> None:
         info = _error_info(kind, exc, message)
         # Contiguous runs only: the skip list may have punched holes.
         runs: list[list[int]] = [[todo[0]]]
@@ -273,7 +287,8 @@ class Worker:
         now = time.time()
         for k, run in enumerate(runs):
             errs: dict[int, tuple[dict[str, Any], BaseException | None]] = {i: (info, None) for i in run}
-            self._flush(task_id, run, [None] * len(run), errs, [now] * len(run), [now] * len(run), 0.0, k == len(runs) - 1)
+            last = k == len(runs) - 1
+            self._flush(task_id, run, [None] * len(run), errs, [now] * len(run), [now] * len(run), 0.0, last, flags)
 
     def _flush(
         self,
@@ -285,8 +300,9 @@ class Worker:
         t1s: list[float],
         cpu: float,
         last: bool,
+        flags: int = 0,
     ) -> None:
-        self.progress.set(task_id, group[-1], time.time(), ipc.STATE_REPORTING)
+        self.progress.set(task_id, group[-1], time.monotonic(), ipc.STATE_REPORTING)
         first = group[0]
         # CPU time is read once per group and shared out by wall time within it: a clock
         # read per item would cost more than the calls of a fast batch.
@@ -330,7 +346,11 @@ class Worker:
         if errors:
             meta["errors"] = {str(i): info for i, (info, _exc) in errors.items()}
         body = protocol.encode_outcome_payload(meta, blob)
-        self.send(ipc.message(ipc.M_OUTCOME, ipc.TASK_OUTCOME.pack(task_id, first, len(group), 1 if last else 0), body))
+        self.send(
+            ipc.message(
+                ipc.M_OUTCOME, ipc.TASK_OUTCOME.pack(task_id, first, len(group), flags | (ipc.OUTCOME_LAST if last else 0)), body
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

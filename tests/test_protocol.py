@@ -197,3 +197,18 @@ def test_arbitrary_json_headers_never_crash_the_decoder(header: dict[str, object
         p.decode_invocation(body)
     except p.ProtocolError:
         pass
+
+
+def test_head_signature_authenticates_headers_and_length_before_the_body() -> None:
+    body = envelope()
+    headers = p.signed_headers(KEY, "POST", p.INVOKE_PATH, "job-00001", body)
+    p.verify_head(KEY, "POST", p.INVOKE_PATH, headers, len(body))
+    with pytest.raises(p.SignatureError, match="mismatch"):
+        p.verify_head(b"o" * 32, "POST", p.INVOKE_PATH, headers, len(body))
+    with pytest.raises(p.SignatureError, match="mismatch"):
+        p.verify_head(KEY, "POST", p.INVOKE_PATH, headers, len(body) + 1)
+    with pytest.raises(p.SignatureError, match="Content-Length"):
+        p.verify_head(KEY, "POST", p.INVOKE_PATH, headers, None)
+    del headers[p.H_HEAD_SIGNATURE]
+    with pytest.raises(p.SignatureError, match="unsigned"):
+        p.verify_head(KEY, "POST", p.INVOKE_PATH, headers, len(body))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 from typing import Any
@@ -21,7 +22,7 @@ async def fetch_meta(url: str, key: bytes, *, ssl: Any = None, timeout: float = 
             async with session.get(url.rstrip("/") + protocol.META_PATH, headers=headers, ssl=ssl) as resp:
                 body = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise RuntimeStartError(f"the runtime at {url} did not answer {protocol.META_PATH}: {exc}") from exc
     if status == 401:
         raise AuthenticationError(f"the runtime at {url} refused the client's signature; its key differs")
