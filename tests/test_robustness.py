@@ -1,4 +1,4 @@
-"""Regressions for defects found in review: hangs, lost calls, wrong charges, leaks."""
+"""Robustness: no hangs, no lost calls, no wrong charges, no unbounded growth, no pre-auth reads."""
 
 from __future__ import annotations
 
