@@ -42,6 +42,7 @@ _EXPORTS = {
     "RuntimeNotFoundError": "errors",
     "RuntimeMismatchError": "errors",
     "RuntimeStartError": "errors",
+    "DeploymentError": "errors",
     "SerializationError": "errors",
 }
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
         AuthenticationError,
         CallTimeoutError,
         ConfigError,
+        DeploymentError,
         InvocationError,
         RemoteError,
         RemoteTraceback,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .config import Config, memory_pair
 from .errors import AsyncCAExecError
 
 
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("--memory", type=int, help="runtime_memory in MB")
     d.add_argument("--timeout", type=float, help="runtime_timeout in seconds")
+    d.add_argument("--create-environment", action="store_true", help="create the Container Apps environment if it is missing")
     for action in ("update", "delete"):
         x = rsub.add_parser(action, parents=[common], help=f"{action} a runtime (default, NAME:TAG or all)")
         x.add_argument("name")
@@ -75,20 +77,76 @@ async def _hello(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime(args: argparse.Namespace) -> int:
-    from .config import default_local_layout, load_config
+def _load(args: argparse.Namespace) -> Config:
+    from .config import load_config
 
-    cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage})
-    if cfg.backend != "local":
-        raise AsyncCAExecError(f"'acx runtime {args.action}' for backend 'azure' is not available in this release yet")
+    cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage,
+                                                "log_level": "DEBUG" if args.debug else None})  # fmt: skip
+    if cfg.lithops.storage is not None:
+        print(
+            f"note: storage {cfg.lithops.storage} is not used by this release yet; runtime metadata is kept in the local cache",
+            file=sys.stderr,
+        )
+    return cfg
+
+
+def _runtime(args: argparse.Namespace) -> int:
+    from .config import default_local_layout
+
+    cfg = _load(args)
+    if cfg.backend == "azure":
+        return asyncio.run(_azure(args, cfg))
     if args.action == "list":
         replicas, workers = default_local_layout(cfg)
-        print(f"{'NAME':<8} {'PYTHON':<8} {'VERSION':<8} {'REPLICAS':<9} WORKERS/REPLICA")
-        print(f"{'local':<8} {platform.python_version():<8} {__version__:<8} {replicas:<9} {workers}")
+        _table(
+            ["RUNTIME", "PYTHON", "VERSION", "REPLICAS", "WORKERS/REPLICA"],
+            [["local", platform.python_version(), __version__, str(replicas), str(workers)]],
+        )
         return 0
     if args.action == "build":
         raise AsyncCAExecError("building runtime images is not available in this release yet")
     print(f"the local backend needs no '{args.action}': its runtime starts and stops with each executor")
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def _azure(args: argparse.Namespace, cfg: Config) -> int:
+    from .runtimes.azure import AzureApps
+
+    command = getattr(args, "action", None) or args.command
+    if command == "build":
+        raise AsyncCAExecError("building runtime images is not available in this release yet")
+    if command == "deploy" and args.memory is not None:
+        memory_pair(args.memory)  # a bad size is refused before any Azure call
+    async with AzureApps(cfg, progress=print) as apps:
+        if command == "deploy":
+            info = await apps.deploy(
+                args.name, memory=args.memory, timeout=args.timeout, create_environment=args.create_environment
+            )
+            print(f"deployed runtime {info.runtime} ({info.memory} MB) as {info.app}: https://{info.fqdn}")
+        elif command == "update":
+            done = await apps.update(args.name)
+            print(f"updated {len(done)} runtime(s): {', '.join(i.app for i in done) or 'none'}")
+        elif command == "delete":
+            names = await apps.delete(args.name)
+            print(f"deleted {len(names)} runtime(s): {', '.join(names) or 'none'}")
+        elif command == "list":
+            rows = [
+                [i.runtime, str(i.memory or "?"), i.version or "?", i.app, i.fqdn or "-", i.state or "?",
+                 str(i.replicas if i.replicas is not None else "?")]
+                for i in await apps.runtimes()
+            ]  # fmt: skip
+            _table(["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "MAX REPLICAS"], rows)
+            if not rows:
+                print(f"(no runtimes in resource group {apps.target.resource_group})")
+        elif command == "clean":
+            names = await apps.clean()
+            print(f"cleaned: deleted {len(names)} runtime(s) ({', '.join(names) or 'none'}) and their cached metadata")
     return 0
 
 
@@ -100,11 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "runtime":
             return _runtime(args)
         if args.command == "clean":
-            from .config import load_config
-
-            cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage})
-            if cfg.backend != "local":
-                raise AsyncCAExecError("'acx clean' for backend 'azure' is not available in this release yet")
+            cfg = _load(args)
+            if cfg.backend == "azure":
+                return asyncio.run(_azure(args, cfg))
             print("nothing to clean: the local backend keeps no runtimes, metadata or blobs")
             return 0
     except KeyboardInterrupt:

@@ -166,12 +166,19 @@ class LocalSection(_Section):
 class AzureSection(_Section):
     """Shared Azure settings (Lithops' ``azure`` section)."""
 
-    subscription_id: str | None = None
-    resource_group: str | None = None
-    region: str | None = Field(None, description="Azure region; `location` is accepted.")
+    subscription_id: str | None = Field(None, description="Subscription id. Default: $AZURE_SUBSCRIPTION_ID.")
+    resource_group: str | None = Field(None, description="Resource group holding the Container Apps.")
+    region: str | None = Field(None, description="Azure region; `location` is accepted. Default: the environment's.")
     location: str | None = Field(None, description="Alias of region.")
-    tenant_id: str | None = None
-    arm_endpoint: str = Field("https://management.azure.com", description="ARM endpoint (other clouds, or a test endpoint).")
+    tenant_id: str | None = Field(None, description="Lithops key; sign-in picks the tenant (az login, AZURE_TENANT_ID).")
+    arm_endpoint: str = Field(
+        "https://management.azure.com", description="Azure Resource Manager endpoint (other clouds, a test endpoint)."
+    )
+    ca_bundle: str | None = Field(
+        None, description="PEM file of CAs to trust for ARM and the apps' ingress (a corporate proxy, a test endpoint)."
+    )
+    polling_interval: float = Field(5.0, ge=0, description="Seconds between polls of a long-running ARM operation.")
+    arm_retries: int = Field(3, ge=0, le=20, description="Retries of a failed ARM request (network errors, 5xx).")
 
 
 class AzureContainersSection(_Section):
@@ -189,13 +196,16 @@ class AzureContainersSection(_Section):
     worker_processes: int | None = Field(
         None, ge=1, le=256, description="Worker processes per replica. Default: the replica's vCPUs rounded up."
     )
-    docker_server: str | None = None
-    docker_user: str | None = None
-    docker_password: SecretStr | None = None
-    resource_group: str | None = None
-    region: str | None = None
-    location: str | None = None
-    subscription_id: str | None = None
+    startup_timeout: float = Field(
+        300.0, gt=0, description="Seconds to keep retrying while the app starts from zero replicas (cold start)."
+    )
+    docker_server: str | None = Field(None, description="Registry of the runtime image, e.g. myregistry.azurecr.io.")
+    docker_user: str | None = Field(None, description="Registry user name.")
+    docker_password: SecretStr | None = Field(None, description="Registry password (kept as a Container App secret).")
+    resource_group: str | None = Field(None, description="Overrides azure.resource_group.")
+    region: str | None = Field(None, description="Overrides azure.region.")
+    location: str | None = Field(None, description="Alias of region.")
+    subscription_id: str | None = Field(None, description="Overrides azure.subscription_id.")
     invoke_pool_threads: int | None = Field(None, description="Lithops key, ignored (invocations are async).")
     trigger: str | None = Field(None, description="Lithops key, ignored (calls go over HTTPS).")
     runtime_include_function: bool | None = Field(None, description="Lithops key, ignored.")

@@ -69,5 +69,9 @@ class SerializationError(AsyncCAExecError):
     """A function, argument or result could not be pickled or unpickled."""
 
 
+class DeploymentError(AsyncCAExecError):
+    """Azure could not create, change or delete a runtime (the message says what to do)."""
+
+
 class RuntimeStartError(AsyncCAExecError):
     """The runtime could not be started or reached (the message carries its log's tail)."""

@@ -8,6 +8,7 @@ import itertools
 import logging
 import secrets
 import sys
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,9 +86,11 @@ class AsyncExecutor:
             },
         )
         if self.config.lithops.storage is not None:
-            raise ConfigError(
-                f"storage={self.config.lithops.storage!r}: Azure Blob storage is not available in this release "
-                "yet; leave storage unset (or 'localhost') and calls carry their data inline"
+            # A Lithops config names its storage; keep it working, and say what it does not do yet.
+            warnings.warn(
+                f"storage={self.config.lithops.storage!r}: Azure Blob storage is not used by this release yet; "
+                "calls carry their data inline (up to the runtime's request size limit)",
+                stacklevel=2,
             )
         _configure_logging(self.config.lithops.log_level)
         self.credential = credential
@@ -141,7 +144,7 @@ class AsyncExecutor:
     async def _start_runtime(self) -> Endpoint:
         assert self._invoker is not None
         try:
-            self._runtime = create_runtime(self.config, log_level=self.config.lithops.log_level)
+            self._runtime = create_runtime(self.config, log_level=self.config.lithops.log_level, credential=self.credential)
             endpoint = await self._runtime.start()
         except BaseException as exc:
             self._invoker.fail_start(exc)

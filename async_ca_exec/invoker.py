@@ -53,6 +53,9 @@ class Endpoint:
     max_body: int = protocol.DEFAULT_MAX_BODY
     ssl: Any = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Keep retrying "unavailable" answers (refused connections, 502/503/504/429) this many
+    #: seconds, beyond the retry count: a Container App scaling from zero takes a while.
+    startup_timeout: float = 0.0
 
 
 class Outcome(NamedTuple):
@@ -298,9 +301,13 @@ class _SendFunction(Exception):
 
 
 class _Retry(Exception):
-    def __init__(self, cause: str, retry_after: float | None = None) -> None:
+    """A transport failure worth another attempt; ``unavailable``: nothing ran (the runtime is
+    not there yet: refused connection, 502/503/504/429)."""
+
+    def __init__(self, cause: str, retry_after: float | None = None, *, unavailable: bool = False) -> None:
         super().__init__(cause)
         self.retry_after = retry_after
+        self.unavailable = unavailable
 
 
 def build_error(info: dict[str, Any], exc_blob: bytes | None, call_id: str) -> BaseException:
@@ -506,8 +513,9 @@ class Invoker:
         ep = self._endpoint
         assert ep is not None
         last: _Retry | None = None
-        attempts = self._retries + 1
-        for attempt in range(attempts):
+        attempt = 0
+        first = time.monotonic()
+        while True:
             try:
                 try:
                     await self._attempt(req, attempt, ep)
@@ -519,18 +527,27 @@ class Invoker:
                 if req.unresolved == 0:
                     return
                 last = r
-                if attempt + 1 >= attempts:
+                attempt += 1
+                starting = r.unavailable and time.monotonic() - first < ep.startup_timeout
+                if attempt > self._retries and not starting:
                     break
                 self._stats.retries += 1
-                delay = backoff(attempt, r.retry_after)
+                delay = backoff(min(attempt - 1, 7), r.retry_after)
                 log.debug("retrying %s in %.2f s after: %s", req.call_id, delay, r)
                 await asyncio.sleep(delay)
             except AsyncCAExecError as exc:
                 self._fail(req, exc)
                 return
-        self._fail(
-            req, InvocationError(f"call {req.call_id} could not be delivered after {attempts} attempt(s); last error: {last}")
-        )
+        if last is not None and last.unavailable and ep.startup_timeout:
+            waited = time.monotonic() - first
+            message = (
+                f"call {req.call_id} could not be delivered: the runtime was unavailable for {waited:.0f} s "
+                f"(startup_timeout={ep.startup_timeout:g} s); it may be failing to start, see its logs "
+                f"(az containerapp logs show); last error: {last}"
+            )
+        else:
+            message = f"call {req.call_id} could not be delivered after {attempt} attempt(s); last error: {last}"
+        self._fail(req, InvocationError(message))
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         req.fail(exc, time.time())
@@ -568,6 +585,8 @@ class Invoker:
                     ended = await self._stream(req, resp.content)
         except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts
             raise _Retry(f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})") from None
+        except aiohttp.ClientConnectorError as exc:  # nothing was sent: the runtime is not there
+            raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         except protocol.ProtocolError as exc:
@@ -584,7 +603,11 @@ class Invoker:
             message, code = raw.decode("utf-8", "replace").strip()[:500], None
         status = resp.status
         if status == 429 or status >= 500:
-            raise _Retry(f"HTTP {status}: {message}", _retry_after(resp.headers.get("Retry-After")))
+            raise _Retry(
+                f"HTTP {status}: {message}",
+                _retry_after(resp.headers.get("Retry-After")),
+                unavailable=status in (429, 502, 503, 504),
+            )
         if status == 409 and code == protocol.UNKNOWN_FUNCTION and not req.with_fn:
             raise _SendFunction()
         if status == 401:

@@ -178,6 +178,33 @@ def run_python(
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _guard(address: object) -> None:
+    if isinstance(address, tuple) and address and address[0] not in _LOOPBACK:
+        raise OSError(f"a test tried to reach {address!r}: tests may only use 127.0.0.1")
+
+
+def _guarded_connect(self: socket.socket, address: object) -> None:
+    _guard(address)
+    return _real_connect(self, address)  # type: ignore[arg-type]
+
+
+def _guarded_connect_ex(self: socket.socket, address: object) -> int:
+    _guard(address)
+    return _real_connect_ex(self, address)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches any address but loopback (the managed-identity endpoint included)."""
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_processes() -> Iterator[None]:
     """Every process a test starts is stopped by that test."""

@@ -12,7 +12,7 @@ import pytest
 
 def acx(*args: str, cwd: Path, module: bool = False) -> subprocess.CompletedProcess[str]:
     exe = [sys.executable, "-m", "async_ca_exec"] if module else [str(Path(sys.executable).with_name("acx"))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACX_", "AZURE_"))}
     env["HOME"] = str(cwd)
     return subprocess.run([*exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
@@ -44,8 +44,13 @@ def test_runtime_list_shows_the_local_runtime(tmp_path: Path) -> None:
     assert r.returncode == 0 and "local" in r.stdout and "PYTHON" in r.stdout
 
 
-def test_azure_commands_say_they_are_not_available_yet(tmp_path: Path) -> None:
-    r = acx("runtime", "deploy", "default", "-b", "azure_containers", "-s", "azure_storage", cwd=tmp_path)
+def test_azure_commands_without_azure_settings_say_which_key_is_missing(tmp_path: Path) -> None:
+    r = acx("runtime", "deploy", "default", "-b", "azure_containers", cwd=tmp_path)
+    assert r.returncode == 1 and "azure.subscription_id" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_image_builds_say_they_are_not_available_yet(tmp_path: Path) -> None:
+    r = acx("runtime", "build", "myregistry.azurecr.io/me/rt:1", cwd=tmp_path)
     assert r.returncode == 1 and "not available" in r.stderr
 
 

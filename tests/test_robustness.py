@@ -29,7 +29,10 @@ async def test_sequential_submits_with_a_single_lane_never_stall() -> None:
         assert await asyncio.wait_for(ex.map_reduce(abs, range(-4, 0), sum), 30) == 10
 
 
-async def test_a_runtime_that_fails_to_start_fails_the_calls_instead_of_hanging(tmp_path: Path) -> None:
+async def test_a_runtime_that_fails_to_start_fails_the_calls_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AZURE_SUBSCRIPTION_ID", raising=False)
     broken = tmp_path / "python-broken"
     broken.write_text("#!/bin/sh\nexit 3\n")
     broken.chmod(0o755)
@@ -42,8 +45,9 @@ async def test_a_runtime_that_fails_to_start_fails_the_calls_instead_of_hanging(
             await asyncio.wait_for(fut, 60)
     finally:
         await ex.aclose()
-    ex = AsyncExecutor(backend="azure")
-    with pytest.raises(ConfigError, match="not available"):
+    # A start that fails before any process or request: the Azure backend without its settings.
+    ex = AsyncExecutor(backend="azure", config={})
+    with pytest.raises(ConfigError, match=r"azure\.subscription_id"):
         await asyncio.wait_for(ex.map(abs, [1]), 60)
     await ex.aclose()
 

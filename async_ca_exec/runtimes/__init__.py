@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError
-
 if TYPE_CHECKING:
     from ..config import Config
     from ..invoker import Endpoint
@@ -26,6 +24,6 @@ def create_runtime(config: Config, **options: Any) -> Runtime:
         from .local import LocalRuntime
 
         return LocalRuntime(config, **options)
-    raise ConfigError(
-        "backend 'azure' (Azure Container Apps) is not available in this release yet; use backend='local' (the default)"
-    )
+    from .azure import AzureRuntime
+
+    return AzureRuntime(config, **options)

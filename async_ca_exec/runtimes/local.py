@@ -110,7 +110,7 @@ class LocalRuntime:
 
     name = "local"
 
-    def __init__(self, config: Config, *, log_level: str | None = None) -> None:
+    def __init__(self, config: Config, *, log_level: str | None = None, credential: Any = None) -> None:
         self.replicas, self.worker_processes = default_local_layout(config)
         self.python = _python_for(config)
         self.heartbeat = config.localhost.heartbeat

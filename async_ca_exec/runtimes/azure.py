@@ -1,0 +1,695 @@
+"""Azure Container Apps backend: deploy, find, update, delete and list runtimes, and run on them.
+
+A runtime is one Container App running the container server image, named from the image,
+the memory size and this package's version. Everything goes through Azure Resource Manager
+with ``azure.mgmt.appcontainers.aio`` and an azure-core async credential
+(``DefaultAzureCredential`` unless the caller passes one), so no ``az`` CLI is needed.
+Calls then go straight to the app's HTTPS ingress with the foundation's invoker, signed with
+the app's HMAC key, which lives only in the app's secrets and in this process's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import Config, memory_pair
+from ..errors import (
+    AsyncCAExecError,
+    AuthenticationError,
+    ConfigError,
+    DeploymentError,
+    RuntimeNotFoundError,
+)
+from ..invoker import Endpoint
+from .common import check_compatible, fetch_meta
+
+log = logging.getLogger("async_ca_exec.azure")
+
+SERVER_PORT = 8080
+CONTAINER_NAME = "acx-runtime"
+HMAC_SECRET = "acx-hmac-key"
+REGISTRY_SECRET = "acx-registry-password"
+#: Tags that mark a Container App as one of our runtimes. They never hold a secret.
+TAG_MANAGED = "acx-managed-by"
+TAG_MANAGED_VALUE = "async_ca_exec"
+TAG_VERSION = "acx-version"
+TAG_RUNTIME = "acx-runtime"
+TAG_MEMORY = "acx-memory"
+#: Azure Container Apps allows at most this termination grace period (seconds).
+MAX_GRACE = 600
+_SIGN_IN_HELP = (
+    "sign in with `az login`, or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
+    "principal, or run where a managed identity is assigned, or pass credential= to the executor"
+)
+_IMAGE_RE = re.compile(r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9._/-]+(?::[A-Za-z0-9._-]{1,128})?(?:@sha256:[a-f0-9]{64})?$")
+
+
+# ------------------------------------------------------------------------------------
+# naming and resource bodies
+
+
+def default_image(docker_server: str | None) -> str:
+    """The default runtime image for this client's Python and package version."""
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    registry = (docker_server or "docker.io/asyncacexec").rstrip("/")
+    if registry in ("index.docker.io", "docker.io"):
+        registry = "docker.io/asyncacexec"
+    return f"{registry}/acx-default-{py}:{__version__}"
+
+
+def check_image(image: str) -> str:
+    if not _IMAGE_RE.match(image) or "//" in image:
+        raise ConfigError(
+            f"runtime {image!r} is not an image name: use lowercase registry/repository:tag, "
+            "e.g. myregistry.azurecr.io/me/runtime:1"
+        )
+    return image
+
+
+def app_name(image: str, memory: int, version: str = __version__) -> str:
+    """Container App name: lowercase letters, digits and '-', at most 32 characters, from a letter.
+
+    >>> app_name("myregistry.azurecr.io/me/rt:1", 512, "0.1.0")
+    'acx-rt-1-512-...'                                          # doctest: +SKIP
+    """
+    digest = hashlib.sha256(f"{image}|{memory}|{version}".encode()).hexdigest()[:8]
+    last = image.rsplit("/", 1)[-1].split("@", 1)[0]
+    slug = re.sub(r"[^a-z0-9]+", "-", last.lower()).strip("-")
+    room = 32 - len("acx-") - len(f"-{memory}-{digest}")
+    slug = slug[:room].strip("-") or "rt"
+    return f"acx-{slug}-{memory}-{digest}"
+
+
+def worker_processes(memory: int, configured: int | None) -> int:
+    cpu, _mem = memory_pair(memory)
+    return configured or max(1, -(-int(cpu * 4) // 4))  # the replica's vCPUs, rounded up
+
+
+def app_body(
+    *,
+    image: str,
+    memory: int,
+    runtime_timeout: float,
+    location: str,
+    environment_id: str,
+    hmac_key: str,
+    min_replicas: int,
+    max_replicas: int,
+    workers: int,
+    registry: tuple[str, str, str] | None,
+) -> dict[str, Any]:
+    """The Container App resource for a runtime (the JSON sent to ARM)."""
+    cpu, mem = memory_pair(memory)
+    secrets_: list[dict[str, str]] = [{"name": HMAC_SECRET, "value": hmac_key}]
+    registries: list[dict[str, str]] = []
+    if registry is not None:
+        server, user, password = registry
+        secrets_.append({"name": REGISTRY_SECRET, "value": password})
+        registries.append({"server": server, "username": user, "passwordSecretRef": REGISTRY_SECRET})
+    grace = int(min(MAX_GRACE, max(30, runtime_timeout)))
+    env = [
+        {"name": "ACX_HMAC_KEY", "secretRef": HMAC_SECRET},
+        {"name": "ACX_SERVER_PORT", "value": str(SERVER_PORT)},
+        {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
+        {"name": "ACX_RUNTIME_TIMEOUT", "value": f"{runtime_timeout:g}"},
+        {"name": "ACX_SHUTDOWN_GRACE", "value": str(grace)},
+    ]
+    return {
+        "location": location,
+        "tags": {
+            TAG_MANAGED: TAG_MANAGED_VALUE,
+            TAG_VERSION: __version__,
+            TAG_RUNTIME: image,
+            TAG_MEMORY: str(memory),
+        },
+        "properties": {
+            "environmentId": environment_id,
+            "configuration": {
+                "activeRevisionsMode": "Single",
+                "ingress": {
+                    "external": True,
+                    "targetPort": SERVER_PORT,
+                    "transport": "auto",
+                    "allowInsecure": False,
+                    "traffic": [{"latestRevision": True, "weight": 100}],
+                },
+                "secrets": secrets_,
+                "registries": registries,
+            },
+            "template": {
+                "containers": [
+                    {
+                        "name": CONTAINER_NAME,
+                        "image": image,
+                        "resources": {"cpu": cpu, "memory": mem},
+                        "env": env,
+                        "probes": [
+                            {
+                                "type": "Readiness",
+                                "httpGet": {"path": "/v1/health", "port": SERVER_PORT},
+                                "periodSeconds": 5,
+                                "timeoutSeconds": 3,
+                                "failureThreshold": 3,
+                            }
+                        ],
+                    }
+                ],
+                "scale": {
+                    "minReplicas": min_replicas,
+                    "maxReplicas": max_replicas,
+                    # A replica takes as many concurrent requests as it has workers; more
+                    # requests make Container Apps add replicas.
+                    "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}],
+                },
+                "terminationGracePeriodSeconds": grace,
+            },
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass
+class AzureTarget:
+    """Where runtimes live, resolved from the config (Lithops' merge: the backend section wins)."""
+
+    subscription_id: str
+    resource_group: str
+    region: str | None
+    arm_endpoint: str
+    ca_bundle: str | None
+    environment: str
+    environment_id: str | None
+    polling_interval: float
+    arm_retries: int
+    startup_timeout: float
+    registry: tuple[str, str, str] | None = field(repr=False)
+    min_replicas: int = 0
+    max_replicas: int = 100
+
+    @classmethod
+    def from_config(cls, cfg: Config, env: dict[str, str] | None = None) -> AzureTarget:
+        env = dict(os.environ if env is None else env)
+        az, ac = cfg.azure, cfg.azure_containers
+        subscription = ac.subscription_id or az.subscription_id or env.get("AZURE_SUBSCRIPTION_ID")
+        group = ac.resource_group or az.resource_group
+        missing = []
+        if not subscription:
+            missing.append("azure.subscription_id (or $AZURE_SUBSCRIPTION_ID)")
+        if not group:
+            missing.append("azure.resource_group")
+        if missing:
+            raise ConfigError(
+                f"the Azure backend needs {' and '.join(missing)}: add them to the azure section of your config "
+                "file (Lithops' azure section works as is)"
+            )
+        registry = None
+        if ac.docker_user and ac.docker_password is not None:
+            if not ac.docker_server:
+                raise ConfigError("azure_containers.docker_user is set but docker_server is not: name the registry")
+            registry = (ac.docker_server, ac.docker_user, ac.docker_password.get_secret_value())
+        if ac.min_workers > ac.max_workers:
+            raise ConfigError(f"azure_containers.min_workers={ac.min_workers} exceeds max_workers={ac.max_workers}")
+        return cls(
+            subscription_id=str(subscription),
+            resource_group=str(group),
+            region=ac.region or ac.location or az.region or az.location,
+            arm_endpoint=az.arm_endpoint.rstrip("/"),
+            ca_bundle=az.ca_bundle,
+            environment=ac.environment,
+            environment_id=ac.environment_id,
+            polling_interval=az.polling_interval,
+            arm_retries=az.arm_retries,
+            startup_timeout=ac.startup_timeout,
+            registry=registry,
+            min_replicas=ac.min_workers,
+            max_replicas=ac.max_workers,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_bundle) if self.ca_bundle else None
+
+
+@dataclass
+class RuntimeInfo:
+    """One deployed runtime, as `acx runtime list` shows it."""
+
+    runtime: str
+    memory: int | None
+    version: str | None
+    app: str
+    fqdn: str | None
+    state: str | None
+    replicas: int | None
+    ours: bool = True
+
+
+# ------------------------------------------------------------------------------------
+# metadata cache (no secrets)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "async-ca-exec" / "runtimes"
+
+
+def _cache_path(target: AzureTarget, app: str) -> Path:
+    return cache_dir() / f"{target.subscription_id}_{target.resource_group}_{app}.json".lower()
+
+
+def record_meta(target: AzureTarget, app: str, image: str, memory: int, fqdn: str, meta: dict[str, Any]) -> Path:
+    path = _cache_path(target, app)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"app": app, "runtime": image, "memory": memory, "fqdn": fqdn, "version": __version__, "meta": meta,
+           "recorded": time.time()}  # fmt: skip
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def cached_meta(target: AzureTarget, app: str, fqdn: str) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(_cache_path(target, app).read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("fqdn") != fqdn or doc.get("version") != __version__ or not isinstance(doc.get("meta"), dict):
+        return None
+    return dict(doc["meta"])
+
+
+def forget_meta(target: AzureTarget, app: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _cache_path(target, app).unlink()
+
+
+# ------------------------------------------------------------------------------------
+# ARM errors
+
+
+def _arm_message(exc: Any) -> tuple[int | None, str, str]:
+    status = getattr(exc, "status_code", None)
+    err = getattr(exc, "error", None)
+    code = str(getattr(err, "code", "") or "")
+    message = str(getattr(err, "message", "") or getattr(exc, "message", "") or exc).strip()
+    return status, code, message.splitlines()[0] if message else ""
+
+
+@contextlib.asynccontextmanager
+async def arm_errors(
+    target: AzureTarget, what: str, *, not_found: Callable[[], BaseException] | None = None
+) -> AsyncIterator[None]:
+    """Turn azure-core errors into one-line errors that say what to do."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+
+    try:
+        yield
+    except ClientAuthenticationError as exc:
+        status, code, message = _arm_message(exc)
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"Azure refused the credentials while {what} ({code or status}): {message}; {_SIGN_IN_HELP}"
+            ) from None
+        raise AuthenticationError(f"no Azure credential could be used while {what}: {message}; {_SIGN_IN_HELP}") from None
+    except HttpResponseError as exc:
+        status, code, message = _arm_message(exc)
+        rg, sub = target.resource_group, target.subscription_id
+        if status == 403:
+            raise AuthenticationError(
+                f"Azure denied {what} ({code or 403}): the signed-in identity needs the Contributor role (or "
+                f"'Azure ContainerApps Contributor') on resource group {rg}"
+            ) from None
+        if status == 404 and code == "ResourceGroupNotFound":
+            raise ConfigError(
+                f"resource group {rg!r} does not exist in subscription {sub}: create it "
+                f"(az group create -n {rg} -l <region>) or fix azure.resource_group"
+            ) from None
+        if status == 404 and code in ("SubscriptionNotFound", "InvalidSubscriptionId"):
+            raise ConfigError(f"subscription {sub!r} was not found: fix azure.subscription_id") from None
+        if status == 404 and not_found is not None:
+            raise not_found() from None
+        if status == 409:
+            raise DeploymentError(
+                f"Azure reports a conflict while {what} ({code or 409}): {message}; another operation is changing "
+                "the same resource: wait for it and run the command again"
+            ) from None
+        raise DeploymentError(f"Azure answered HTTP {status} while {what} ({code}): {message}") from None
+    except ServiceRequestError as exc:
+        raise DeploymentError(f"cannot reach Azure Resource Manager at {target.arm_endpoint} while {what}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------
+# management
+
+
+def _plain(model: Any) -> dict[str, Any]:
+    if model is None:
+        return {}
+    if isinstance(model, dict):
+        return model
+    as_dict = getattr(model, "as_dict", None)
+    return as_dict() if as_dict is not None else dict(model)
+
+
+def _get(doc: dict[str, Any], *path: str) -> Any:
+    cur: Any = doc
+    for p in path:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(p)
+    return cur
+
+
+def runtime_info(app: dict[str, Any]) -> RuntimeInfo:
+    tags = app.get("tags") or {}
+    mem = tags.get(TAG_MEMORY)
+    return RuntimeInfo(
+        runtime=tags.get(TAG_RUNTIME) or str(_get(app, "properties", "template", "containers") or "?"),
+        memory=int(mem) if mem and str(mem).isdigit() else None,
+        version=tags.get(TAG_VERSION),
+        app=str(app.get("name")),
+        fqdn=_get(app, "properties", "configuration", "ingress", "fqdn"),
+        state=_get(app, "properties", "provisioningState"),
+        replicas=_get(app, "properties", "template", "scale", "maxReplicas"),
+        ours=tags.get(TAG_MANAGED) == TAG_MANAGED_VALUE,
+    )
+
+
+class AzureApps:
+    """Runtimes in one resource group: the control-plane operations behind `acx runtime`."""
+
+    def __init__(self, cfg: Config, *, credential: Any = None, progress: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.target = AzureTarget.from_config(cfg)
+        self._credential = credential
+        self._own_credential = credential is None
+        self._client: Any = None
+        self._progress = progress or (lambda msg: log.info("%s", msg))
+
+    async def __aenter__(self) -> AzureApps:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        from azure.mgmt.appcontainers.aio import ContainerAppsAPIClient
+
+        if self._credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            self._credential = DefaultAzureCredential()
+        t = self.target
+        self._client = ContainerAppsAPIClient(
+            self._credential,
+            t.subscription_id,
+            base_url=t.arm_endpoint,
+            credential_scopes=[f"{t.arm_endpoint}/.default"],
+            connection_verify=t.ca_bundle or True,
+            polling_interval=t.polling_interval,
+            retry_total=t.arm_retries,
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._own_credential and self._credential is not None:
+            await self._credential.close()
+            self._credential = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("AzureApps is not open")
+        return self._client
+
+    # -- resolving ---------------------------------------------------------------------
+
+    def image_for(self, runtime: str | None) -> tuple[str, bool]:
+        """(image, is_default) for a runtime name, ``default`` or unset meaning the default image."""
+        name = runtime or self.cfg.azure_containers.runtime
+        if not name or name == "default":
+            return default_image(self.cfg.azure_containers.docker_server), True
+        return check_image(name), False
+
+    async def environment(self, *, create: bool = False) -> tuple[str, str]:
+        """(environment id, location) of the Container Apps environment, created if asked."""
+        t = self.target
+        group, name = t.resource_group, t.environment
+        if t.environment_id:
+            m = re.match(r"^/subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.App/managedEnvironments/([^/]+)$",
+                         t.environment_id, re.IGNORECASE)  # fmt: skip
+            if not m:
+                raise ConfigError(
+                    f"azure_containers.environment_id={t.environment_id!r} is not a managed environment id "
+                    "(/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.App/managedEnvironments/<name>)"
+                )
+            group, name = m.group(1), m.group(2)
+
+        env: dict[str, Any] | None
+        try:
+            async with arm_errors(t, f"reading Container Apps environment {name}", not_found=_NotFound):
+                env = _plain(await self.client.managed_environments.get(group, name))
+        except _NotFound:
+            env = None
+        if env:
+            return str(env.get("id")), str(env.get("location") or t.region)
+        if create:
+            return await self._create_environment(group, name)
+        raise ConfigError(
+            f"Container Apps environment {name!r} does not exist in resource group {group!r}: add "
+            f"--create-environment to `acx runtime deploy`, or create it with `az containerapp env create "
+            f"--name {name} --resource-group {group} --location {t.region or '<region>'}`"
+        )
+
+    async def _create_environment(self, group: str, name: str) -> tuple[str, str]:
+        t = self.target
+        if not t.region:
+            raise ConfigError("creating a Container Apps environment needs azure.region (e.g. westeurope)")
+        self._progress(f"creating Container Apps environment {name} in {group} ({t.region}) ...")
+        async with arm_errors(t, f"creating environment {name}"):
+            poller = await self.client.managed_environments.begin_create_or_update(
+                group, name, {"location": t.region, "properties": {}}
+            )
+            env = _plain(await poller.result())
+        self._progress(f"environment {name} is ready")
+        return str(env.get("id")), str(env.get("location") or t.region)
+
+    async def get_app(self, name: str) -> dict[str, Any] | None:
+        try:
+            async with arm_errors(self.target, f"reading Container App {name}", not_found=_NotFound):
+                return _plain(await self.client.container_apps.get(self.target.resource_group, name))
+        except _NotFound:
+            return None
+
+    async def hmac_key(self, name: str) -> str | None:
+        async with arm_errors(self.target, f"reading the secrets of Container App {name}"):
+            secrets_ = _plain(await self.client.container_apps.list_secrets(self.target.resource_group, name))
+        for s in secrets_.get("value") or []:
+            if s.get("name") == HMAC_SECRET and s.get("value"):
+                return str(s["value"])
+        return None
+
+    async def apps(self) -> list[dict[str, Any]]:
+        out = []
+        async with arm_errors(self.target, f"listing the Container Apps of {self.target.resource_group}"):
+            async for app in self.client.container_apps.list_by_resource_group(self.target.resource_group):
+                out.append(_plain(app))
+        return out
+
+    async def runtimes(self) -> list[RuntimeInfo]:
+        """Our runtimes in the resource group (apps not tagged as ours are left out)."""
+        return [info for info in map(runtime_info, await self.apps()) if info.ours]
+
+    # -- deploying ---------------------------------------------------------------------
+
+    async def deploy(
+        self,
+        runtime: str | None = None,
+        *,
+        memory: int | None = None,
+        timeout: float | None = None,
+        create_environment: bool = False,
+        check: bool = True,
+    ) -> RuntimeInfo:
+        """Create (or update in place) the Container App of a runtime, then record its metadata."""
+        ac = self.cfg.azure_containers
+        image, _default = self.image_for(runtime)
+        mem = ac.runtime_memory if memory is None else memory
+        memory_pair(mem)  # ConfigError before any API call
+        runtime_timeout = ac.runtime_timeout if timeout is None else timeout
+        if runtime_timeout <= 0:
+            raise ConfigError(f"timeout={runtime_timeout!r} must be a positive number of seconds")
+        name = app_name(image, mem)
+        env_id, location = await self.environment(create=create_environment)
+        existing = await self.get_app(name)
+        key = await self.hmac_key(name) if existing else None
+        if key is None:
+            key = secrets.token_urlsafe(32)  # generated once; kept across updates
+        body = app_body(
+            image=image,
+            memory=mem,
+            runtime_timeout=runtime_timeout,
+            location=self.target.region or location,
+            environment_id=env_id,
+            hmac_key=key,
+            min_replicas=self.target.min_replicas,
+            max_replicas=self.target.max_replicas,
+            workers=worker_processes(mem, ac.worker_processes),
+            registry=self.target.registry,
+        )
+        verb = "updating" if existing else "creating"
+        self._progress(f"{verb} Container App {name} for runtime {image} ({mem} MB) ...")
+        async with arm_errors(self.target, f"{verb} Container App {name}"):
+            poller = await self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body)
+            app = _plain(await poller.result())
+        info = runtime_info(app)
+        if not info.fqdn:
+            raise DeploymentError(f"Container App {name} was created without an ingress address; check it in the portal")
+        self._progress(f"{name} is {str(info.state or 'deployed').lower()} at https://{info.fqdn}")
+        if check:
+            await self.record(info, key.encode(), image, mem)
+        return info
+
+    async def record(self, info: RuntimeInfo, key: bytes, image: str, memory: int) -> dict[str, Any]:
+        """Ask the running app for its metadata, check it, and keep it in the local cache."""
+        assert info.fqdn is not None
+        t = self.target
+        meta = await fetch_meta(f"https://{info.fqdn}", key, ssl=t.ssl_context(), startup_timeout=t.startup_timeout)
+        where = f"runtime {image} (Container App {info.app})"
+        if meta.get("protocol") is None:
+            raise DeploymentError(
+                f"{where} answers but is not an async_ca_exec runtime: its image must start `python -m acx_server` "
+                "(build it from the documented base, see acx runtime build)"
+            )
+        check_compatible(meta, where=where)
+        path = record_meta(t, info.app, image, memory, info.fqdn, meta)
+        self._progress(f"recorded runtime metadata in {path}")
+        return meta
+
+    async def _select(self, which: str) -> list[dict[str, Any]]:
+        apps = [a for a in await self.apps() if runtime_info(a).ours]
+        if which == "all":
+            return apps
+        image, _default = self.image_for(which)
+        chosen = [a for a in apps if runtime_info(a).runtime == image]
+        if not chosen:
+            raise RuntimeNotFoundError(
+                f"no runtime {image} is deployed in resource group {self.target.resource_group}: "
+                f"deploy it with `acx runtime deploy {which}`"
+            )
+        return chosen
+
+    async def update(self, which: str) -> list[RuntimeInfo]:
+        """Redeploy runtimes (a new revision with this version's settings); ``all`` updates every one."""
+        out = []
+        for app in await self._select(which):
+            info = runtime_info(app)
+            out.append(await self.deploy(info.runtime, memory=info.memory, check=True))
+        return out
+
+    async def delete(self, which: str) -> list[str]:
+        """Delete runtimes and forget their metadata; ``all`` deletes every one of ours."""
+        names = []
+        for app in await self._select(which):
+            name = str(app["name"])
+            self._progress(f"deleting Container App {name} ...")
+            async with arm_errors(self.target, f"deleting Container App {name}"):
+                poller = await self.client.container_apps.begin_delete(self.target.resource_group, name)
+                await poller.result()
+            forget_meta(self.target, name)
+            names.append(name)
+        return names
+
+    async def clean(self) -> list[str]:
+        """Every runtime of ours, and every cached metadata file for this resource group."""
+        try:
+            deleted = await self.delete("all")
+        except RuntimeNotFoundError:  # pragma: no cover - 'all' never raises it
+            deleted = []
+        prefix = f"{self.target.subscription_id}_{self.target.resource_group}_".lower()
+        for path in cache_dir().glob(f"{prefix}*.json"):
+            path.unlink(missing_ok=True)
+        return deleted
+
+
+class _NotFound(AsyncCAExecError):
+    pass
+
+
+# ------------------------------------------------------------------------------------
+# the executor's backend
+
+
+class AzureRuntime:
+    """Finds (or, for the default runtime, deploys) the app, then reaches it over HTTPS."""
+
+    name = "azure"
+
+    def __init__(self, config: Config, *, credential: Any = None, log_level: str | None = None) -> None:
+        self.config = config
+        self.credential = credential
+        self.target = AzureTarget.from_config(config)
+        self.info: RuntimeInfo | None = None
+
+    async def start(self) -> Endpoint:
+        cfg = self.config
+        mem = cfg.azure_containers.runtime_memory
+        async with AzureApps(cfg, credential=self.credential) as apps:
+            image, is_default = apps.image_for(None)
+            name = app_name(image, mem)
+            app = await apps.get_app(name)
+            if app is None:
+                if not is_default:
+                    raise RuntimeNotFoundError(
+                        f"runtime {image} with {mem} MB is not deployed in resource group "
+                        f"{self.target.resource_group}: run `acx runtime deploy {image} --memory {mem}`"
+                    )
+                log.warning("the default runtime is not deployed yet: deploying %s (%d MB)", image, mem)
+                info = await apps.deploy(image, memory=mem, check=False)
+            else:
+                info = runtime_info(app)
+            if not info.fqdn:
+                raise DeploymentError(f"Container App {name} has no ingress address; redeploy it (acx runtime update)")
+            key = await apps.hmac_key(name)
+            if key is None:
+                raise DeploymentError(
+                    f"Container App {name} has no {HMAC_SECRET} secret: it was not deployed by async_ca_exec; "
+                    "redeploy it with `acx runtime update`"
+                )
+            meta = cached_meta(self.target, name, info.fqdn)
+            if meta is None:
+                meta = await apps.record(info, key.encode(), image, mem)
+            else:
+                check_compatible(meta, where=f"runtime {image} (Container App {name})")
+        self.info = info
+        return Endpoint(
+            url=f"https://{info.fqdn}",
+            key=key.encode(),
+            heartbeat=float(meta.get("heartbeat") or 5.0),
+            max_body=int(meta.get("max_body_bytes") or 0) or Endpoint.max_body,
+            ssl=self.target.ssl_context(),
+            meta=meta,
+            startup_timeout=self.target.startup_timeout,
+        )
+
+    async def aclose(self) -> None:
+        """Nothing runs locally for this backend; the app scales itself down."""

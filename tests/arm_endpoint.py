@@ -1,0 +1,449 @@
+"""A small Azure Resource Manager for tests (a test double; it lives only in tests/).
+
+HTTPS on 127.0.0.1 with a throwaway CA (trustme), the handful of Container Apps operations the
+SDK uses, and ARM's long-running-operation protocol: PUT answers 201 with an
+``Azure-AsyncOperation`` URL polled until ``{"status": "Succeeded"}``, DELETE answers 202 with a
+``Location`` polled until 200. Creating an app starts a local replica of the real container
+server, configured from the app's template exactly as Container Apps would (environment
+variables, secrets by reference), behind an HTTPS "ingress" proxy whose address is returned as
+the app's FQDN; the proxy can answer 503 for the first seconds, like a cold start from zero.
+
+Everything runs in one background thread with its own event loop, so a test can drive it from
+synchronous code and from subprocesses (the ``acx`` command) alike. ``stop()`` stops every
+process it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import trustme
+from aiohttp import web
+
+TOKEN = "test-token"
+APPS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/containerApps"
+ENVS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/managedEnvironments"
+
+
+@dataclass
+class Replica:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int  # the ingress (HTTPS) port: the app's FQDN
+    upstream: int  # the replica server's own (HTTP) port
+    created: float
+    log: Path
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    body: Any
+    status: int = 0
+
+
+@dataclass
+class IngressHit:
+    app: str
+    path: str
+    call_id: str | None
+    status: int
+    at: float
+
+
+@dataclass
+class ArmState:
+    subscription: str
+    resource_groups: set[str]
+    environments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    apps: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], list[dict[str, str]]] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ArmEndpoint:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        subscription: str = "00000000-0000-0000-0000-000000000001",
+        resource_groups: tuple[str, ...] = ("rg-acx", "rg-forbidden"),
+        environments: dict[str, str] | None = None,
+        cold_start: float = 0.0,
+        retry_after: int = 1,
+    ) -> None:
+        self.workdir = workdir
+        self.state = ArmState(subscription, set(resource_groups))
+        for name, location in (environments if environments is not None else {"acx": "westeurope"}).items():
+            self._add_environment(resource_groups[0], name, location)
+        self.cold_start = cold_start
+        self.retry_after = retry_after
+        self.requests: list[Recorded] = []
+        self.ingress_hits: list[IngressHit] = []
+        self.replicas: dict[str, Replica] = {}
+        self.fail_next: dict[str, tuple[int, str]] = {}  # "PUT app" -> (status, code)
+        self._ops: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.ca = trustme.CA()
+        self.ca_pem = workdir / "arm-ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_pem))
+        cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self._ssl)
+        self.port = _free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="arm-endpoint", daemon=True)
+        self._runners: dict[str, web.AppRunner] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> ArmEndpoint:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._call(self._stop(), timeout=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def _call(self, coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self._ssl).start()
+        self._runners["arm"] = runner
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    async def _stop(self) -> None:
+        for name in list(self.replicas):
+            await self._stop_replica(name)
+        for runner in self._runners.values():
+            await runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- test helpers ----------------------------------------------------------------------
+
+    def add_foreign_app(self, rg: str, name: str) -> None:
+        """An app that is not ours (no tags): list must leave it out, delete all must spare it."""
+        self.state.apps[(rg, name)] = {
+            "id": self._app_id(rg, name),
+            "name": name,
+            "type": "Microsoft.App/containerApps",
+            "location": "westeurope",
+            "tags": {"team": "web"},
+            "properties": {"provisioningState": "Succeeded", "configuration": {"ingress": {"fqdn": "web.example"}}},
+        }
+
+    def bodies(self, method: str, kind: str = "containerApps") -> list[Any]:
+        return [r.body for r in self.requests if r.method == method and f"/{kind}/" in r.path and r.body is not None]
+
+    def replica_pids(self) -> set[int]:
+        return {r.proc.pid for r in self.replicas.values()}
+
+    def _add_environment(self, rg: str, name: str, location: str) -> None:
+        self.state.environments[(rg, name)] = {
+            "id": ENVS.format(sub=self.state.subscription, rg=rg) + f"/{name}",
+            "name": name,
+            "type": "Microsoft.App/managedEnvironments",
+            "location": location,
+            "properties": {"provisioningState": "Succeeded", "defaultDomain": "acx.test"},
+        }
+
+    def _app_id(self, rg: str, name: str) -> str:
+        return APPS.format(sub=self.state.subscription, rg=rg) + f"/{name}"
+
+    # -- ARM -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _error(status: int, code: str, message: str) -> web.Response:
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body: Any = None
+        if request.can_read_body:
+            raw = await request.read()
+            body = json.loads(raw) if raw else None
+        rec = Recorded(request.method, request.path, body)
+        self.requests.append(rec)
+        resp = await self._route(request, body)
+        rec.status = resp.status
+        return resp
+
+    async def _route(self, request: web.Request, body: Any) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        parts = request.path.strip("/").split("/")
+        if parts[0] == "operations":
+            return self._operation(parts[1])
+        if parts[0] == "operationResults":
+            return self._operation_result(parts[1])
+        if "api-version" not in request.query:
+            return self._error(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+        # /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/{kind}/{name}[/{action}]
+        if len(parts) < 6 or parts[0] != "subscriptions" or parts[2] != "resourceGroups":
+            return self._error(404, "NotFound", f"no route {request.path}")
+        if parts[1] != self.state.subscription:
+            return self._error(404, "SubscriptionNotFound", f"The subscription '{parts[1]}' could not be found.")
+        rg = parts[3]
+        if rg == "rg-forbidden":
+            return self._error(403, "AuthorizationFailed", "The client does not have authorization to perform action over scope.")
+        if rg not in self.state.resource_groups:
+            return self._error(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+        kind = parts[6] if len(parts) > 6 else ""
+        name = parts[7] if len(parts) > 7 else None
+        action = parts[8] if len(parts) > 8 else None
+        injected = self.fail_next.pop(f"{request.method} {kind}", None)
+        if injected:
+            return self._error(injected[0], injected[1], "Injected failure for a test.")
+        if kind == "managedEnvironments" and name:
+            return await self._environment(request.method, rg, name, body)
+        if kind == "containerApps" and name is None and request.method == "GET":
+            apps = [self._public(a) for (g, _n), a in self.state.apps.items() if g == rg]
+            return web.json_response({"value": apps})
+        if kind == "containerApps" and name and action == "listSecrets" and request.method == "POST":
+            if (rg, name) not in self.state.apps:
+                return self._error(404, "ContainerAppNotFound", f"Container app '{name}' was not found.")
+            return web.json_response({"value": copy.deepcopy(self.state.secrets.get((rg, name), []))})
+        if kind == "containerApps" and name and action is None:
+            return await self._app(request.method, rg, name, body)
+        return self._error(404, "NotFound", f"no route {request.method} {request.path}")
+
+    def _new_op(self, polls: int = 1) -> str:
+        op = uuid.uuid4().hex
+        self._ops[op] = polls
+        return op
+
+    def _operation(self, op: str) -> web.Response:
+        left = self._ops.get(op)
+        if left is None:
+            return self._error(404, "NotFound", "no such operation")
+        if left > 0:
+            self._ops[op] = left - 1
+            return web.json_response({"status": "InProgress"})
+        return web.json_response({"status": "Succeeded"})
+
+    def _operation_result(self, op: str) -> web.Response:
+        left = self._ops.get(op)
+        if left is None:
+            return self._error(404, "NotFound", "no such operation")
+        if left > 0:
+            self._ops[op] = left - 1
+            return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
+        return web.Response(status=200)
+
+    async def _environment(self, method: str, rg: str, name: str, body: Any) -> web.Response:
+        env = self.state.environments.get((rg, name))
+        if method == "GET":
+            if env is None:
+                return self._error(
+                    404, "ResourceNotFound", f"The Resource 'Microsoft.App/managedEnvironments/{name}' was not found."
+                )
+            return web.json_response(env)
+        if method == "PUT":
+            self._add_environment(rg, name, body["location"])
+            op = self._new_op()
+            return web.json_response(
+                self.state.environments[(rg, name)], status=201,
+                headers={"Azure-AsyncOperation": f"{self.url}/operations/{op}"},
+            )  # fmt: skip
+        return self._error(405, "MethodNotAllowed", method)
+
+    def _public(self, app: dict[str, Any]) -> dict[str, Any]:
+        """What GET returns: secrets without values, as ARM does."""
+        out = copy.deepcopy(app)
+        for s in out.get("properties", {}).get("configuration", {}).get("secrets", []) or []:
+            s.pop("value", None)
+        return out
+
+    async def _app(self, method: str, rg: str, name: str, body: Any) -> web.Response:
+        key = (rg, name)
+        if method == "GET":
+            if key not in self.state.apps:
+                return self._error(404, "ContainerAppNotFound", f"Container app '{name}' was not found.")
+            return web.json_response(self._public(self.state.apps[key]))
+        if method == "PUT":
+            problem = self._validate(body)
+            if problem:
+                return self._error(400, "ContainerAppInvalidSchema", problem)
+            secrets = body["properties"]["configuration"].get("secrets") or []
+            self.state.secrets[key] = copy.deepcopy(secrets)
+            replica = await self._start_replica(name, body)
+            app = copy.deepcopy(body)
+            app.update({"id": self._app_id(rg, name), "name": name, "type": "Microsoft.App/containerApps"})
+            props = app["properties"]
+            props["provisioningState"] = "Succeeded"
+            props["latestRevisionName"] = f"{name}--{uuid.uuid4().hex[:7]}"
+            props["configuration"]["ingress"]["fqdn"] = f"127.0.0.1:{replica.port}"
+            self.state.apps[key] = app
+            op = self._new_op()
+            return web.json_response(
+                self._public(app), status=201, headers={"Azure-AsyncOperation": f"{self.url}/operations/{op}"}
+            )
+        if method == "DELETE":
+            if key not in self.state.apps:
+                return web.Response(status=204)
+            del self.state.apps[key]
+            self.state.secrets.pop(key, None)
+            await self._stop_replica(name)
+            op = self._new_op()
+            return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
+        return self._error(405, "MethodNotAllowed", method)
+
+    @staticmethod
+    def _validate(body: Any) -> str | None:
+        try:
+            props = body["properties"]
+            container = props["template"]["containers"][0]
+            container["image"]
+            props["environmentId"]
+            body["location"]
+            secret_names = {s["name"] for s in props["configuration"].get("secrets") or []}
+            for env in container.get("env") or []:
+                if "secretRef" in env and env["secretRef"] not in secret_names:
+                    return f"env {env['name']} refers to a missing secret {env['secretRef']}"
+        except (KeyError, IndexError, TypeError) as exc:
+            return f"missing field {exc}"
+        return None
+
+    # -- replicas and their ingress ----------------------------------------------------------
+
+    async def _start_replica(self, name: str, body: dict[str, Any]) -> Replica:
+        await self._stop_replica(name)
+        secrets = {s["name"]: s.get("value", "") for s in body["properties"]["configuration"].get("secrets") or []}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
+        for var in body["properties"]["template"]["containers"][0].get("env") or []:
+            env[var["name"]] = secrets[var["secretRef"]] if "secretRef" in var else var.get("value", "")
+        port = _free_port()
+        ready_r, ready_w = os.pipe()
+        env.update({
+            "ACX_SERVER_HOST": "127.0.0.1",
+            "ACX_SERVER_PORT": str(port),
+            "ACX_READY_FD": str(ready_w),
+            "ACX_REPLICA_ID": f"{name}-r0",
+            "ACX_SHUTDOWN_GRACE": "2",
+            "ACX_LOG_LEVEL": "WARNING",
+        })  # fmt: skip
+        log = self.workdir / f"replica-{name}.log"
+        with open(log, "wb") as logf:  # noqa: ASYNC230 - a test double; a fork/exec is quick
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "acx_server"], stdout=subprocess.DEVNULL, stderr=logf,
+                pass_fds=(ready_w,), env=env, cwd=self.workdir,
+            )  # fmt: skip
+        os.close(ready_w)
+        line = await asyncio.get_running_loop().run_in_executor(None, _read_line, ready_r)
+        if not line:
+            proc.wait(10)
+            raise RuntimeError(f"replica {name} did not start: {log.read_text()}")
+        ingress = _free_port()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", functools.partial(self._ingress, name=name))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self._ssl).start()
+        self._runners[f"ingress-{name}"] = runner
+        replica = Replica(name, proc, ingress, port, time.monotonic(), log)
+        self.replicas[name] = replica
+        return replica
+
+    async def _stop_replica(self, name: str) -> None:
+        replica = self.replicas.pop(name, None)
+        runner = self._runners.pop(f"ingress-{name}", None)
+        if runner is not None:
+            await runner.cleanup()
+        if replica is not None:
+            if replica.proc.poll() is None:
+                replica.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, replica.proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                replica.proc.kill()
+                replica.proc.wait()
+
+    async def _ingress(self, request: web.Request, name: str) -> web.StreamResponse:
+        """Container Apps' ingress: TLS in front of the replica; 503 while it 'starts'."""
+        replica = self.replicas.get(name)
+        call_id = request.headers.get("X-Acx-Call-Id")
+        now = time.monotonic()
+        if replica is None:
+            return web.Response(status=404, text="no such app")
+        if now - replica.created < self.cold_start:
+            self.ingress_hits.append(IngressHit(name, request.path, call_id, 503, now))
+            return web.Response(status=503, text="upstream starting", headers={"Retry-After": str(self.retry_after)})
+        self.ingress_hits.append(IngressHit(name, request.path, call_id, 200, now))
+        assert self._session is not None
+        upstream = f"http://127.0.0.1:{replica.upstream}{request.path_qs}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "transfer-encoding")}
+        async with self._session.request(request.method, upstream, data=await request.read(), headers=headers) as up:
+            resp = web.StreamResponse(status=up.status)
+            for k in ("Content-Type", "X-Acx-Replica", "Retry-After"):
+                if k in up.headers:
+                    resp.headers[k] = up.headers[k]
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+
+def _read_line(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as f:
+        return f.readline()
+
+
+class StaticToken:
+    """An azure-core async TokenCredential that hands out the test endpoint's token."""
+
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.requests = 0
+        self.closed = False
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        from azure.core.credentials import AccessToken
+
+        self.requests += 1
+        return AccessToken(self.token, int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def __aenter__(self) -> StaticToken:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

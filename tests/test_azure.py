@@ -1,0 +1,410 @@
+"""The Azure Container Apps backend, end to end against the HTTPS ARM test endpoint.
+
+The real azure-mgmt-appcontainers aio client and the real executor talk to tests/arm_endpoint.py,
+which starts a local replica of the real container server for each app created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from arm_endpoint import ArmEndpoint, StaticToken
+
+import async_ca_exec as acx
+from async_ca_exec import (
+    AsyncExecutor,
+    AuthenticationError,
+    ConfigError,
+    DeploymentError,
+    RuntimeMismatchError,
+    RuntimeNotFoundError,
+)
+from async_ca_exec.config import load_config
+from async_ca_exec.runtimes import azure as az
+
+TESTS = Path(__file__).resolve().parent
+SUB = "00000000-0000-0000-0000-000000000001"
+REGISTRY_PASSWORD = "registry-pw-9f8e7d6c5b4a"
+
+
+def add7(x: int) -> int:
+    return x + 7
+
+
+@pytest.fixture
+def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ArmEndpoint]:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    endpoint = ArmEndpoint(tmp_path).start()
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop()
+
+
+def config(arm: ArmEndpoint, tmp_path: Path, **overrides: Any) -> Path:
+    """A Lithops-shaped config file pointing at the test endpoint."""
+    doc: dict[str, Any] = {
+        "lithops": {"backend": "azure_containers", "storage": "azure_storage"},
+        "azure": {
+            "subscription_id": SUB,
+            "resource_group": "rg-acx",
+            "region": "westeurope",
+            "arm_endpoint": arm.url,
+            "ca_bundle": str(arm.ca_pem),
+            "polling_interval": 0,
+            "arm_retries": 0,
+        },
+        "azure_containers": {
+            "environment": "acx",
+            "docker_server": "myregistry.azurecr.io",
+            "docker_user": "me",
+            "docker_password": REGISTRY_PASSWORD,
+            "startup_timeout": 30,
+        },
+        "azure_storage": {"storage_account_name": "acct", "storage_account_key": "c3RvcmFnZS1rZXk="},
+    }
+    for section, values in overrides.items():
+        doc.setdefault(section, {}).update(values)
+    path = tmp_path / "acx.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def apps_for(cfg_path: Path, **kw: Any) -> az.AzureApps:
+    return az.AzureApps(load_config(cfg_path, env={}), credential=StaticToken(), **kw)
+
+
+def executor(cfg_path: Path, **kw: Any) -> AsyncExecutor:
+    with pytest.warns(UserWarning, match="storage"):
+        return AsyncExecutor(config=cfg_path, credential=StaticToken(), **kw)
+
+
+DEFAULT = az.default_image("myregistry.azurecr.io")
+
+
+# -- deploy -> map -> update -> list -> delete -> clean -------------------------------------------
+
+
+async def test_deploy_invoke_update_list_delete_clean_end_to_end(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    arm.add_foreign_app("rg-acx", "someone-elses-app")
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    assert info.runtime == DEFAULT and info.memory == 512 and info.app == az.app_name(DEFAULT, 512)
+    cache = list((tmp_path / "cache" / "async-ca-exec" / "runtimes").glob("*.json"))
+    assert len(cache) == 1 and json.loads(cache[0].read_text())["meta"]["protocol"] == 1
+
+    async with executor(cfg) as ex:
+        assert await ex.map(add7, range(100)) == [i + 7 for i in range(100)]
+        assert ex.endpoint is not None and ex.endpoint.url == f"https://{info.fqdn}"
+
+    async with apps_for(cfg) as apps:
+        key_before = arm.state.secrets[("rg-acx", info.app)]
+        [updated] = await apps.update("all")
+        assert updated.app == info.app
+        assert arm.state.secrets[("rg-acx", info.app)] == key_before  # the HMAC key survives updates
+        listed = await apps.runtimes()
+        assert [r.app for r in listed] == [info.app]  # the foreign app is not listed
+        assert await apps.delete("default") == [info.app]
+        assert await apps.runtimes() == []
+        async with executor(cfg) as ex:  # the default runtime is deployed again on first use
+            assert await ex.submit(add7, 1) == 8
+        assert await apps.clean() == [info.app]
+    assert not list((tmp_path / "cache" / "async-ca-exec" / "runtimes").glob("*.json"))
+    assert ("rg-acx", "someone-elses-app") in arm.state.apps  # clean spares what is not ours
+    assert not arm.replicas
+
+
+async def test_function_executor_runs_the_seed_on_azure(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    with pytest.warns(UserWarning, match="storage"):
+        fexec = acx.FunctionExecutor(backend="azure_containers", config=cfg, credential=StaticToken())
+    with fexec:
+        fexec.call_async(add7, 3)
+        assert fexec.get_result() == 10
+        fexec.map(add7, [1, 2, 3])
+        assert fexec.get_result() == [8, 9, 10]
+
+
+# -- the resource bodies -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("memory", "cpu", "mem", "workers"), [(512, 0.25, "0.5Gi", 1), (2048, 1.0, "2Gi", 1),
+                                                              (8192, 4.0, "8Gi", 4)])  # fmt: skip
+async def test_app_resource_body_is_exact(
+    arm: ArmEndpoint, tmp_path: Path, memory: int, cpu: float, mem: str, workers: int
+) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"max_workers": 250, "runtime_timeout": 900})
+    image = "myregistry.azurecr.io/me/rt:1"
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy(image, memory=memory)
+    [body] = arm.bodies("PUT")
+    key = arm.state.secrets[("rg-acx", info.app)][0]["value"]
+    assert len(key) >= 32
+    assert body == {
+        "location": "westeurope",
+        "tags": {"acx-managed-by": "async_ca_exec", "acx-version": acx.__version__, "acx-runtime": image,
+                 "acx-memory": str(memory)},
+        "properties": {
+            "environmentId": f"/subscriptions/{SUB}/resourceGroups/rg-acx/providers/Microsoft.App/managedEnvironments/acx",
+            "configuration": {
+                "activeRevisionsMode": "Single",
+                "ingress": {"external": True, "targetPort": 8080, "transport": "auto", "allowInsecure": False,
+                            "traffic": [{"latestRevision": True, "weight": 100}]},
+                "secrets": [{"name": "acx-hmac-key", "value": key},
+                            {"name": "acx-registry-password", "value": REGISTRY_PASSWORD}],
+                "registries": [{"server": "myregistry.azurecr.io", "username": "me",
+                                "passwordSecretRef": "acx-registry-password"}],
+            },
+            "template": {
+                "containers": [{
+                    "name": "acx-runtime",
+                    "image": image,
+                    "resources": {"cpu": cpu, "memory": mem},
+                    "env": [
+                        {"name": "ACX_HMAC_KEY", "secretRef": "acx-hmac-key"},
+                        {"name": "ACX_SERVER_PORT", "value": "8080"},
+                        {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
+                        {"name": "ACX_RUNTIME_TIMEOUT", "value": "900"},
+                        {"name": "ACX_SHUTDOWN_GRACE", "value": "600"},
+                    ],
+                    "probes": [{"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8080},
+                                "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}],
+                }],
+                "scale": {"minReplicas": 0, "maxReplicas": 250, "rules": [
+                    {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}]},
+                "terminationGracePeriodSeconds": 600,
+            },
+        },
+    }  # fmt: skip
+    assert info.app == az.app_name(image, memory) and len(info.app) <= 32
+
+
+def test_app_names_follow_the_container_apps_rule() -> None:
+    import re
+
+    for image in ["myregistry.azurecr.io/me/rt:1", "docker.io/library/python:3.11-slim-bookworm-with-a-very-long-tag",
+                  "REG.io/A_B/c--d:X", "a/b"]:  # fmt: skip
+        for memory in (512, 8192):
+            name = az.app_name(image, memory)
+            assert re.fullmatch(r"[a-z][a-z0-9-]{0,30}[a-z0-9]", name) and "--" not in name, name
+    assert az.app_name("r/a:1", 512) != az.app_name("r/a:1", 1024) != az.app_name("r/a:2", 512)
+    assert az.app_name("r/a:1", 512, "0.1.0") != az.app_name("r/a:1", 512, "0.2.0")
+
+
+# -- cold start --------------------------------------------------------------------------------
+
+
+async def test_cold_start_503s_are_retried_honouring_retry_after(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    arm.cold_start, arm.retry_after = 2.5, 1
+    arm.replicas[info.app].created = time.monotonic()  # scaled to zero: the next requests wake it
+    async with executor(cfg) as ex:
+        assert await ex.map(add7, range(20)) == [i + 7 for i in range(20)]
+        retries = ex.job_summary()["retries"]
+    refused = [h for h in arm.ingress_hits if h.status == 503 and h.path == "/v1/invoke"]
+    assert refused and retries >= len({h.call_id for h in refused})
+    by_call: dict[str | None, list[float]] = {}
+    for h in arm.ingress_hits:
+        if h.path == "/v1/invoke":
+            by_call.setdefault(h.call_id, []).append(h.at)
+    gaps = [b - a for times in by_call.values() for a, b in itertools.pairwise(times)]
+    assert gaps and min(gaps) >= 0.95  # every retry waited for Retry-After: 1
+
+
+async def test_a_runtime_that_never_starts_names_the_startup_deadline(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"startup_timeout": 2})
+    async with apps_for(cfg) as apps:
+        await apps.deploy("default")
+    arm.cold_start = 3600
+    for r in arm.replicas.values():
+        r.created = time.monotonic()
+    async with executor(cfg) as ex:
+        with pytest.raises(acx.InvocationError, match=r"unavailable for \d+ s \(startup_timeout=2 s\)"):
+            await ex.submit(add7, 1)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+async def test_unknown_memory_is_refused_before_any_api_call(arm: ArmEndpoint, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="512, 1024"):
+        load_config(config(arm, tmp_path, azure_containers={"runtime_memory": 1000}), env={})
+    async with apps_for(config(arm, tmp_path)) as apps:
+        with pytest.raises(ConfigError, match="runtime_memory=1000"):
+            await apps.deploy("default", memory=1000)
+    assert arm.requests == []
+
+
+@pytest.mark.parametrize(("section", "key"), [("azure", "subscription_id"), ("azure", "resource_group")])
+def test_missing_subscription_or_resource_group_names_the_key(
+    arm: ArmEndpoint, tmp_path: Path, section: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AZURE_SUBSCRIPTION_ID", raising=False)
+    cfg = load_config(config(arm, tmp_path, **{section: {key: None}}), env={})
+    with pytest.raises(ConfigError, match=rf"azure\.{key}"):
+        az.AzureApps(cfg, credential=StaticToken())
+
+
+async def test_arm_errors_become_one_line_instructions(arm: ArmEndpoint, tmp_path: Path) -> None:
+    async with apps_for(config(arm, tmp_path, azure={"resource_group": "rg-forbidden"})) as apps:
+        with pytest.raises(AuthenticationError, match="Contributor role") as e403:
+            await apps.deploy("default")
+    async with apps_for(config(arm, tmp_path, azure={"resource_group": "rg-missing"})) as apps:
+        with pytest.raises(ConfigError, match=r"az group create -n rg-missing") as e404:
+            await apps.deploy("default")
+    async with apps_for(config(arm, tmp_path)) as apps:
+        arm.fail_next["PUT containerApps"] = (409, "ContainerAppOperationInProgress")
+        with pytest.raises(DeploymentError, match="wait for it and run the command again") as e409:
+            await apps.deploy("default")
+        with pytest.raises(RuntimeNotFoundError, match=r"acx runtime deploy myregistry\.azurecr\.io/x/y:2"):
+            await apps.delete("myregistry.azurecr.io/x/y:2")
+    for e in (e403, e404, e409):
+        assert "\n" not in str(e.value)
+
+
+async def test_missing_environment_says_how_to_create_it_or_creates_it(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"environment": "acx-new"})
+    async with apps_for(cfg) as apps:
+        with pytest.raises(ConfigError, match=r"--create-environment.*az containerapp env create --name acx-new"):
+            await apps.deploy("default")
+        info = await apps.deploy("default", create_environment=True)
+    assert arm.bodies("PUT", "managedEnvironments") == [{"location": "westeurope", "properties": {}}]
+    assert info.state == "Succeeded"
+
+
+async def test_a_non_default_runtime_that_is_not_deployed_is_not_found(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"runtime": "myregistry.azurecr.io/me/custom:7"})
+    ex = executor(cfg)
+    with pytest.raises(RuntimeNotFoundError, match=r"acx runtime deploy myregistry\.azurecr\.io/me/custom:7 --memory 512"):
+        await ex.start()
+    await ex.aclose()
+    assert arm.bodies("PUT") == []  # only the default runtime is deployed on first use
+
+
+async def test_a_wrong_hmac_key_is_an_authentication_error_and_nothing_runs(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    # The key Azure hands out no longer matches the one the replica runs with.
+    arm.state.secrets[("rg-acx", info.app)][0]["value"] = "x" * 43
+    marker = tmp_path / "ran"
+    async with executor(cfg) as ex:
+        with pytest.raises(AuthenticationError, match="refused the signature"):
+            await ex.submit(Path.write_text, marker, "ran")
+    assert not os.path.exists(marker)
+
+
+async def test_runtime_metadata_mismatch_says_both_versions(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    [cache] = (tmp_path / "cache" / "async-ca-exec" / "runtimes").glob("*.json")
+    doc = json.loads(cache.read_text())
+    doc["meta"]["python"] = "3.8.18"
+    cache.write_text(json.dumps(doc))
+    ex = executor(cfg)
+    with pytest.raises(RuntimeMismatchError, match=r"Python 3\.8\.18.*this client runs 3\.") as info_:
+        await ex.start()
+    await ex.aclose()
+    assert info.app in str(info_.value)
+
+
+# -- credentials and secrets -------------------------------------------------------------------
+
+
+async def test_no_credential_found_lists_the_ways_to_sign_in(
+    arm: ArmEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Developer credentials only (never the managed-identity endpoint), and no az on PATH.
+    monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "dev")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cfg = load_config(config(arm, tmp_path), env={})
+    async with az.AzureApps(cfg) as apps:
+        with pytest.raises(AuthenticationError, match=r"az login.*AZURE_CLIENT_ID.*managed identity.*credential="):
+            await apps.runtimes()
+
+
+def _cli(*args: str, tmp: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("ACX_", "AZURE_"))}
+    full.update({
+        "PATH": f"{TESTS / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "AZURE_TOKEN_CREDENTIALS": "azureclicredential",  # the fake az, and nothing else
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "HOME": str(tmp),
+    })  # fmt: skip
+    full.update(env or {})
+    exe = str(Path(sys.executable).with_name("acx"))
+    return subprocess.run([exe, *args], env=full, capture_output=True, text=True, timeout=180, cwd=tmp)
+
+
+def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = str(config(arm, tmp_path))
+    seed = ["-b", "azure_containers", "-s", "azure_storage", "-c", cfg]
+    r = _cli("runtime", "deploy", "default", *seed, tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"deployed runtime {DEFAULT} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stdout
+    r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "--memory", "2048", "--timeout", "120", *seed,
+             tmp=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = _cli("runtime", "list", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and "MAX REPLICAS" in r.stdout and DEFAULT in r.stdout and "2048" in r.stdout
+    r = _cli("hello", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("Hello world!"), r.stderr
+    r = _cli("runtime", "update", "all", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and "updated 2 runtime(s)" in r.stdout, r.stderr
+    r = _cli("runtime", "delete", "default", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and "deleted 1 runtime(s)" in r.stdout
+    r = _cli("clean", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and "deleted 1 runtime(s)" in r.stdout, r.stderr
+    r = _cli("runtime", "delete", "all", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and "deleted 0 runtime(s)" in r.stdout
+    r = _cli("runtime", "deploy", "default", "--memory", "1000", *seed, tmp=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().endswith("(MB, in steps of 512)") and "Traceback" not in r.stderr
+
+
+async def test_secrets_never_reach_logs_tags_errors_or_files(
+    arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    async with executor(cfg, log_level="DEBUG") as ex:
+        assert await ex.map(add7, range(10)) == [i + 7 for i in range(10)]
+    r = _cli("runtime", "list", "-c", str(cfg), "--debug", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    async with apps_for(cfg) as apps:
+        await apps.delete("all")
+    hmac_key = next(s["value"] for s in arm.bodies("PUT")[0]["properties"]["configuration"]["secrets"]
+                    if s["name"] == "acx-hmac-key")  # fmt: skip
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    tags = json.dumps([b.get("tags") for b in arm.bodies("PUT")])
+    replica_logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("replica-*.log"))
+    for secret in (hmac_key, REGISTRY_PASSWORD):
+        assert secret not in caplog.text
+        assert secret not in r.stdout + r.stderr
+        assert secret not in tags and secret not in written and secret not in replica_logs
+        assert secret not in repr(ex.endpoint) and secret not in repr(load_config(cfg, env={}))
+    assert info.app in caplog.text or info.app in r.stdout
+
+
+async def test_the_suite_cannot_reach_the_managed_identity_endpoint() -> None:
+    # conftest refuses every non-loopback connection, so a credential chain that probes
+    # 169.254.169.254 fails loudly here instead of leaving the machine.
+    with pytest.raises(OSError, match=r"only use 127\.0\.0\.1"):
+        await asyncio.open_connection("169.254.169.254", 80)
