@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import platform
 import socket
@@ -138,10 +139,10 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
         elif command == "list":
             rows = [
                 [i.runtime, str(i.memory or "?"), i.version or "?", i.app, i.fqdn or "-", i.state or "?",
-                 str(i.replicas if i.replicas is not None else "?")]
+                 "?" if i.replicas is None else str(i.replicas), "?" if i.max_replicas is None else str(i.max_replicas)]
                 for i in await apps.runtimes()
             ]  # fmt: skip
-            _table(["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "MAX REPLICAS"], rows)
+            _table(["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "REPLICAS", "MAX"], rows)
             if not rows:
                 print(f"(no runtimes in resource group {apps.target.resource_group})")
         elif command == "clean":
@@ -152,6 +153,9 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                            format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")  # fmt: skip
     try:
         if args.command == "hello":
             return asyncio.run(_hello(args))

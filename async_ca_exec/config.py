@@ -43,6 +43,9 @@ STORAGE_ALIASES = {
     "azure": "azure_storage",
 }
 DEFAULT_CONFIG_PATH = Path("~/.config/async-ca-exec/config.yaml")
+#: Azure Container Apps' ingress cuts requests after 240 s; until longer calls can return their
+#: results through Blob storage, a call on Azure may run at most this long.
+AZURE_CALL_LIMIT = 230.0
 
 #: Sections other Lithops backends use: ignored with a warning so a shared Lithops config works.
 FOREIGN_LITHOPS_SECTIONS = frozenset(
@@ -265,7 +268,9 @@ class Config(BaseModel):
 
     @property
     def runtime_timeout(self) -> float:
-        return self.backend_section.runtime_timeout
+        """Longest call the runtime allows (on Azure, at most what the ingress lets through)."""
+        t = self.backend_section.runtime_timeout
+        return min(t, AZURE_CALL_LIMIT) if self.backend == "azure" else t
 
     @property
     def call_timeout(self) -> float:

@@ -382,6 +382,7 @@ class Invoker:
         self._session: aiohttp.ClientSession | None = None
         self._url = ""
         self._read_timeout: aiohttp.ClientTimeout | None = None
+        self._unavailable_since: float | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -514,7 +515,6 @@ class Invoker:
         assert ep is not None
         last: _Retry | None = None
         attempt = 0
-        first = time.monotonic()
         while True:
             try:
                 try:
@@ -522,13 +522,24 @@ class Invoker:
                 except _SendFunction:
                     req.with_fn = True
                     await self._attempt(req, attempt, ep)
+                self._unavailable_since = None  # the runtime answers
                 return
             except _Retry as r:
                 if req.unresolved == 0:
                     return
                 last = r
                 attempt += 1
-                starting = r.unavailable and time.monotonic() - first < ep.startup_timeout
+                starting = False
+                if r.unavailable and ep.startup_timeout:
+                    # One window for the whole runtime, not one per request: once it has been
+                    # unavailable for startup_timeout, every call fails at once instead of
+                    # waiting a window each, wave after wave.
+                    now = time.monotonic()
+                    if self._unavailable_since is None:
+                        self._unavailable_since = now
+                    starting = now - self._unavailable_since < ep.startup_timeout
+                    if not starting:
+                        break
                 if attempt > self._retries and not starting:
                     break
                 self._stats.retries += 1
@@ -538,8 +549,8 @@ class Invoker:
             except AsyncCAExecError as exc:
                 self._fail(req, exc)
                 return
-        if last is not None and last.unavailable and ep.startup_timeout:
-            waited = time.monotonic() - first
+        if last is not None and last.unavailable and ep.startup_timeout and self._unavailable_since is not None:
+            waited = time.monotonic() - self._unavailable_since
             message = (
                 f"call {req.call_id} could not be delivered: the runtime was unavailable for {waited:.0f} s "
                 f"(startup_timeout={ep.startup_timeout:g} s); it may be failing to start, see its logs "
@@ -585,6 +596,11 @@ class Invoker:
                     ended = await self._stream(req, resp.content)
         except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts
             raise _Retry(f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})") from None
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            raise InvocationError(
+                f"TLS verification of {self._url} failed: {exc}; behind a proxy or with a private CA, "
+                "name its certificates with azure.ca_bundle"
+            ) from None
         except aiohttp.ClientConnectorError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -606,7 +622,9 @@ class Invoker:
             raise _Retry(
                 f"HTTP {status}: {message}",
                 _retry_after(resp.headers.get("Retry-After")),
-                unavailable=status in (429, 502, 503, 504),
+                # 503 and 429 mean the call never started (no replica yet, a draining one, or
+                # throttling); after a 502/504 it may have run, so those count as retries.
+                unavailable=status in (429, 503),
             )
         if status == 409 and code == protocol.UNKNOWN_FUNCTION and not req.with_fn:
             raise _SendFunction()

@@ -91,13 +91,14 @@ class ArmEndpoint:
         subscription: str = "00000000-0000-0000-0000-000000000001",
         resource_groups: tuple[str, ...] = ("rg-acx", "rg-forbidden"),
         environments: dict[str, str] | None = None,
+        consumption_only: tuple[str, ...] = (),
         cold_start: float = 0.0,
         retry_after: int = 1,
     ) -> None:
         self.workdir = workdir
         self.state = ArmState(subscription, set(resource_groups))
         for name, location in (environments if environments is not None else {"acx": "westeurope"}).items():
-            self._add_environment(resource_groups[0], name, location)
+            self._add_environment(resource_groups[0], name, location, profiles=name not in consumption_only)
         self.cold_start = cold_start
         self.retry_after = retry_after
         self.requests: list[Recorded] = []
@@ -173,13 +174,16 @@ class ArmEndpoint:
     def replica_pids(self) -> set[int]:
         return {r.proc.pid for r in self.replicas.values()}
 
-    def _add_environment(self, rg: str, name: str, location: str) -> None:
+    def _add_environment(self, rg: str, name: str, location: str, *, profiles: bool = True) -> None:
+        props: dict[str, Any] = {"provisioningState": "Succeeded", "defaultDomain": "acx.test"}
+        if profiles:
+            props["workloadProfiles"] = [{"name": "Consumption", "workloadProfileType": "Consumption"}]
         self.state.environments[(rg, name)] = {
             "id": ENVS.format(sub=self.state.subscription, rg=rg) + f"/{name}",
             "name": name,
             "type": "Microsoft.App/managedEnvironments",
             "location": location,
-            "properties": {"provisioningState": "Succeeded", "defaultDomain": "acx.test"},
+            "properties": props,
         }
 
     def _app_id(self, rg: str, name: str) -> str:
@@ -239,6 +243,10 @@ class ArmEndpoint:
             return web.json_response({"value": copy.deepcopy(self.state.secrets.get((rg, name), []))})
         if kind == "containerApps" and name and action is None:
             return await self._app(request.method, rg, name, body)
+        if kind == "containerApps" and name and action == "revisions" and parts[-1] == "replicas":
+            replica = self.replicas.get(name)
+            running = replica is not None and replica.proc.poll() is None
+            return web.json_response({"value": [{"name": f"{name}-r0"}] if running else []})
         return self._error(404, "NotFound", f"no route {request.method} {request.path}")
 
     def _new_op(self, polls: int = 1) -> str:
@@ -273,7 +281,8 @@ class ArmEndpoint:
                 )
             return web.json_response(env)
         if method == "PUT":
-            self._add_environment(rg, name, body["location"])
+            profiles = bool((body.get("properties") or {}).get("workloadProfiles"))
+            self._add_environment(rg, name, body["location"], profiles=profiles)
             op = self._new_op()
             return web.json_response(
                 self.state.environments[(rg, name)], status=201,
@@ -295,7 +304,7 @@ class ArmEndpoint:
                 return self._error(404, "ContainerAppNotFound", f"Container app '{name}' was not found.")
             return web.json_response(self._public(self.state.apps[key]))
         if method == "PUT":
-            problem = self._validate(body)
+            problem = self._validate(body) or self._check_placement(body)
             if problem:
                 return self._error(400, "ContainerAppInvalidSchema", problem)
             secrets = body["properties"]["configuration"].get("secrets") or []
@@ -305,7 +314,7 @@ class ArmEndpoint:
             app.update({"id": self._app_id(rg, name), "name": name, "type": "Microsoft.App/containerApps"})
             props = app["properties"]
             props["provisioningState"] = "Succeeded"
-            props["latestRevisionName"] = f"{name}--{uuid.uuid4().hex[:7]}"
+            props["latestRevisionName"] = props["latestReadyRevisionName"] = f"{name}--{uuid.uuid4().hex[:7]}"
             props["configuration"]["ingress"]["fqdn"] = f"127.0.0.1:{replica.port}"
             self.state.apps[key] = app
             op = self._new_op()
@@ -321,6 +330,24 @@ class ArmEndpoint:
             op = self._new_op()
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
         return self._error(405, "MethodNotAllowed", method)
+
+    def _check_placement(self, body: dict[str, Any]) -> str | None:
+        """What real ARM refuses: a region other than the environment's, a workload profile the
+        environment lacks (or any, in a Consumption-only one), more than 2 vCPU there."""
+        env = next((e for e in self.state.environments.values() if e["id"] == body["properties"]["environmentId"]), None)
+        if env is None:
+            return "ManagedEnvironmentNotFound"
+        if body["location"] != env["location"]:
+            return f"the app's location {body['location']} differs from its environment's {env['location']}"
+        profiles = [p["name"] for p in env["properties"].get("workloadProfiles") or []]
+        wanted = body["properties"].get("workloadProfileName")
+        if profiles and wanted not in profiles:
+            return f"workloadProfileName must be one of {profiles}"
+        if not profiles and wanted:
+            return "a Consumption-only environment has no workload profiles"
+        if not profiles and body["properties"]["template"]["containers"][0]["resources"]["cpu"] > 2:
+            return "ContainerAppInvalidResourceTotal: at most 2 vCPU in a Consumption-only environment"
+        return None
 
     @staticmethod
     def _validate(body: Any) -> str | None:

@@ -153,6 +153,9 @@ async def test_app_resource_body_is_exact(
     [body] = arm.bodies("PUT")
     key = arm.state.secrets[("rg-acx", info.app)][0]["value"]
     assert len(key) >= 32
+    env = body["properties"]["template"]["containers"][0]["env"]
+    stamp = env.pop()  # a new revision on every deploy, so a rebuilt image is pulled again
+    assert stamp["name"] == "ACX_DEPLOYED_AT" and float(stamp["value"]) > 0
     assert body == {
         "location": "westeurope",
         "tags": {"acx-managed-by": "async_ca_exec", "acx-version": acx.__version__, "acx-runtime": image,
@@ -177,16 +180,17 @@ async def test_app_resource_body_is_exact(
                         {"name": "ACX_HMAC_KEY", "secretRef": "acx-hmac-key"},
                         {"name": "ACX_SERVER_PORT", "value": "8080"},
                         {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
-                        {"name": "ACX_RUNTIME_TIMEOUT", "value": "900"},
-                        {"name": "ACX_SHUTDOWN_GRACE", "value": "600"},
+                        {"name": "ACX_RUNTIME_TIMEOUT", "value": "230"},  # 900 lowered: the ingress cuts at 240 s
+                        {"name": "ACX_SHUTDOWN_GRACE", "value": "235"},
                     ],
                     "probes": [{"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8080},
                                 "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}],
                 }],
                 "scale": {"minReplicas": 0, "maxReplicas": 250, "rules": [
                     {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}]},
-                "terminationGracePeriodSeconds": 600,
+                "terminationGracePeriodSeconds": 240,
             },
+            "workloadProfileName": "Consumption",
         },
     }  # fmt: skip
     assert info.app == az.app_name(image, memory) and len(info.app) <= 32
@@ -207,21 +211,46 @@ def test_app_names_follow_the_container_apps_rule() -> None:
 # -- cold start --------------------------------------------------------------------------------
 
 
-async def test_cold_start_503s_are_retried_honouring_retry_after(arm: ArmEndpoint, tmp_path: Path) -> None:
+async def test_deploy_waits_through_a_cold_start_for_the_metadata(arm: ArmEndpoint, tmp_path: Path) -> None:
+    arm.cold_start, arm.retry_after = 2.5, 1
+    async with apps_for(config(arm, tmp_path)) as apps:
+        info = await apps.deploy("default")
+    refused = [h for h in arm.ingress_hits if h.path == "/v1/meta" and h.status == 503]
+    assert refused and info.state == "Succeeded"
+    assert [h.status for h in arm.ingress_hits if h.path == "/v1/meta"][-1] == 200
+
+
+async def test_an_executor_wakes_a_runtime_scaled_to_zero_before_sending_calls(arm: ArmEndpoint, tmp_path: Path) -> None:
     cfg = config(arm, tmp_path)
     async with apps_for(cfg) as apps:
         info = await apps.deploy("default")
     arm.cold_start, arm.retry_after = 2.5, 1
-    arm.replicas[info.app].created = time.monotonic()  # scaled to zero: the next requests wake it
+    arm.replicas[info.app].created = time.monotonic()  # scaled to zero
     async with executor(cfg) as ex:
+        assert await ex.map(add7, range(20)) == [i + 7 for i in range(20)]
+    health = [h.status for h in arm.ingress_hits if h.path == "/v1/health"]
+    assert 503 in health and health[-1] == 200
+    assert all(h.status == 200 for h in arm.ingress_hits if h.path == "/v1/invoke")
+
+
+async def test_calls_meeting_a_cold_start_are_retried_honouring_retry_after(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, lithops={"retries": 1})
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    async with executor(cfg) as ex:
+        # Scaled to zero after the executor started: the calls themselves meet the cold start,
+        # longer than retries x Retry-After, so only the start-up window gets them through.
+        arm.cold_start, arm.retry_after = 4.5, 1
+        arm.replicas[info.app].created = time.monotonic()
         assert await ex.map(add7, range(20)) == [i + 7 for i in range(20)]
         retries = ex.job_summary()["retries"]
     refused = [h for h in arm.ingress_hits if h.status == 503 and h.path == "/v1/invoke"]
-    assert refused and retries >= len({h.call_id for h in refused})
+    assert refused and retries >= len(refused)
     by_call: dict[str | None, list[float]] = {}
     for h in arm.ingress_hits:
         if h.path == "/v1/invoke":
             by_call.setdefault(h.call_id, []).append(h.at)
+    assert max(len(t) for t in by_call.values()) > 2  # more attempts than retries=1 allows
     gaps = [b - a for times in by_call.values() for a, b in itertools.pairwise(times)]
     assert gaps and min(gaps) >= 0.95  # every retry waited for Retry-After: 1
 
@@ -233,9 +262,29 @@ async def test_a_runtime_that_never_starts_names_the_startup_deadline(arm: ArmEn
     arm.cold_start = 3600
     for r in arm.replicas.values():
         r.created = time.monotonic()
+    ex = executor(cfg)
+    with pytest.raises(acx.RuntimeStartError, match=r"after 2 s \(startup_timeout\)"):
+        await ex.start()
+    await ex.aclose()
+
+
+async def test_a_runtime_that_goes_away_fails_every_call_at_once_not_in_waves(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"startup_timeout": 2}, lithops={"max_concurrency": 2})
+    async with apps_for(cfg) as apps:
+        await apps.deploy("default")
     async with executor(cfg) as ex:
-        with pytest.raises(acx.InvocationError, match=r"unavailable for \d+ s \(startup_timeout=2 s\)"):
-            await ex.submit(add7, 1)
+        arm.cold_start = 3600
+        for r in arm.replicas.values():
+            r.created = time.monotonic()
+        results = await ex.map(add7, range(8), return_exceptions=True)
+    assert all(isinstance(r, acx.InvocationError) for r in results)
+    assert "startup_timeout=2 s" in str(results[0])
+    hits: dict[str | None, int] = {}
+    for h in arm.ingress_hits:
+        if h.path == "/v1/invoke":
+            hits[h.call_id] = hits.get(h.call_id, 0) + 1
+    # Only the calls in flight during the window were retried; the rest failed at their first refusal.
+    assert sum(1 for n in hits.values() if n == 1) >= 5, hits
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -277,13 +326,63 @@ async def test_arm_errors_become_one_line_instructions(arm: ArmEndpoint, tmp_pat
         assert "\n" not in str(e.value)
 
 
+async def test_subscription_without_the_container_apps_provider_says_how_to_register_it(arm: ArmEndpoint, tmp_path: Path) -> None:
+    arm.fail_next["PUT containerApps"] = (409, "MissingSubscriptionRegistration")
+    async with apps_for(config(arm, tmp_path)) as apps:
+        with pytest.raises(ConfigError, match=r"az provider register -n Microsoft\.App"):
+            await apps.deploy("default")
+
+
+async def test_apps_go_to_their_environments_region(arm: ArmEndpoint, tmp_path: Path) -> None:
+    async with apps_for(config(arm, tmp_path, azure={"region": "northeurope"})) as apps:
+        info = await apps.deploy("default")
+    assert info.state == "Succeeded" and arm.bodies("PUT")[0]["location"] == "westeurope"
+
+
+async def test_consumption_only_environments_stop_at_4096_mb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    arm = ArmEndpoint(tmp_path, consumption_only=("acx",)).start()
+    try:
+        async with apps_for(config(arm, tmp_path)) as apps:
+            with pytest.raises(ConfigError, match="runtime_memory=8192 needs more than the 2 vCPU / 4 GiB"):
+                await apps.deploy("default", memory=8192)
+            info = await apps.deploy("default", memory=4096)
+        assert info.state == "Succeeded" and "workloadProfileName" not in arm.bodies("PUT")[0]["properties"]
+    finally:
+        arm.stop()
+
+
+async def test_update_keeps_the_registry_when_this_machine_lacks_its_password(arm: ArmEndpoint, tmp_path: Path) -> None:
+    async with apps_for(config(arm, tmp_path)) as apps:
+        await apps.deploy("default")
+    bare = config(arm, tmp_path, azure_containers={"docker_user": None, "docker_password": None})
+    async with apps_for(bare) as apps:
+        await apps.update("all")
+    first, second = arm.bodies("PUT")
+    assert second["properties"]["configuration"]["registries"] == first["properties"]["configuration"]["registries"]
+    assert second["properties"]["configuration"]["secrets"] == first["properties"]["configuration"]["secrets"]
+
+
+async def test_update_replaces_a_runtime_deployed_by_another_version(arm: ArmEndpoint, tmp_path: Path) -> None:
+    async with apps_for(config(arm, tmp_path)) as apps:
+        old_name = az.app_name(DEFAULT, 512, "0.0.9")
+        await apps._put(old_name, DEFAULT, 512)
+        arm.state.apps[("rg-acx", old_name)]["tags"]["acx-version"] = "0.0.9"
+        [new] = await apps.update("all")
+        assert new.app == az.app_name(DEFAULT, 512) != old_name
+        assert [r.app for r in await apps.runtimes()] == [new.app]
+
+
 async def test_missing_environment_says_how_to_create_it_or_creates_it(arm: ArmEndpoint, tmp_path: Path) -> None:
     cfg = config(arm, tmp_path, azure_containers={"environment": "acx-new"})
     async with apps_for(cfg) as apps:
         with pytest.raises(ConfigError, match=r"--create-environment.*az containerapp env create --name acx-new"):
             await apps.deploy("default")
         info = await apps.deploy("default", create_environment=True)
-    assert arm.bodies("PUT", "managedEnvironments") == [{"location": "westeurope", "properties": {}}]
+    assert arm.bodies("PUT", "managedEnvironments") == [
+        {"location": "westeurope",
+         "properties": {"workloadProfiles": [{"name": "Consumption", "workloadProfileType": "Consumption"}]}}
+    ]  # fmt: skip
     assert info.state == "Succeeded"
 
 
@@ -362,7 +461,10 @@ def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path:
              tmp=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = _cli("runtime", "list", *seed, tmp=tmp_path)
-    assert r.returncode == 0 and "MAX REPLICAS" in r.stdout and DEFAULT in r.stdout and "2048" in r.stdout
+    assert r.returncode == 0 and DEFAULT in r.stdout and "2048" in r.stdout
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "REPLICAS", "MAX"]
+    assert all(row.split()[-2:] == ["1", "100"] for row in rows)  # one replica running, at most 100
     r = _cli("hello", *seed, tmp=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("Hello world!"), r.stderr
     r = _cli("runtime", "update", "all", *seed, tmp=tmp_path)
@@ -386,8 +488,8 @@ async def test_secrets_never_reach_logs_tags_errors_or_files(
         info = await apps.deploy("default")
     async with executor(cfg, log_level="DEBUG") as ex:
         assert await ex.map(add7, range(10)) == [i + 7 for i in range(10)]
-    r = _cli("runtime", "list", "-c", str(cfg), "--debug", tmp=tmp_path)
-    assert r.returncode == 0, r.stderr
+    r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "-c", str(cfg), "--debug", tmp=tmp_path)
+    assert r.returncode == 0 and "DEBUG" in r.stderr, r.stderr
     async with apps_for(cfg) as apps:
         await apps.delete("all")
     hmac_key = next(s["value"] for s in arm.bodies("PUT")[0]["properties"]["configuration"]["secrets"]

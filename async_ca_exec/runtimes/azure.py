@@ -10,6 +10,7 @@ the app's HMAC key, which lives only in the app's secrets and in this process's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import Config, memory_pair
+from ..config import AZURE_CALL_LIMIT, Config, memory_pair
 from ..errors import (
     AsyncCAExecError,
     AuthenticationError,
@@ -35,7 +36,7 @@ from ..errors import (
     RuntimeNotFoundError,
 )
 from ..invoker import Endpoint
-from .common import check_compatible, fetch_meta
+from .common import check_compatible, fetch_meta, wait_ready
 
 log = logging.getLogger("async_ca_exec.azure")
 
@@ -51,6 +52,13 @@ TAG_RUNTIME = "acx-runtime"
 TAG_MEMORY = "acx-memory"
 #: Azure Container Apps allows at most this termination grace period (seconds).
 MAX_GRACE = 600
+#: The ingress cuts a request after 240 s. Until results can come back through Blob storage,
+#: a call on Azure may run at most this long (the runtime kills it, so it is never re-run).
+CALL_LIMIT = AZURE_CALL_LIMIT
+#: Consumption-only environments stop at 2 vCPU / 4 GiB per replica.
+CONSUMPTION_ONLY_MAX_MEMORY = 4096
+#: Longest a single ARM operation (create, update, delete) may take before we give up.
+OPERATION_TIMEOUT = 1800.0
 _SIGN_IN_HELP = (
     "sign in with `az login`, or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
     "principal, or run where a managed identity is assigned, or pass credential= to the executor"
@@ -72,6 +80,8 @@ def default_image(docker_server: str | None) -> str:
 
 
 def check_image(image: str) -> str:
+    if len(image) > 256:
+        raise ConfigError(f"runtime image names are limited to 256 characters (Azure tag values); got {len(image)}")
     if not _IMAGE_RE.match(image) or "//" in image:
         raise ConfigError(
             f"runtime {image!r} is not an image name: use lowercase registry/repository:tag, "
@@ -111,8 +121,15 @@ def app_body(
     max_replicas: int,
     workers: int,
     registry: tuple[str, str, str] | None,
+    workload_profile: str | None = None,
+    deployed_at: str | None = None,
 ) -> dict[str, Any]:
-    """The Container App resource for a runtime (the JSON sent to ARM)."""
+    """The Container App resource for a runtime (the JSON sent to ARM).
+
+    ``registry`` is (server, user, password); ``workload_profile`` names the environment's
+    profile to run on (None in a Consumption-only environment); ``deployed_at`` makes every
+    deploy a new revision, so an image rebuilt under the same tag is pulled again.
+    """
     cpu, mem = memory_pair(memory)
     secrets_: list[dict[str, str]] = [{"name": HMAC_SECRET, "value": hmac_key}]
     registries: list[dict[str, str]] = []
@@ -120,15 +137,18 @@ def app_body(
         server, user, password = registry
         secrets_.append({"name": REGISTRY_SECRET, "value": password})
         registries.append({"server": server, "username": user, "passwordSecretRef": REGISTRY_SECRET})
-    grace = int(min(MAX_GRACE, max(30, runtime_timeout)))
+    grace = int(min(MAX_GRACE, max(30, runtime_timeout + 10)))
     env = [
         {"name": "ACX_HMAC_KEY", "secretRef": HMAC_SECRET},
         {"name": "ACX_SERVER_PORT", "value": str(SERVER_PORT)},
         {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
         {"name": "ACX_RUNTIME_TIMEOUT", "value": f"{runtime_timeout:g}"},
-        {"name": "ACX_SHUTDOWN_GRACE", "value": str(grace)},
+        # Drain before Container Apps' SIGKILL at the end of the grace period.
+        {"name": "ACX_SHUTDOWN_GRACE", "value": str(grace - 5)},
     ]
-    return {
+    if deployed_at:
+        env.append({"name": "ACX_DEPLOYED_AT", "value": deployed_at})
+    body: dict[str, Any] = {
         "location": location,
         "tags": {
             TAG_MANAGED: TAG_MANAGED_VALUE,
@@ -179,6 +199,9 @@ def app_body(
             },
         },
     }
+    if workload_profile:
+        body["properties"]["workloadProfileName"] = workload_profile
+    return body
 
 
 # ------------------------------------------------------------------------------------
@@ -256,7 +279,10 @@ class RuntimeInfo:
     app: str
     fqdn: str | None
     state: str | None
-    replicas: int | None
+    max_replicas: int | None
+    replicas: int | None = None  # running now (filled in by AzureApps.runtimes)
+    revision: str | None = None
+    ready_revision: str | None = None
     ours: bool = True
 
 
@@ -316,7 +342,12 @@ async def arm_errors(
     target: AzureTarget, what: str, *, not_found: Callable[[], BaseException] | None = None
 ) -> AsyncIterator[None]:
     """Turn azure-core errors into one-line errors that say what to do."""
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
 
     try:
         yield
@@ -344,14 +375,28 @@ async def arm_errors(
             raise ConfigError(f"subscription {sub!r} was not found: fix azure.subscription_id") from None
         if status == 404 and not_found is not None:
             raise not_found() from None
+        if code == "MissingSubscriptionRegistration":
+            raise ConfigError(
+                f"subscription {sub} is not registered for Container Apps: run `az provider register -n Microsoft.App` "
+                "(once per subscription) and try again"
+            ) from None
         if status == 409:
             raise DeploymentError(
                 f"Azure reports a conflict while {what} ({code or 409}): {message}; another operation is changing "
                 "the same resource: wait for it and run the command again"
             ) from None
+        if status is None or 200 <= status < 300:  # a long-running operation that ended in failure
+            raise DeploymentError(f"Azure could not finish {what} ({code or 'Failed'}): {message}") from None
         raise DeploymentError(f"Azure answered HTTP {status} while {what} ({code}): {message}") from None
     except ServiceRequestError as exc:
         raise DeploymentError(f"cannot reach Azure Resource Manager at {target.arm_endpoint} while {what}: {exc}") from None
+    except ServiceResponseError as exc:
+        raise DeploymentError(f"Azure Resource Manager stopped answering while {what}: {exc}; try again") from None
+    except asyncio.TimeoutError:
+        raise DeploymentError(
+            f"Azure did not finish {what} within {OPERATION_TIMEOUT:.0f} s; look at the app's revisions in the portal "
+            "(a revision that never becomes ready keeps the operation running)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------
@@ -386,9 +431,19 @@ def runtime_info(app: dict[str, Any]) -> RuntimeInfo:
         app=str(app.get("name")),
         fqdn=_get(app, "properties", "configuration", "ingress", "fqdn"),
         state=_get(app, "properties", "provisioningState"),
-        replicas=_get(app, "properties", "template", "scale", "maxReplicas"),
+        max_replicas=_get(app, "properties", "template", "scale", "maxReplicas"),
+        revision=_get(app, "properties", "latestRevisionName"),
+        ready_revision=_get(app, "properties", "latestReadyRevisionName"),
         ours=tags.get(TAG_MANAGED) == TAG_MANAGED_VALUE,
     )
+
+
+@dataclass
+class Environment:
+    id: str
+    location: str
+    #: Names of the environment's workload profiles; empty for a Consumption-only environment.
+    profiles: list[str]
 
 
 class AzureApps:
@@ -417,15 +472,19 @@ class AzureApps:
 
             self._credential = DefaultAzureCredential()
         t = self.target
-        self._client = ContainerAppsAPIClient(
-            self._credential,
-            t.subscription_id,
-            base_url=t.arm_endpoint,
-            credential_scopes=[f"{t.arm_endpoint}/.default"],
-            connection_verify=t.ca_bundle or True,
-            polling_interval=t.polling_interval,
-            retry_total=t.arm_retries,
-        )
+        try:
+            self._client = ContainerAppsAPIClient(
+                self._credential,
+                t.subscription_id,
+                base_url=t.arm_endpoint,
+                credential_scopes=[f"{t.arm_endpoint}/.default"],
+                connection_verify=t.ca_bundle or True,
+                polling_interval=t.polling_interval,
+                retry_total=t.arm_retries,
+            )
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -441,6 +500,10 @@ class AzureApps:
             raise RuntimeError("AzureApps is not open")
         return self._client
 
+    async def _finish(self, poller: Any) -> Any:
+        """The result of a long-running ARM operation, within OPERATION_TIMEOUT."""
+        return await asyncio.wait_for(poller.result(), OPERATION_TIMEOUT)
+
     # -- resolving ---------------------------------------------------------------------
 
     def image_for(self, runtime: str | None) -> tuple[str, bool]:
@@ -450,48 +513,55 @@ class AzureApps:
             return default_image(self.cfg.azure_containers.docker_server), True
         return check_image(name), False
 
-    async def environment(self, *, create: bool = False) -> tuple[str, str]:
-        """(environment id, location) of the Container Apps environment, created if asked."""
+    async def environment(self, *, create: bool = False) -> Environment:
+        """The Container Apps environment runtimes go into; created if asked and missing."""
         t = self.target
         group, name = t.resource_group, t.environment
         if t.environment_id:
-            m = re.match(r"^/subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.App/managedEnvironments/([^/]+)$",
-                         t.environment_id, re.IGNORECASE)  # fmt: skip
+            m = re.match(
+                r"^/subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.App/managedEnvironments/([^/]+)$",
+                t.environment_id,
+                re.IGNORECASE,
+            )
             if not m:
                 raise ConfigError(
                     f"azure_containers.environment_id={t.environment_id!r} is not a managed environment id "
                     "(/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.App/managedEnvironments/<name>)"
                 )
             group, name = m.group(1), m.group(2)
-
         env: dict[str, Any] | None
         try:
             async with arm_errors(t, f"reading Container Apps environment {name}", not_found=_NotFound):
                 env = _plain(await self.client.managed_environments.get(group, name))
         except _NotFound:
             env = None
-        if env:
-            return str(env.get("id")), str(env.get("location") or t.region)
-        if create:
-            return await self._create_environment(group, name)
-        raise ConfigError(
-            f"Container Apps environment {name!r} does not exist in resource group {group!r}: add "
-            f"--create-environment to `acx runtime deploy`, or create it with `az containerapp env create "
-            f"--name {name} --resource-group {group} --location {t.region or '<region>'}`"
-        )
+        if not env:
+            if not create:
+                raise ConfigError(
+                    f"Container Apps environment {name!r} does not exist in resource group {group!r}: add "
+                    f"--create-environment to `acx runtime deploy`, or create it with `az containerapp env create "
+                    f"--name {name} --resource-group {group} --location {t.region or '<region>'}`"
+                )
+            env = await self._create_environment(group, name)
+        profiles = [str(p.get("name")) for p in (_get(env, "properties", "workloadProfiles") or []) if p.get("name")]
+        return Environment(str(env.get("id")), str(env.get("location") or t.region), profiles)
 
-    async def _create_environment(self, group: str, name: str) -> tuple[str, str]:
+    async def _create_environment(self, group: str, name: str) -> dict[str, Any]:
         t = self.target
         if not t.region:
             raise ConfigError("creating a Container Apps environment needs azure.region (e.g. westeurope)")
         self._progress(f"creating Container Apps environment {name} in {group} ({t.region}) ...")
+        # A workload-profiles environment: its Consumption profile runs replicas of up to
+        # 4 vCPU / 8 GiB, where a Consumption-only environment stops at 2 vCPU / 4 GiB.
+        body = {
+            "location": t.region,
+            "properties": {"workloadProfiles": [{"name": "Consumption", "workloadProfileType": "Consumption"}]},
+        }
         async with arm_errors(t, f"creating environment {name}"):
-            poller = await self.client.managed_environments.begin_create_or_update(
-                group, name, {"location": t.region, "properties": {}}
-            )
-            env = _plain(await poller.result())
+            poller = await self.client.managed_environments.begin_create_or_update(group, name, body)
+            env = _plain(await self._finish(poller))
         self._progress(f"environment {name} is ready")
-        return str(env.get("id")), str(env.get("location") or t.region)
+        return env
 
     async def get_app(self, name: str) -> dict[str, Any] | None:
         try:
@@ -500,13 +570,14 @@ class AzureApps:
         except _NotFound:
             return None
 
-    async def hmac_key(self, name: str) -> str | None:
+    async def secrets(self, name: str) -> dict[str, str]:
+        """The app's secrets, by name (values included: kept in memory only)."""
         async with arm_errors(self.target, f"reading the secrets of Container App {name}"):
-            secrets_ = _plain(await self.client.container_apps.list_secrets(self.target.resource_group, name))
-        for s in secrets_.get("value") or []:
-            if s.get("name") == HMAC_SECRET and s.get("value"):
-                return str(s["value"])
-        return None
+            listed = _plain(await self.client.container_apps.list_secrets(self.target.resource_group, name))
+        return {str(s["name"]): str(s.get("value") or "") for s in listed.get("value") or [] if s.get("name")}
+
+    async def hmac_key(self, name: str) -> str | None:
+        return (await self.secrets(name)).get(HMAC_SECRET) or None
 
     async def apps(self) -> list[dict[str, Any]]:
         out = []
@@ -516,8 +587,19 @@ class AzureApps:
         return out
 
     async def runtimes(self) -> list[RuntimeInfo]:
-        """Our runtimes in the resource group (apps not tagged as ours are left out)."""
-        return [info for info in map(runtime_info, await self.apps()) if info.ours]
+        """Our runtimes in the resource group, with their running replica counts (apps not
+        tagged as ours are left out)."""
+        infos = [info for info in map(runtime_info, await self.apps()) if info.ours]
+        for info in infos:
+            if info.revision:
+                async with arm_errors(self.target, f"counting the replicas of {info.app}"):
+                    replicas = _plain(
+                        await self.client.container_apps_revision_replicas.list_replicas(
+                            self.target.resource_group, info.app, info.revision
+                        )
+                    )
+                info.replicas = len(replicas.get("value") or [])
+        return infos
 
     # -- deploying ---------------------------------------------------------------------
 
@@ -530,43 +612,99 @@ class AzureApps:
         create_environment: bool = False,
         check: bool = True,
     ) -> RuntimeInfo:
-        """Create (or update in place) the Container App of a runtime, then record its metadata."""
+        """Create the Container App of a runtime (or a new revision of it), then check and
+        record its metadata."""
         ac = self.cfg.azure_containers
         image, _default = self.image_for(runtime)
         mem = ac.runtime_memory if memory is None else memory
         memory_pair(mem)  # ConfigError before any API call
+        return await self._put(
+            app_name(image, mem), image, mem, timeout=timeout, create_environment=create_environment, check=check
+        )
+
+    async def _put(
+        self,
+        name: str,
+        image: str,
+        memory: int,
+        *,
+        timeout: float | None = None,
+        create_environment: bool = False,
+        check: bool = True,
+    ) -> RuntimeInfo:
+        ac = self.cfg.azure_containers
         runtime_timeout = ac.runtime_timeout if timeout is None else timeout
         if runtime_timeout <= 0:
             raise ConfigError(f"timeout={runtime_timeout!r} must be a positive number of seconds")
-        name = app_name(image, mem)
-        env_id, location = await self.environment(create=create_environment)
+        if runtime_timeout > CALL_LIMIT:
+            self._progress(
+                f"note: calls on Azure are limited to {CALL_LIMIT:g} s (the ingress cuts requests at 240 s and "
+                f"Blob storage for longer results is not available yet); runtime_timeout {runtime_timeout:g} s is "
+                f"lowered to {CALL_LIMIT:g} s"
+            )
+            runtime_timeout = CALL_LIMIT
+        env = await self.environment(create=create_environment)
+        profile = "Consumption" if "Consumption" in env.profiles else (env.profiles[0] if env.profiles else None)
+        if profile is None and memory > CONSUMPTION_ONLY_MAX_MEMORY:
+            raise ConfigError(
+                f"runtime_memory={memory} needs more than the 2 vCPU / 4 GiB a Consumption-only environment allows: "
+                "use a workload-profiles environment (acx runtime deploy --create-environment with a new "
+                f"azure_containers.environment creates one) or runtime_memory <= {CONSUMPTION_ONLY_MAX_MEMORY}"
+            )
         existing = await self.get_app(name)
-        key = await self.hmac_key(name) if existing else None
-        if key is None:
-            key = secrets.token_urlsafe(32)  # generated once; kept across updates
+        old = await self.secrets(name) if existing else {}
+        key = old.get(HMAC_SECRET) or secrets.token_urlsafe(32)  # generated once, kept across updates
+        registry = self.target.registry
+        if registry is None and existing:
+            # No registry password on this machine: keep the one the app already has.
+            for reg in _get(existing, "properties", "configuration", "registries") or []:
+                ref = reg.get("passwordSecretRef")
+                if ref and old.get(ref):
+                    registry = (str(reg.get("server")), str(reg.get("username")), old[ref])
+                    break
         body = app_body(
             image=image,
-            memory=mem,
+            memory=memory,
             runtime_timeout=runtime_timeout,
-            location=self.target.region or location,
-            environment_id=env_id,
+            location=env.location,  # an app lives in its environment's region
+            environment_id=env.id,
             hmac_key=key,
             min_replicas=self.target.min_replicas,
             max_replicas=self.target.max_replicas,
-            workers=worker_processes(mem, ac.worker_processes),
-            registry=self.target.registry,
+            workers=worker_processes(memory, ac.worker_processes),
+            registry=registry,
+            workload_profile=profile,
+            deployed_at=f"{time.time():.0f}",
         )
         verb = "updating" if existing else "creating"
-        self._progress(f"{verb} Container App {name} for runtime {image} ({mem} MB) ...")
+        self._progress(f"{verb} Container App {name} for runtime {image} ({memory} MB) ...")
         async with arm_errors(self.target, f"{verb} Container App {name}"):
             poller = await self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body)
-            app = _plain(await poller.result())
+            app = _plain(await self._finish(poller))
         info = runtime_info(app)
         if not info.fqdn:
-            raise DeploymentError(f"Container App {name} was created without an ingress address; check it in the portal")
+            raise DeploymentError(f"Container App {name} has no ingress address; check it in the portal")
         self._progress(f"{name} is {str(info.state or 'deployed').lower()} at https://{info.fqdn}")
         if check:
-            await self.record(info, key.encode(), image, mem)
+            info = await self._wait_revision(info)
+            await self.record(info, key.encode(), image, memory)
+        return info
+
+    async def _wait_revision(self, info: RuntimeInfo) -> RuntimeInfo:
+        """Until the latest revision is the ready one: before that, the old one still answers."""
+        deadline = time.monotonic() + self.target.startup_timeout
+        while info.revision and info.ready_revision != info.revision:
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"revision {info.revision} of {info.app} did not become ready within "
+                    f"{self.target.startup_timeout:g} s (startup_timeout); see its logs (az containerapp logs show "
+                    f"-n {info.app} -g {self.target.resource_group})"
+                )
+            await asyncio.sleep(max(1.0, self.target.polling_interval))
+            app = await self.get_app(info.app)
+            if app is None:
+                raise DeploymentError(f"Container App {info.app} disappeared while it was being deployed")
+            info = runtime_info(app)
         return info
 
     async def record(self, info: RuntimeInfo, key: bytes, image: str, memory: int) -> dict[str, Any]:
@@ -599,32 +737,40 @@ class AzureApps:
         return chosen
 
     async def update(self, which: str) -> list[RuntimeInfo]:
-        """Redeploy runtimes (a new revision with this version's settings); ``all`` updates every one."""
+        """A new revision of each runtime with this version's settings; ``all`` updates every one.
+
+        An app deployed by another version of this package is named for that version: it is
+        replaced by one named for this version (which executors of this version look for).
+        """
         out = []
         for app in await self._select(which):
             info = runtime_info(app)
-            out.append(await self.deploy(info.runtime, memory=info.memory, check=True))
+            memory = info.memory or self.cfg.azure_containers.runtime_memory
+            name = app_name(info.runtime, memory)
+            out.append(await self._put(name, info.runtime, memory))
+            if name != info.app:
+                await self._delete(info.app)
+                self._progress(f"replaced {info.app} (version {info.version}) by {name}")
         return out
+
+    async def _delete(self, name: str) -> None:
+        self._progress(f"deleting Container App {name} ...")
+        async with arm_errors(self.target, f"deleting Container App {name}"):
+            poller = await self.client.container_apps.begin_delete(self.target.resource_group, name)
+            await self._finish(poller)
+        forget_meta(self.target, name)
 
     async def delete(self, which: str) -> list[str]:
         """Delete runtimes and forget their metadata; ``all`` deletes every one of ours."""
         names = []
         for app in await self._select(which):
-            name = str(app["name"])
-            self._progress(f"deleting Container App {name} ...")
-            async with arm_errors(self.target, f"deleting Container App {name}"):
-                poller = await self.client.container_apps.begin_delete(self.target.resource_group, name)
-                await poller.result()
-            forget_meta(self.target, name)
-            names.append(name)
+            await self._delete(str(app["name"]))
+            names.append(str(app["name"]))
         return names
 
     async def clean(self) -> list[str]:
         """Every runtime of ours, and every cached metadata file for this resource group."""
-        try:
-            deleted = await self.delete("all")
-        except RuntimeNotFoundError:  # pragma: no cover - 'all' never raises it
-            deleted = []
+        deleted = await self.delete("all")
         prefix = f"{self.target.subscription_id}_{self.target.resource_group}_".lower()
         for path in cache_dir().glob(f"{prefix}*.json"):
             path.unlink(missing_ok=True)
@@ -680,6 +826,10 @@ class AzureRuntime:
                 meta = await apps.record(info, key.encode(), image, mem)
             else:
                 check_compatible(meta, where=f"runtime {image} (Container App {name})")
+                # Wake an app scaled to zero now, so the calls do not each meet the cold start.
+                await wait_ready(
+                    f"https://{info.fqdn}", ssl=self.target.ssl_context(), startup_timeout=self.target.startup_timeout
+                )
         self.info = info
         return Endpoint(
             url=f"https://{info.fqdn}",
