@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = True
 
 
+AZURITE = "azurite@3.35.0"  # the newest release that runs on Node 20
+
+
+def _azurite(session: nox.Session) -> None:
+    """Microsoft's Blob emulator, installed with npm into the session (tests start it on loopback)."""
+    prefix = Path(session.create_tmp()).resolve() / "azurite"
+    exe = prefix / "node_modules" / ".bin" / "azurite-blob"
+    if not exe.exists():
+        session.run("npm", "install", "--prefix", str(prefix), AZURITE, "--no-audit", "--no-fund", "--silent",
+                    external=True)  # fmt: skip
+    session.env["ACX_TEST_AZURITE"] = str(exe)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite against an installed (not editable) package."""
     session.install(".[test]")
+    _azurite(session)
     session.run("pytest", *session.posargs)
 
 
@@ -34,4 +50,5 @@ def bench(session: nox.Session) -> None:
 def compat(session: nox.Session) -> None:
     """The suite on the other supported Pythons (run by hand: nox -s compat)."""
     session.install(".[test]")
+    _azurite(session)
     session.run("pytest", *session.posargs)

@@ -43,6 +43,8 @@ _EXPORTS = {
     "RuntimeMismatchError": "errors",
     "RuntimeStartError": "errors",
     "DeploymentError": "errors",
+    "StorageError": "errors",
+    "Storage": "storage",
     "SerializationError": "errors",
 }
 
@@ -63,10 +65,12 @@ if TYPE_CHECKING:
         RuntimeNotFoundError,
         RuntimeStartError,
         SerializationError,
+        StorageError,
         WorkerCrashedError,
     )
     from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, AsyncExecutor
     from .futures import CallFuture
+    from .storage import Storage
     from .sync import ALWAYS, ANY_COMPLETED, FunctionExecutor, ResponseFuture
 
 

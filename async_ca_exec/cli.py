@@ -83,11 +83,6 @@ def _load(args: argparse.Namespace) -> Config:
 
     cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage,
                                                 "log_level": "DEBUG" if args.debug else None})  # fmt: skip
-    if cfg.lithops.storage is not None:
-        print(
-            f"note: storage {cfg.lithops.storage} is not used by this release yet; runtime metadata is kept in the local cache",
-            file=sys.stderr,
-        )
     return cfg
 
 

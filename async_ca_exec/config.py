@@ -43,9 +43,6 @@ STORAGE_ALIASES = {
     "azure": "azure_storage",
 }
 DEFAULT_CONFIG_PATH = Path("~/.config/async-ca-exec/config.yaml")
-#: Azure Container Apps' ingress cuts requests after 240 s; until longer calls can return their
-#: results through Blob storage, a call on Azure may run at most this long.
-AZURE_CALL_LIMIT = 230.0
 
 #: Sections other Lithops backends use: ignored with a warning so a shared Lithops config works.
 FOREIGN_LITHOPS_SECTIONS = frozenset(
@@ -95,6 +92,10 @@ class LithopsSection(_Section):
     chunksize: int = Field(1, ge=1, description="Items per request for `map` when the call gives none.")
     log_level: str | None = Field(None, description="Level of the `async_ca_exec` logger (DEBUG, INFO, WARNING...).")
     progress: bool | None = Field(None, description="Progress bars (arrive with a later release; accepted now).")
+    inline_limit: float = Field(
+        4.0, gt=0, description="MiB: arguments, functions and results larger than this go through Blob storage."
+    )
+    keep_data: bool = Field(False, description="Keep a job's temporary blobs after its results are collected.")
     include_modules: list[str] | None = Field(None, description="Lithops key, accepted; module shipping is automatic.")
     exclude_modules: list[str] | None = Field(None, description="Lithops key, accepted; module shipping is automatic.")
     # Lithops keys accepted for compatibility; they have no effect here.
@@ -202,6 +203,9 @@ class AzureContainersSection(_Section):
     startup_timeout: float = Field(
         300.0, gt=0, description="Seconds to keep retrying while the app starts from zero replicas (cold start)."
     )
+    ingress_timeout: float = Field(
+        240.0, gt=0, description="Seconds after which the ingress cuts a request (longer calls return through Blob)."
+    )
     docker_server: str | None = Field(None, description="Registry of the runtime image, e.g. myregistry.azurecr.io.")
     docker_user: str | None = Field(None, description="Registry user name.")
     docker_password: SecretStr | None = Field(None, description="Registry password (kept as a Container App secret).")
@@ -223,15 +227,22 @@ class AzureContainersSection(_Section):
 class AzureStorageSection(_Section):
     """Azure Blob storage (Lithops' ``azure_storage`` section)."""
 
-    storage_account_name: str | None = None
-    storage_account_key: SecretStr | None = None
-    connection_string: SecretStr | None = None
-    account_url: str | None = None
-    sas_token: SecretStr | None = None
-    container: str | None = Field(None, description="Blob container for job data; `storage_bucket` is accepted.")
+    storage_account_name: str | None = Field(None, description="Storage account (with storage_account_key).")
+    storage_account_key: SecretStr | None = Field(None, description="Account key; never logged.")
+    connection_string: SecretStr | None = Field(None, description="Instead of name and key (Azurite's works too).")
+    account_url: str | None = Field(
+        None, description="https://<account>.blob.core.windows.net, with sas_token or an Entra credential."
+    )
+    sas_token: SecretStr | None = Field(None, description="An account or container SAS to use with account_url.")
+    blob_endpoint: str | None = Field(
+        None, description="Blob endpoint for name+key (another cloud, or Azurite's http://127.0.0.1:10000/devstoreaccount1)."
+    )
+    container: str | None = Field(None, description="Blob container for job data (default acx-data); created on first use.")
     storage_bucket: str | None = Field(None, description="Lithops name of `container`.")
-    resource_group: str | None = None
-    region: str | None = None
+    max_concurrency: int = Field(16, ge=1, le=256, description="Blob transfers in flight at once.")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a failed Blob request.")
+    resource_group: str | None = Field(None, description="Lithops key, ignored.")
+    region: str | None = Field(None, description="Lithops key, ignored.")
 
 
 class Config(BaseModel):
@@ -267,10 +278,25 @@ class Config(BaseModel):
         return self.backend_section.runtime_memory
 
     @property
+    def storage_configured(self) -> bool:
+        s = self.azure_storage
+        return self.lithops.storage == "azure_storage" and bool(s.connection_string or s.storage_account_name or s.account_url)
+
+    @property
+    def call_limit(self) -> float | None:
+        """Longest call whose result can come back on the HTTP response (None: no limit)."""
+        if self.backend != "azure":
+            return None
+        cut = self.azure_containers.ingress_timeout
+        return cut - min(10.0, cut / 4)  # a margin for the request's own way in and out
+
+    @property
     def runtime_timeout(self) -> float:
-        """Longest call the runtime allows (on Azure, at most what the ingress lets through)."""
+        """Longest call the runtime allows. On Azure without Blob storage, at most what the
+        ingress lets through: a longer call's result could not come back."""
         t = self.backend_section.runtime_timeout
-        return min(t, AZURE_CALL_LIMIT) if self.backend == "azure" else t
+        limit = self.call_limit
+        return min(t, limit) if limit is not None and not self.storage_configured else t
 
     @property
     def call_timeout(self) -> float:
@@ -325,6 +351,7 @@ ARGUMENTS: dict[str, tuple[str, str | None]] = {
     "retries": ("retries", "lithops"),
     "progress": ("progress", "lithops"),
     "log_level": ("log_level", "lithops"),
+    "keep_data": ("keep_data", "lithops"),
 }
 _SECTION_ALIASES = {"local": "localhost"}
 _OUR_SECTIONS = ("lithops", "localhost", "azure", "azure_containers", "azure_storage")

@@ -75,3 +75,7 @@ class DeploymentError(AsyncCAExecError):
 
 class RuntimeStartError(AsyncCAExecError):
     """The runtime could not be started or reached (the message carries its log's tail)."""
+
+
+class StorageError(AsyncCAExecError):
+    """Azure Blob storage could not be reached or refused an operation (the message names it)."""

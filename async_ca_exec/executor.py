@@ -8,7 +8,6 @@ import itertools
 import logging
 import secrets
 import sys
-import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +19,8 @@ from .futures import CallFuture
 from .invoker import Endpoint, FutureRequest, Invoker, SliceRequest
 from .jobs import Job, Stats
 from .runtimes import Runtime, create_runtime
+from .storage import Storage
+from .transfer import Transfers
 
 log = logging.getLogger("async_ca_exec")
 
@@ -70,6 +71,7 @@ class AsyncExecutor:
         credential: Any = None,
         progress: bool | None = None,
         log_level: str | None = None,
+        keep_data: bool | None = None,
     ) -> None:
         self.config: Config = load_config(
             config,
@@ -83,14 +85,13 @@ class AsyncExecutor:
                 "storage": storage,
                 "progress": progress,
                 "log_level": log_level,
+                "keep_data": keep_data,
             },
         )
-        if self.config.lithops.storage is not None:
-            # A Lithops config names its storage; keep it working, and say what it does not do yet.
-            warnings.warn(
-                f"storage={self.config.lithops.storage!r}: Azure Blob storage is not used by this release yet; "
-                "calls carry their data inline (up to the runtime's request size limit)",
-                stacklevel=2,
+        if self.config.lithops.storage is not None and not self.config.storage_configured:
+            raise ConfigError(
+                f"storage={self.config.lithops.storage!r} needs an azure_storage section: connection_string, or "
+                "storage_account_name and storage_account_key, or account_url"
             )
         _configure_logging(self.config.lithops.log_level)
         self.credential = credential
@@ -103,6 +104,8 @@ class AsyncExecutor:
         self._closed = False
         self._jobs = itertools.count(1)
         self._uncollected: list[CallFuture] = []
+        self._transfers: Transfers | None = None
+        self._inline_limit = int(self.config.lithops.inline_limit * 1024 * 1024)
         self._prune_at = 1024
         self._last_call: str | None = None
 
@@ -146,10 +149,19 @@ class AsyncExecutor:
         try:
             self._runtime = create_runtime(self.config, log_level=self.config.lithops.log_level, credential=self.credential)
             endpoint = await self._runtime.start()
+            if self.config.storage_configured:
+                storage = Storage(self.config, credential=self.credential)
+                await storage.ensure_container()  # fail at start, not mid-job, on a wrong account
+                self._transfers = Transfers(
+                    storage,
+                    inline_limit=self._inline_limit,
+                    keep_data=self.config.lithops.keep_data,
+                    call_limit=self.config.call_limit,
+                )
         except BaseException as exc:
             self._invoker.fail_start(exc)
             raise
-        self._invoker.attach(endpoint)
+        self._invoker.attach(endpoint, self._transfers)
         return endpoint
 
     async def aclose(self) -> None:
@@ -162,6 +174,8 @@ class AsyncExecutor:
             await asyncio.gather(self._start_task, return_exceptions=True)
         if self._invoker is not None:
             await self._invoker.aclose()
+        if self._transfers is not None:
+            await self._transfers.aclose()
         if self._runtime is not None:
             await self._runtime.aclose()
 
@@ -203,8 +217,8 @@ class AsyncExecutor:
         futures = job.new_futures(loop, len(items))
         call_id = _request_id(job, futures[0].index, len(items))
         try:
-            blob = serialize.dumps_items(items, call_id)
-        except SerializationError as exc:
+            blob = self._dumps_items(items, call_id)
+        except (SerializationError, ConfigError) as exc:
             for f in futures:
                 f.set_exception(exc)
                 job.item_done(f)
@@ -212,14 +226,24 @@ class AsyncExecutor:
         invoker.enqueue(FutureRequest(call_id, job, futures, blob))
         return futures
 
+    def _dumps_items(self, items: list[Item], call_id: str) -> bytes:
+        blob = serialize.dumps_items(items, call_id)
+        if len(blob) > self._inline_limit and self.config.backend == "azure" and not self.config.storage_configured:
+            raise ConfigError(
+                f"the arguments of call {call_id} pickle to {len(blob) / 2**20:.1f} MiB, above "
+                f"lithops.inline_limit={self.config.lithops.inline_limit:g} MiB; on Azure larger data travels through "
+                "Blob storage: configure azure_storage (and storage: azure_storage), or raise lithops.inline_limit"
+            )
+        return blob
+
     def _submit_slice(self, invoker: Invoker, job: Job, items: list[Item]) -> None:
         """Send ``items`` as one request whose outcomes land in the job's result list."""
         n = len(items)
         offset, now = job.new_slots(n)
         call_id = _request_id(job, offset, n)
         try:
-            blob = serialize.dumps_items(items, call_id)
-        except SerializationError as exc:
+            blob = self._dumps_items(items, call_id)
+        except (SerializationError, ConfigError) as exc:
             assert job.results is not None
             job.results[offset : offset + n] = [exc] * n
             job.stats.record_outcome(n, n, 0.0, now)

@@ -31,10 +31,12 @@ from .errors import (
     RemoteError,
     RemoteTraceback,
     SerializationError,
+    StorageError,
     WorkerCrashedError,
 )
 from .futures import CallFuture
 from .jobs import Job, Stats
+from .transfer import Transfers
 
 log = logging.getLogger("async_ca_exec.invoker")
 
@@ -78,7 +80,10 @@ class Request:
     Subclasses decide where outcomes go: a future per call, or the job's result list.
     """
 
-    __slots__ = ("_resolved", "call_id", "cancelled", "items", "job", "lane", "n", "unresolved", "with_fn")
+    __slots__ = (
+        "_resolved", "blobs", "call_id", "cancelled", "durable", "items", "items_url", "job", "lane", "n",
+        "unresolved", "with_fn",
+    )  # fmt: skip
 
     def __init__(self, call_id: str, job: Job, n: int, items: bytes) -> None:
         self.call_id = call_id
@@ -91,6 +96,11 @@ class Request:
         self._resolved: bytearray | None = None  # only once outcomes arrive piecemeal
         #: Send the function's bytes, not just its hash (small functions always go along).
         self.with_fn = len(job.fn) <= protocol.FN_INLINE_LIMIT
+        #: Blob storage: where the arguments were put, blobs to delete once done, and whether
+        #: the call may outlive the ingress (its outcome then also goes to Blob).
+        self.items_url: str | None = None
+        self.blobs: list[str] = []
+        self.durable = False
 
     def cancel(self) -> None:
         """Stop caring about this request: skip it if queued, abort it if in flight."""
@@ -124,16 +134,19 @@ class Request:
             return []
         return [k for k in range(self.n) if self._resolved[k]]
 
-    def body(self) -> bytes:
+    def body(self, extra: dict[str, Any] | None = None, *, items_inline: bool = True, fn_inline: bool = True) -> bytes:
         skip = self.skipped()
+        fields = dict(extra or {})
+        if skip:
+            fields["skip"] = skip
         return protocol.encode_invocation(
             call_id=self.call_id,
             n=self.n,
-            fn=self.job.fn if self.with_fn else b"",
+            fn=self.job.fn if self.with_fn and fn_inline else b"",
             fn_hash=self.job.fn_hash,
-            items=self.items,
+            items=self.items if items_inline else b"",
             timeout=self.job.timeout,
-            extra={"skip": skip} if skip else None,
+            extra=fields or None,
         )
 
     def note_sent(self, now: float, attempt: int) -> None:
@@ -339,6 +352,8 @@ def build_error(info: dict[str, Any], exc_blob: bytes | None, call_id: str) -> B
         )
     elif kind == protocol.ERR_SERIALIZATION:
         exc = SerializationError(f"call {call_id}: {message}")
+    elif kind == protocol.ERR_STORAGE:
+        exc = StorageError(f"call {call_id}: {message}")
     else:
         exc = RemoteError(type_name, f"the runtime failed running call {call_id}: {message}", tb, call_id=call_id)
     if tb:
@@ -383,12 +398,14 @@ class Invoker:
         self._url = ""
         self._read_timeout: aiohttp.ClientTimeout | None = None
         self._unavailable_since: float | None = None
+        self._transfers: Transfers | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def attach(self, endpoint: Endpoint) -> None:
+    def attach(self, endpoint: Endpoint, transfers: Transfers | None = None) -> None:
         """The runtime is up: open the session and let the lanes go."""
+        self._transfers = transfers
         connector = aiohttp.TCPConnector(
             limit=self._limit,
             limit_per_host=0,
@@ -499,6 +516,8 @@ class Invoker:
             finally:
                 self._inflight.discard(req)
                 req.lane = None
+                if self._transfers is not None:
+                    self._transfers.done(req)
                 req.release()
 
     def _fail_all_pending(self, exc: BaseException) -> None:
@@ -572,11 +591,18 @@ class Invoker:
         return self._read_timeout
 
     async def _attempt(self, req: Request, attempt: int, ep: Endpoint) -> None:
-        body = req.body()
+        t = self._transfers
+        if t is not None:
+            req.durable = t.durable(req)
+            extra, items_inline, fn_inline = await t.header(req)
+            body = req.body(extra, items_inline=items_inline, fn_inline=fn_inline)
+        else:
+            body = req.body()
         if len(body) > ep.max_body:
             raise SerializationError(
                 f"call {req.call_id}: its request is {len(body)} bytes, more than the runtime accepts "
-                f"({ep.max_body} bytes); pass smaller arguments, or read large data inside the function"
+                f"({ep.max_body} bytes); configure azure_storage so large arguments go through Blob storage, "
+                "or read large data inside the function"
             )
         headers = protocol.signed_headers(ep.key, "POST", protocol.INVOKE_PATH, req.call_id, body)
         if attempt:
@@ -585,17 +611,22 @@ class Invoker:
         if req.with_fn:
             self._stats.function_uploads += 1
         assert self._session is not None
+        answered = False
         try:
             async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(ep)) as resp:
                 if resp.status != 200:
                     await self._refused(resp, req)
+                answered = True
                 if resp.content_length is not None:
                     data = await resp.read()
-                    ended = self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
+                    ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
                 else:
                     ended = await self._stream(req, resp.content)
         except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts
-            raise _Retry(f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})") from None
+            cause = f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})"
+            if answered and req.durable:
+                return await self._recover(req, cause)
+            raise _Retry(cause) from None
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
             raise InvocationError(
                 f"TLS verification of {self._url} failed: {exc}; behind a proxy or with a private CA, "
@@ -604,11 +635,37 @@ class Invoker:
         except aiohttp.ClientConnectorError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            if answered and req.durable:  # cut while running: the outcome goes to Blob storage
+                return await self._recover(req, f"{type(exc).__name__}: {exc}")
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         except protocol.ProtocolError as exc:
             raise _Retry(f"malformed response: {exc}") from None
         if not ended:
+            if answered and req.durable:
+                return await self._recover(req, "the response ended early")
             raise _Retry("the response ended before all results arrived")
+
+    async def _recover(self, req: Request, cause: str) -> None:
+        """A durable call's stream was cut: its outcome arrives in Blob storage; wait for it."""
+        t = self._transfers
+        assert t is not None
+        waited = req.job.timeout * req.n + 60.0
+        deadline = time.monotonic() + waited
+        delay = 0.25
+        log.debug("call %s: stream cut (%s); waiting for its outcome in Blob storage", req.call_id, cause)
+        while time.monotonic() < deadline:
+            data = await t.final(req)
+            if data is not None:
+                self._stats.recovered += 1
+                if not await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame)):
+                    raise protocol.ProtocolError("the outcome blob ends early")
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+        raise InvocationError(
+            f"call {req.call_id}: its connection was cut ({cause}) and its outcome did not reach Blob storage "
+            f"within {waited:.0f} s; the replica running it may have died"
+        )
 
     async def _refused(self, resp: aiohttp.ClientResponse, req: Request) -> None:
         raw = await resp.content.read(4096)
@@ -647,17 +704,26 @@ class Invoker:
             hdr = await reader.readexactly(protocol.FRAME_HEADER)
             ftype, length = protocol.parse_frame_header(hdr, max_frame=max_frame)
             payload = memoryview(await reader.readexactly(length)) if length else memoryview(b"")
-            if self._frames(req, iter(((ftype, payload),))):
+            if await self._frames(req, iter(((ftype, payload),))):
                 return True
 
-    def _frames(self, req: Request, frames: Any) -> bool:
-        """Apply frames to the request's futures; True once the END frame is seen."""
+    async def _frames(self, req: Request, frames: Any) -> bool:
+        """Apply frames to the request's calls; True once the END frame is seen."""
         for ftype, payload in frames:
             if ftype == protocol.F_OUTCOME:
                 self._outcome(req, payload)
+            elif ftype == protocol.F_REF:
+                ref = protocol.decode_ref(payload)
+                if self._transfers is None:
+                    raise protocol.ProtocolError("a reference frame, but this client has no Blob storage")
+                if any(not req.is_resolved(i) for i in range(ref["first"], min(req.n, ref["first"] + ref["n"]))):
+                    data = await self._transfers.fetch(ref["blob"], req)
+                    self._outcome(req, memoryview(data))
+                else:
+                    req.blobs.append(ref["blob"])
             elif ftype == protocol.F_LOG:
                 index, _stream, text = protocol.decode_log(payload)
-                if isinstance(req, FutureRequest) and 0 <= index < req.n:
+                if isinstance(req, FutureRequest) and 0 <= index < req.n and not req.futures[index].done():
                     req.futures[index]._add_log(text)
             elif ftype == protocol.F_END:
                 if req.unresolved:

@@ -30,6 +30,7 @@ class Stats:
         self.requests = 0
         self.retries = 0
         self.function_uploads = 0
+        self.recovered = 0
         self.latencies = array("d")
         self.worker_seconds = 0.0
         self.cpu_seconds = 0.0
@@ -88,6 +89,7 @@ class Stats:
             "requests": self.requests,
             "retries": self.retries,
             "function_uploads": self.function_uploads,
+            "recovered_from_storage": self.recovered,
             "wall_seconds": wall,
             "calls_per_second": (self.succeeded + self.failed) / wall if wall else None,
             "latency_seconds": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": lat[-1] if lat else None},

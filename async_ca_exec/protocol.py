@@ -292,8 +292,19 @@ def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: floa
     if len(skip) >= n:
         raise ProtocolError("header field 'skip' leaves no item to run")
     # flen == 0: the function by reference (its hash), for a replica that has it cached
-    if ilen == 0:
-        raise ProtocolError("the envelope carries no items")
+    items_url = header.get("items_url")
+    if ilen == 0 and not items_url:
+        raise ProtocolError("the envelope carries no items and no items_url")
+    for name in ("items_url", "fn_url", "out_url"):
+        url = header.get(name)
+        if url is not None and (not isinstance(url, str) or not url.startswith(("https://", "http://"))):
+            raise ProtocolError(f"header field {name!r} must be an http(s) URL")
+    for name in ("items_size", "inline_limit"):
+        v = header.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ProtocolError(f"header field {name!r} must be a non-negative integer")
+    if header.get("out_url") and not isinstance(header.get("out_prefix"), str):
+        raise ProtocolError("header field 'out_prefix' must name where results go")
     off += hlen
     fn = mv[off : off + flen]
     off += flen
@@ -310,7 +321,9 @@ F_HEARTBEAT = 1
 F_LOG = 2
 F_OUTCOME = 3
 F_END = 4
-FRAME_TYPES = frozenset((F_HEARTBEAT, F_LOG, F_OUTCOME, F_END))
+#: An outcome too large for the response, written to Blob storage: JSON {"first", "n", "blob", "size"}.
+F_REF = 5
+FRAME_TYPES = frozenset((F_HEARTBEAT, F_LOG, F_OUTCOME, F_END, F_REF))
 
 _FRAME = struct.Struct("<BI")
 FRAME_HEADER = _FRAME.size
@@ -406,4 +419,26 @@ ERR_TIMEOUT = "timeout"  # the call exceeded its timeout and its worker was kill
 ERR_CRASHED = "crashed"  # the worker process died while running the call
 ERR_SERIALIZATION = "serialization"  # arguments or result could not be (un)pickled
 ERR_INTERNAL = "internal"  # the runtime failed in a way that is not the call's fault
-ERROR_KINDS = frozenset((ERR_USER, ERR_TIMEOUT, ERR_CRASHED, ERR_SERIALIZATION, ERR_INTERNAL))
+ERR_STORAGE = "storage"  # the runtime could not read or write the call's blobs
+ERROR_KINDS = frozenset((ERR_USER, ERR_TIMEOUT, ERR_CRASHED, ERR_SERIALIZATION, ERR_INTERNAL, ERR_STORAGE))
+
+
+def encode_ref(first: int, n: int, blob: str, size: int) -> bytes:
+    body = json.dumps({"first": first, "n": n, "blob": blob, "size": size}, separators=(",", ":")).encode()
+    return frame(F_REF, body)
+
+
+def decode_ref(payload: memoryview) -> dict[str, Any]:
+    try:
+        ref = json.loads(bytes(payload))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"reference frame is not valid JSON: {exc}") from None
+    if not (
+        isinstance(ref, dict)
+        and isinstance(ref.get("first"), int)
+        and isinstance(ref.get("n"), int)
+        and isinstance(ref.get("blob"), str)
+        and isinstance(ref.get("size"), int)
+    ):
+        raise ProtocolError("reference frame needs integer 'first', 'n', 'size' and a 'blob' name")
+    return ref

@@ -61,15 +61,21 @@ class Task:
         "call_id",
         "cancelled",
         "dispatched",
+        "durable",
+        "final_written",
         "finished",
         "fn",
         "fn_hash",
         "frames",
         "heartbeat_due",
+        "history",
         "id",
+        "inline_limit",
         "items",
         "last_write",
         "n",
+        "out_prefix",
+        "out_url",
         "remaining",
         "reported_upto",
         "requeues",
@@ -79,13 +85,19 @@ class Task:
         "waiter",
     )
 
-    def __init__(self, task_id: int, inv: protocol.Invocation, fn: bytes | memoryview | None = None) -> None:
+    def __init__(
+        self,
+        task_id: int,
+        inv: protocol.Invocation,
+        fn: bytes | memoryview | None = None,
+        items: bytes | memoryview | None = None,
+    ) -> None:
         self.id = task_id
         self.call_id = inv.call_id
         self.n = inv.n
         self.fn_hash = bytes.fromhex(inv.fn_hash)
         self.fn: bytes | memoryview = inv.fn if fn is None else fn
-        self.items = inv.items
+        self.items: bytes | memoryview = inv.items if items is None else items
         self.timeout = inv.timeout
         self.frames: list[bytes] = []
         self.skip: list[int] = list(inv.skip)  # resolved on an earlier attempt, or charged here
@@ -99,6 +111,14 @@ class Task:
         self.requeues = 0
         self.dispatched = 0.0
         self.heartbeat_due = False
+        # Blob storage the request lends the runtime: a container URL with a create/write SAS.
+        header = inv.header
+        self.out_url: str | None = header.get("out_url")
+        self.out_prefix: str = str(header.get("out_prefix") or "")
+        self.inline_limit: int = int(header.get("inline_limit") or (1 << 62))
+        self.durable = bool(header.get("durable")) and self.out_url is not None
+        self.history: list[bytes] = []
+        self.final_written = False
 
     def wake(self) -> None:
         w = self.waiter

@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import platform
 import shutil
 import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from async_ca_exec import protocol
 
-from .pool import Task, WorkerPool
+from .pool import Task, WorkerPool, _outcome_frame
 from .settings import Settings, available_cpus, available_memory
 
 log = logging.getLogger("acx_server")
@@ -68,6 +72,36 @@ def runtime_meta(settings: Settings) -> dict[str, Any]:
         "heartbeat": settings.heartbeat,
         "platform": sys.platform,
     }
+
+
+class BlobError(Exception):
+    """A blob transfer with a request's SAS URL failed (the message never holds the SAS)."""
+
+
+def redact(url: str) -> str:
+    return url.partition("?")[0]
+
+
+def _storage_failure(first: int, n: int, message: str, replica: str, skip: tuple[int, ...] = ()) -> bytes:
+    """Outcome frames failing items first..first+n-1 (but those in ``skip``) with a storage error."""
+    info = {"kind": protocol.ERR_STORAGE, "type": "StorageError", "message": message, "traceback": ""}
+    skipped = set(skip)
+    runs: list[list[int]] = []
+    for i in range(first, first + n):
+        if i in skipped:
+            continue
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    now = time.time()
+    out = []
+    for run in runs:
+        k = len(run)
+        meta = {"first": run[0], "n": k, "replica": replica, "errors": {str(i): info for i in run}}
+        blob = pickle.dumps(([None] * k, {}, ([now] * k, [now] * k, [0.0] * k)))
+        out.append(_outcome_frame(protocol.encode_outcome_payload(meta, blob)))
+    return b"".join(out)
 
 
 class FunctionCache:
@@ -116,6 +150,8 @@ class Server:
         self._ticker: asyncio.Task[None] | None = None
         self._meta: bytes | None = None
         self.functions = FunctionCache(settings.fn_cache_bytes)
+        self._http: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- routes ----------------------------------------------------------------------
 
@@ -177,14 +213,35 @@ class Server:
                 raise protocol.ProtocolError("the envelope's call id differs from the signed header")
         except protocol.ProtocolError as exc:
             return self._error(exc.status, str(exc))
+        header = inv.header
         if len(inv.fn):
-            fn = self.functions.put(inv.fn_hash, inv.fn)
+            fn: bytes | memoryview = self.functions.put(inv.fn_hash, inv.fn)
         else:
             cached = self.functions.get(inv.fn_hash)
+            if cached is None and header.get("fn_url"):
+                try:
+                    data = await self._fetch_blob(header["fn_url"])
+                except BlobError as exc:
+                    return self._failed(inv, f"the runtime could not read the function from Blob storage: {exc}")
+                if hashlib.sha256(data).hexdigest() != inv.fn_hash:
+                    return self._error(400, "the function blob does not match header field 'fn' (its SHA-256)")
+                cached = bytes(self.functions.put(inv.fn_hash, data))
             if cached is None:
                 return self._error(409, "this replica does not have the function; send it along", code=protocol.UNKNOWN_FUNCTION)
             fn = cached
-        return await self._run(request, Task(self.pool.new_task_id(), inv, fn))
+        items: bytes | memoryview = inv.items
+        if not len(items):
+            try:
+                items = await self._fetch_blob(header["items_url"], expected=header.get("items_size"))
+            except BlobError as exc:
+                return self._failed(inv, f"the runtime could not read the arguments from Blob storage: {exc}")
+        return await self._run(request, Task(self.pool.new_task_id(), inv, fn, items))
+
+    def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
+        """Every item of a request fails with a storage error (a 200 with error frames: the
+        request itself was fine, and sending it again as it is would not help)."""
+        frames = _storage_failure(0, inv.n, message, self.settings.replica, skip=inv.skip)
+        return web.Response(body=frames + protocol.END_FRAME, content_type=protocol.RESPONSE_CONTENT_TYPE)
 
     def _too_large(self, length: int | None) -> web.Response:
         size = f" of {length} bytes" if length is not None else ""
@@ -197,6 +254,7 @@ class Server:
     async def _run(self, request: web.Request, task: Task) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         self.active.add(task)
+        handed_off = False
         try:
             self.pool.submit(task)
             if not task.finished:
@@ -204,7 +262,8 @@ class Server:
                 await task.waiter
             hdrs = {protocol.H_REPLICA: self.settings.replica}
             if task.finished:
-                frames = task.take_frames()
+                frames = await self._take(task)
+                await self._write_final(task)
                 frames.append(protocol.END_FRAME)
                 return web.Response(body=b"".join(frames), content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
             # A slow call: stream, so the client sees heartbeats and knows the replica lives.
@@ -213,7 +272,9 @@ class Server:
             await resp.prepare(request)
             task.streaming = True
             while True:
-                frames = task.take_frames()
+                frames = await self._take(task)
+                if task.finished:
+                    await self._write_final(task)
                 if task.heartbeat_due:
                     task.heartbeat_due = False
                     frames.append(protocol.HEARTBEAT_FRAME)
@@ -227,10 +288,94 @@ class Server:
             await resp.write(protocol.END_FRAME)
             await resp.write_eof()
             return resp
+        except asyncio.CancelledError:
+            if task.durable and not task.finished:
+                # The connection was cut (an ingress limit, most likely): the call goes on and
+                # its outcome goes to Blob storage, where the client looks for it.
+                handed_off = True
+                self._own(self._finish_durable(task))
+            raise
         finally:
             self.active.discard(task)
-            if not task.finished:
+            if not task.finished and not handed_off:
                 self.pool.cancel(task)
+
+    def _own(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def _finish_durable(self, task: Task) -> None:
+        loop = asyncio.get_running_loop()
+        while not task.finished:
+            task.waiter = loop.create_future()
+            await task.waiter
+        await self._take(task)
+        await self._write_final(task)
+
+    async def _take(self, task: Task) -> list[bytes]:
+        """The task's new frames, large outcomes moved to Blob storage (when the request allows)."""
+        frames = task.take_frames()
+        if task.out_url is not None and frames:
+            frames = [await self._offload(task, f) for f in frames]
+        if task.durable:
+            task.history.extend(frames)
+        return frames
+
+    async def _offload(self, task: Task, data: bytes) -> bytes:
+        if data[0] != protocol.F_OUTCOME or len(data) - protocol.FRAME_HEADER <= task.inline_limit:
+            return data
+        payload = memoryview(data)[protocol.FRAME_HEADER :]
+        meta, _blob = protocol.decode_outcome_payload(payload)
+        first, n = int(meta["first"]), int(meta["n"])
+        name = f"{task.out_prefix}/{first}.out"
+        try:
+            await self._put_blob(task, name, payload)
+        except BlobError as exc:
+            log.warning("could not write the result of %s to Blob storage: %s", task.call_id, exc)
+            message = f"the runtime could not write the result to Blob storage: {exc}"
+            return _storage_failure(first, n, message, self.settings.replica)
+        return protocol.encode_ref(first, n, name, len(payload))
+
+    async def _write_final(self, task: Task) -> None:
+        """For a durable call: every frame it produced, in one blob, where the client looks if its
+        stream was cut."""
+        if not task.durable or task.out_url is None or task.final_written:
+            return
+        task.final_written = True
+        try:
+            await self._put_blob(task, f"{task.out_prefix}/final.out", b"".join(task.history) + protocol.END_FRAME)
+        except BlobError as exc:
+            log.warning("could not write the outcome of %s to Blob storage: %s", task.call_id, exc)
+
+    # -- blob transfers with the request's SAS URLs ---------------------------------------
+
+    async def _fetch_blob(self, url: str, *, expected: int | None = None) -> bytes:
+        assert self._http is not None
+        limit = self.settings.max_blob
+        try:
+            async with self._http.get(url) as resp:
+                if resp.status != 200:
+                    raise BlobError(f"HTTP {resp.status} reading {redact(url)}")
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise BlobError(f"{redact(url)} holds {resp.content_length} bytes, above ACX_MAX_BLOB_BYTES={limit}")
+                data = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise BlobError(f"{type(exc).__name__} reading {redact(url)}") from None
+        if expected is not None and len(data) != expected:
+            raise BlobError(f"{redact(url)} holds {len(data)} bytes, {expected} were announced")
+        return data
+
+    async def _put_blob(self, task: Task, name: str, data: bytes | memoryview) -> None:
+        assert self._http is not None and task.out_url is not None
+        base, _, sas = task.out_url.partition("?")
+        url = f"{base.rstrip('/')}/{urllib.parse.quote(name)}?{sas}"
+        try:
+            async with self._http.put(url, data=bytes(data), headers={"x-ms-blob-type": "BlockBlob"}) as resp:
+                if resp.status not in (200, 201):
+                    raise BlobError(f"HTTP {resp.status} writing {redact(url)}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise BlobError(f"{type(exc).__name__} writing {redact(url)}") from None
 
     async def _tick(self) -> None:
         """Mark calls that have been silent for a heartbeat interval; their handler writes one."""
@@ -247,6 +392,9 @@ class Server:
 
     async def start(self) -> list[Any]:
         await self.pool.start()
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300), auto_decompress=False
+        )
         self.runner = web.AppRunner(
             self.app(),
             handler_cancellation=True,
@@ -284,7 +432,11 @@ class Server:
                 log.warning("in-flight calls did not finish within the grace period")
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._background:  # durable calls finishing after their client was cut off
+            await asyncio.wait(self._background, timeout=self._grace)
         await self.pool.close()
+        if self._http is not None:
+            await self._http.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 

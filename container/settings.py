@@ -75,6 +75,7 @@ class Settings:
     replica: str = ""
     shutdown_grace: float = 30.0
     fn_cache_bytes: int = 256 * 1024 * 1024
+    max_blob: int = 16 * 1024 * 1024 * 1024
     log_level: str = "INFO"
     parent_fd: int | None = None
     ready_fd: int | None = None
@@ -127,6 +128,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         replica=env.get("ACX_REPLICA_ID") or env.get("CONTAINER_APP_REPLICA_NAME") or socket.gethostname(),
         shutdown_grace=_num(env, "ACX_SHUTDOWN_GRACE", 30.0),
         fn_cache_bytes=int(_num(env, "ACX_FUNCTION_CACHE_BYTES", 256 * 1024 * 1024, integer=True)),
+        max_blob=int(_num(env, "ACX_MAX_BLOB_BYTES", 16 * 1024**3, integer=True, minimum=1024)),
         log_level=env.get("ACX_LOG_LEVEL", "INFO").upper(),
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,

@@ -94,6 +94,7 @@ class ArmEndpoint:
         consumption_only: tuple[str, ...] = (),
         cold_start: float = 0.0,
         retry_after: int = 1,
+        ingress_timeout: float | None = None,
     ) -> None:
         self.workdir = workdir
         self.state = ArmState(subscription, set(resource_groups))
@@ -101,6 +102,11 @@ class ArmEndpoint:
             self._add_environment(resource_groups[0], name, location, profiles=name not in consumption_only)
         self.cold_start = cold_start
         self.retry_after = retry_after
+        #: Like Container Apps' ingress (240 s there): cut any request still open after this long.
+        self.ingress_timeout = ingress_timeout
+        self.cuts = 0
+        #: The Blob storage (an Azurite server and a container) the tests' clients pair with it.
+        self.storage: tuple[Any, str] | None = None
         self.requests: list[Recorded] = []
         self.ingress_hits: list[IngressHit] = []
         self.replicas: dict[str, Replica] = {}
@@ -433,6 +439,7 @@ class ArmEndpoint:
         assert self._session is not None
         upstream = f"http://127.0.0.1:{replica.upstream}{request.path_qs}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "transfer-encoding")}
+        deadline = None if self.ingress_timeout is None else now + self.ingress_timeout
         async with self._session.request(request.method, upstream, data=await request.read(), headers=headers) as up:
             resp = web.StreamResponse(status=up.status)
             for k in ("Content-Type", "X-Acx-Replica", "Retry-After"):
@@ -441,7 +448,17 @@ class ArmEndpoint:
             if up.content_length is not None:
                 resp.content_length = up.content_length
             await resp.prepare(request)
-            async for chunk in up.content.iter_any():
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    chunk = await asyncio.wait_for(up.content.readany(), left)
+                except asyncio.TimeoutError:
+                    self.cuts += 1
+                    if request.transport is not None:
+                        request.transport.abort()  # the ingress limit: the client sees a cut stream
+                    return resp
+                if not chunk:
+                    break
                 await resp.write(chunk)
             await resp.write_eof()
             return resp

@@ -169,6 +169,91 @@ def tree(pid):
 """
 
 
+AZURITE_VERSION = "3.35.0"
+#: Azurite's well-known development account (public, documented by Microsoft; not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_executable() -> Path:
+    """Azurite's blob server: where nox installed it, or installed here with npm on first use."""
+    configured = os.environ.get("ACX_TEST_AZURITE")
+    if configured:
+        return Path(configured)
+    root = REPO / ".azurite"
+    exe = root / "node_modules" / ".bin" / "azurite-blob"
+    if not exe.exists():
+        subprocess.run(
+            ["npm", "install", "--prefix", str(root), f"azurite@{AZURITE_VERSION}", "--no-audit", "--no-fund", "--silent"],
+            check=True,
+            timeout=600,
+        )
+    return exe
+
+
+class Azurite:
+    """One Azurite blob server on a free loopback port, its data in memory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = workdir / f"azurite-{self.port}.log"
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [str(azurite_executable()), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+                 "--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"],
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"Azurite did not start: {self.log.read_text(errors='replace')}") from None
+                time.sleep(0.05)
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};"
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """Azurite for the whole session (each test uses its own container)."""
+    server = Azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def container(request: pytest.FixtureRequest) -> str:
+    """A container name of this test's own (3-63 lowercase letters, digits, hyphens)."""
+    import hashlib
+
+    return "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+
+
+def storage_config(azurite: Azurite, container: str, **lithops: object) -> dict[str, object]:
+    """A config dict using Azurite for storage and the local runtime for calls."""
+    return {
+        "lithops": {"storage": "azure_storage", **lithops},
+        "azure_storage": {"connection_string": azurite.connection_string, "container": container},
+    }
+
+
 def run_python(
     code: str, *, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -30,9 +30,12 @@ from async_ca_exec import (
     DeploymentError,
     RuntimeMismatchError,
     RuntimeNotFoundError,
+    Storage,
 )
 from async_ca_exec.config import load_config
 from async_ca_exec.runtimes import azure as az
+
+from conftest import Azurite
 
 TESTS = Path(__file__).resolve().parent
 SUB = "00000000-0000-0000-0000-000000000001"
@@ -44,9 +47,10 @@ def add7(x: int) -> int:
 
 
 @pytest.fixture
-def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ArmEndpoint]:
+def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str) -> Iterator[ArmEndpoint]:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     endpoint = ArmEndpoint(tmp_path).start()
+    endpoint.storage = (azurite, container)
     try:
         yield endpoint
     finally:
@@ -73,7 +77,7 @@ def config(arm: ArmEndpoint, tmp_path: Path, **overrides: Any) -> Path:
             "docker_password": REGISTRY_PASSWORD,
             "startup_timeout": 30,
         },
-        "azure_storage": {"storage_account_name": "acct", "storage_account_key": "c3RvcmFnZS1rZXk="},
+        "azure_storage": {"connection_string": arm.storage[0].connection_string, "container": arm.storage[1]},
     }
     for section, values in overrides.items():
         doc.setdefault(section, {}).update(values)
@@ -87,8 +91,7 @@ def apps_for(cfg_path: Path, **kw: Any) -> az.AzureApps:
 
 
 def executor(cfg_path: Path, **kw: Any) -> AsyncExecutor:
-    with pytest.warns(UserWarning, match="storage"):
-        return AsyncExecutor(config=cfg_path, credential=StaticToken(), **kw)
+    return AsyncExecutor(config=cfg_path, credential=StaticToken(), **kw)
 
 
 DEFAULT = az.default_image("myregistry.azurecr.io")
@@ -129,8 +132,7 @@ async def test_deploy_invoke_update_list_delete_clean_end_to_end(arm: ArmEndpoin
 
 async def test_function_executor_runs_the_seed_on_azure(arm: ArmEndpoint, tmp_path: Path) -> None:
     cfg = config(arm, tmp_path)
-    with pytest.warns(UserWarning, match="storage"):
-        fexec = acx.FunctionExecutor(backend="azure_containers", config=cfg, credential=StaticToken())
+    fexec = acx.FunctionExecutor(backend="azure_containers", config=cfg, credential=StaticToken())
     with fexec:
         fexec.call_async(add7, 3)
         assert fexec.get_result() == 10
@@ -180,20 +182,30 @@ async def test_app_resource_body_is_exact(
                         {"name": "ACX_HMAC_KEY", "secretRef": "acx-hmac-key"},
                         {"name": "ACX_SERVER_PORT", "value": "8080"},
                         {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
-                        {"name": "ACX_RUNTIME_TIMEOUT", "value": "230"},  # 900 lowered: the ingress cuts at 240 s
-                        {"name": "ACX_SHUTDOWN_GRACE", "value": "235"},
+                        {"name": "ACX_RUNTIME_TIMEOUT", "value": "900"},
+                        {"name": "ACX_SHUTDOWN_GRACE", "value": "595"},
                     ],
                     "probes": [{"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8080},
                                 "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}],
                 }],
                 "scale": {"minReplicas": 0, "maxReplicas": 250, "rules": [
                     {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}]},
-                "terminationGracePeriodSeconds": 240,
+                "terminationGracePeriodSeconds": 600,
             },
             "workloadProfileName": "Consumption",
         },
     }  # fmt: skip
     assert info.app == az.app_name(image, memory) and len(info.app) <= 32
+
+
+async def test_without_blob_storage_calls_are_capped_below_the_ingress_cut(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, lithops={"storage": None}, azure_containers={"runtime_timeout": 900})
+    notes: list[str] = []
+    async with apps_for(cfg, progress=notes.append) as apps:
+        await apps.deploy("default")
+    env = {e["name"]: e.get("value") for e in arm.bodies("PUT")[0]["properties"]["template"]["containers"][0]["env"]}
+    assert env["ACX_RUNTIME_TIMEOUT"] == "230" and any("lowered to 230 s" in n for n in notes)
+    assert load_config(cfg, env={}).runtime_timeout == 230
 
 
 def test_app_names_follow_the_container_apps_rule() -> None:
@@ -339,9 +351,12 @@ async def test_apps_go_to_their_environments_region(arm: ArmEndpoint, tmp_path: 
     assert info.state == "Succeeded" and arm.bodies("PUT")[0]["location"] == "westeurope"
 
 
-async def test_consumption_only_environments_stop_at_4096_mb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_consumption_only_environments_stop_at_4096_mb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     arm = ArmEndpoint(tmp_path, consumption_only=("acx",)).start()
+    arm.storage = (azurite, container)
     try:
         async with apps_for(config(arm, tmp_path)) as apps:
             with pytest.raises(ConfigError, match="runtime_memory=8192 needs more than the 2 vCPU / 4 GiB"):
@@ -510,3 +525,46 @@ async def test_the_suite_cannot_reach_the_managed_identity_endpoint() -> None:
     # 169.254.169.254 fails loudly here instead of leaving the machine.
     with pytest.raises(OSError, match=r"only use 127\.0\.0\.1"):
         await asyncio.open_connection("169.254.169.254", 80)
+
+
+def slow_once(path: str, seconds: float) -> str:
+    with open(path, "a") as f:
+        f.write("ran\n")
+    time.sleep(seconds)
+    return "done"
+
+
+async def test_a_call_longer_than_the_ingress_cut_returns_its_result_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    arm = ArmEndpoint(tmp_path, ingress_timeout=3).start()
+    arm.storage = (azurite, container)
+    try:
+        cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 3})
+        async with apps_for(cfg) as apps:
+            await apps.deploy("default")
+        marker = tmp_path / "runs"
+        async with executor(cfg, timeout=60) as ex:
+            assert await ex.submit(slow_once, str(marker), 20) == "done"
+            summary = ex.job_summary()
+        assert arm.cuts >= 1  # the ingress did cut the call's stream
+        assert summary["recovered_from_storage"] == 1 and summary["retries"] == 0
+        assert marker.read_text() == "ran\n"  # it ran exactly once
+        async with Storage(load_config(cfg, env={})) as st:
+            left = [b.name for b in await st.list("acx/jobs/")]
+        assert left == []  # its outcome blob was removed once read
+    finally:
+        arm.stop()
+
+
+async def test_runtime_metadata_is_recorded_in_blob_and_clean_removes_everything(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+        async with Storage(load_config(cfg, env={})) as st:
+            doc = json.loads(await st.get(f"acx/runtimes/{info.app}.json"))
+            assert doc["meta"]["protocol"] == 1 and doc["app"] == info.app
+            await st.put("acx/jobs/leftover/x.in", b"stale")
+            await apps.clean()
+            assert await st.list("acx/") == []

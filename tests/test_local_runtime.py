@@ -91,9 +91,10 @@ async def test_a_runtime_that_cannot_start_says_why(tmp_path: Path) -> None:
 async def test_garbage_collected_executor_stops_its_runtime() -> None:
     import gc
 
+    before = children(os.getpid())
     ex = AsyncExecutor()
     await ex.start()
-    tree = children(os.getpid())
+    tree = children(os.getpid()) - before
     assert tree
     runtime = ex.runtime
     await ex._invoker.aclose()  # type: ignore[union-attr]  # the user forgot aclose(); drop every reference

@@ -135,10 +135,11 @@ async def test_works_when_called_straight_from_a_coroutine() -> None:
 
 
 def test_close_stops_every_process() -> None:
+    before = children(os.getpid())
     f = FunctionExecutor()
     f.map(add7, [1])
     assert f.get_result() == [8]
-    tree = children(os.getpid())
+    tree = children(os.getpid()) - before
     assert tree
     f.close()
     f.close()

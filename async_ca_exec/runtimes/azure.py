@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import AZURE_CALL_LIMIT, Config, memory_pair
+from ..config import Config, memory_pair
 from ..errors import (
     AsyncCAExecError,
     AuthenticationError,
@@ -36,6 +36,7 @@ from ..errors import (
     RuntimeNotFoundError,
 )
 from ..invoker import Endpoint
+from ..storage import PREFIX, Storage
 from .common import check_compatible, fetch_meta, wait_ready
 
 log = logging.getLogger("async_ca_exec.azure")
@@ -52,9 +53,6 @@ TAG_RUNTIME = "acx-runtime"
 TAG_MEMORY = "acx-memory"
 #: Azure Container Apps allows at most this termination grace period (seconds).
 MAX_GRACE = 600
-#: The ingress cuts a request after 240 s. Until results can come back through Blob storage,
-#: a call on Azure may run at most this long (the runtime kills it, so it is never re-run).
-CALL_LIMIT = AZURE_CALL_LIMIT
 #: Consumption-only environments stop at 2 vCPU / 4 GiB per replica.
 CONSUMPTION_ONLY_MAX_MEMORY = 4096
 #: Longest a single ARM operation (create, update, delete) may take before we give up.
@@ -290,6 +288,10 @@ class RuntimeInfo:
 # metadata cache (no secrets)
 
 
+def runtime_blob(app: str) -> str:
+    return f"{PREFIX}/runtimes/{app}.json"
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "async-ca-exec" / "runtimes"
@@ -456,6 +458,8 @@ class AzureApps:
         self._own_credential = credential is None
         self._client: Any = None
         self._progress = progress or (lambda msg: log.info("%s", msg))
+        #: Where runtime metadata is kept besides the local cache, when Blob storage is configured.
+        self._storage: Storage | None = Storage(cfg, credential=credential) if cfg.storage_configured else None
 
     async def __aenter__(self) -> AzureApps:
         await self.open()
@@ -487,6 +491,8 @@ class AzureApps:
             raise
 
     async def aclose(self) -> None:
+        if self._storage is not None:
+            await self._storage.aclose()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -636,13 +642,14 @@ class AzureApps:
         runtime_timeout = ac.runtime_timeout if timeout is None else timeout
         if runtime_timeout <= 0:
             raise ConfigError(f"timeout={runtime_timeout!r} must be a positive number of seconds")
-        if runtime_timeout > CALL_LIMIT:
+        limit = self.cfg.call_limit
+        if limit is not None and not self.cfg.storage_configured and runtime_timeout > limit:
             self._progress(
-                f"note: calls on Azure are limited to {CALL_LIMIT:g} s (the ingress cuts requests at 240 s and "
-                f"Blob storage for longer results is not available yet); runtime_timeout {runtime_timeout:g} s is "
-                f"lowered to {CALL_LIMIT:g} s"
+                f"note: without Blob storage a call on Azure can run at most {limit:g} s (the ingress cuts requests "
+                f"at {limit + 10:g} s); runtime_timeout {runtime_timeout:g} s is lowered to {limit:g} s; configure "
+                "azure_storage for longer calls"
             )
-            runtime_timeout = CALL_LIMIT
+            runtime_timeout = limit
         env = await self.environment(create=create_environment)
         profile = "Consumption" if "Consumption" in env.profiles else (env.profiles[0] if env.profiles else None)
         if profile is None and memory > CONSUMPTION_ONLY_MAX_MEMORY:
@@ -721,6 +728,10 @@ class AzureApps:
         check_compatible(meta, where=where)
         path = record_meta(t, info.app, image, memory, info.fqdn, meta)
         self._progress(f"recorded runtime metadata in {path}")
+        if self._storage is not None:
+            blob_name = runtime_blob(info.app)
+            await self._storage.put(blob_name, path.read_bytes())
+            self._progress(f"recorded runtime metadata in blob {self._storage.container}/{blob_name}")
         return meta
 
     async def _select(self, which: str) -> list[dict[str, Any]]:
@@ -759,6 +770,8 @@ class AzureApps:
             poller = await self.client.container_apps.begin_delete(self.target.resource_group, name)
             await self._finish(poller)
         forget_meta(self.target, name)
+        if self._storage is not None:
+            await self._storage.delete(runtime_blob(name))
 
     async def delete(self, which: str) -> list[str]:
         """Delete runtimes and forget their metadata; ``all`` deletes every one of ours."""
@@ -769,11 +782,15 @@ class AzureApps:
         return names
 
     async def clean(self) -> list[str]:
-        """Every runtime of ours, and every cached metadata file for this resource group."""
+        """Every runtime of ours, every cached metadata file for this resource group and, with
+        Blob storage, everything the package keeps there (temporary job data, functions, metadata)."""
         deleted = await self.delete("all")
         prefix = f"{self.target.subscription_id}_{self.target.resource_group}_".lower()
         for path in cache_dir().glob(f"{prefix}*.json"):
             path.unlink(missing_ok=True)
+        if self._storage is not None:
+            blobs = await self._storage.delete_prefix(f"{PREFIX}/")
+            self._progress(f"deleted {blobs} blob(s) under {self._storage.container}/{PREFIX}/")
         return deleted
 
 

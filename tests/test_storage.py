@@ -1,0 +1,184 @@
+"""Azure Blob storage against Azurite: the Storage API, big payloads, cleanup, failures, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+
+from async_ca_exec import AsyncExecutor, ConfigError, Storage, StorageError
+from async_ca_exec.config import load_config
+
+from conftest import AZURITE_KEY, Azurite, storage_config
+
+
+def make_bytes(n: int) -> bytes:
+    return bytes(range(256)) * (n // 256) + bytes(n % 256)
+
+
+def digest_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def leftovers(azurite: Azurite, container: str, prefix: str = "acx/") -> list[str]:
+    async with Storage(load_config(storage_config(azurite, container), env={})) as st:
+        return [b.name for b in await st.list(prefix)]
+
+
+# -- the Storage API -----------------------------------------------------------------------
+
+
+async def test_storage_api_puts_gets_lists_and_deletes(azurite: Azurite, container: str) -> None:
+    async with Storage(load_config(storage_config(azurite, container), env={})) as st:
+        assert await st.list() == []  # the container does not exist yet: nothing in it
+        await st.put("data/a.txt", b"hello world")
+        await st.put("data/b.txt", b"x" * 1000)
+        await st.put("other/c.txt", b"c")
+        assert await st.get("data/a.txt") == b"hello world"
+        assert await st.get("data/a.txt", offset=6, length=5) == b"world"
+        assert await st.size("data/b.txt") == 1000 and await st.exists("data/b.txt")
+        assert [b.name for b in await st.list("data/")] == ["data/a.txt", "data/b.txt"]
+        assert await st.delete_prefix("data/") == 2
+        assert [b.name for b in await st.list()] == ["other/c.txt"]
+        assert await st.delete("other/c.txt", "missing.txt") == 1
+        with pytest.raises(StorageError, match=r"no such blob"):
+            await st.get("missing.txt")
+        with pytest.raises(ValueError, match="give a prefix"):
+            await st.delete_prefix("")
+
+
+def test_storage_config_errors_name_the_keys() -> None:
+    with pytest.raises(ConfigError, match="connection_string, or storage_account_name"):
+        Storage(load_config({}, env={}))
+    with pytest.raises(ConfigError, match="not a valid container name"):
+        Storage(load_config({"azure_storage": {"connection_string": "x", "container": "Bad_Name"}}, env={}))
+    with pytest.raises(ConfigError, match="storage_account_key"):
+        Storage(load_config({"azure_storage": {"storage_account_name": "acct"}}, env={}))
+
+
+async def test_lithops_account_name_and_key_work_with_a_blob_endpoint(azurite: Azurite, container: str) -> None:
+    cfg = load_config(
+        {"azure_storage": {"storage_account_name": "devstoreaccount1", "storage_account_key": AZURITE_KEY,
+                           "blob_endpoint": azurite.endpoint, "storage_bucket": container}},
+        env={},
+    )  # fmt: skip
+    async with Storage(cfg) as st:
+        await st.put("k", b"v")
+        assert await st.get("k") == b"v" and st.container == container
+
+
+# -- big payloads through Blob -------------------------------------------------------------
+
+
+def big_result(n: int) -> bytes:
+    return make_bytes(n)
+
+
+async def test_50_mb_argument_and_50_mb_result_round_trip_through_blob(azurite: Azurite, container: str) -> None:
+    payload = make_bytes(50_000_000)
+    async with AsyncExecutor(config=storage_config(azurite, container)) as ex:
+        assert await ex.submit(digest_of, payload) == digest_of(payload)
+        result = await ex.submit(big_result, 50_000_000)
+        assert len(result) == 50_000_000 and result == payload
+        t = ex._transfers
+        assert t is not None and t.uploads >= 1 and t.downloads >= 1  # both went through Blob
+    assert await leftovers(azurite, container) == []  # and their blobs are gone
+
+
+async def test_1000_calls_returning_1_mb_each_leave_no_blobs(azurite: Azurite, container: str) -> None:
+    cfg = storage_config(azurite, container, inline_limit=0.5)
+    async with AsyncExecutor(config=cfg, max_concurrency=32) as ex:
+        results = await ex.map(big_result, [1_000_000] * 1000)
+        assert len(results) == 1000 and all(len(r) == 1_000_000 for r in results)
+        assert results[0] == make_bytes(1_000_000)
+        assert ex._transfers is not None and ex._transfers.downloads == 1000
+    assert await leftovers(azurite, container) == []
+
+
+async def test_keep_data_leaves_the_blobs_for_inspection(azurite: Azurite, container: str) -> None:
+    cfg = storage_config(azurite, container, inline_limit=0.5, keep_data=True)
+    async with AsyncExecutor(config=cfg) as ex:
+        assert len(await ex.submit(big_result, 1_000_000)) == 1_000_000
+    names = await leftovers(azurite, container)
+    assert len(names) == 1 and names[0].startswith("acx/jobs/") and names[0].endswith("/0.out")
+
+
+async def test_a_big_function_is_uploaded_once_and_cached_by_the_replicas(azurite: Azurite, container: str) -> None:
+    table = make_bytes(6_000_000)  # a closure above the 4 MiB inline limit
+
+    def lookup(i: int) -> int:
+        return table[i]
+
+    async with AsyncExecutor(config=storage_config(azurite, container)) as ex:
+        assert await ex.map(lookup, range(50)) == list(table[:50])
+        assert await ex.map(lookup, range(50, 60)) == list(table[50:60])
+        t = ex._transfers
+        assert t is not None and t.uploads == 1  # one function blob, no argument blobs
+        fn_blobs = await leftovers(azurite, container, "acx/functions/")
+        assert len(fn_blobs) == 1
+        assert ex.job_summary()["function_uploads"] == 0  # never sent inline
+    assert await leftovers(azurite, container) == []  # removed when the executor closed
+
+
+async def test_without_storage_a_big_argument_on_azure_fails_fast_naming_the_setting(tmp_path: Path) -> None:
+    cfg = {
+        "lithops": {"backend": "azure_containers", "inline_limit": 1},
+        "azure": {"subscription_id": "s", "resource_group": "rg", "arm_endpoint": "https://127.0.0.1:9"},
+    }
+    ex = AsyncExecutor(config=cfg)
+    try:
+        with pytest.raises(ConfigError, match=r"2\.0 MiB, above lithops\.inline_limit=1 MiB.*azure_storage"):
+            await asyncio.wait_for(ex.map(len, [b"x" * 2 * 2**20]), 30)
+    finally:
+        await ex.aclose()
+
+
+async def test_without_storage_a_big_argument_goes_inline_on_the_local_runtime() -> None:
+    async with AsyncExecutor(config={"lithops": {"inline_limit": 1}}) as ex:
+        assert await ex.map(len, [b"x" * 3 * 2**20]) == [3 * 2**20]
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+async def test_storage_stopped_mid_job_fails_the_blob_calls_clearly_and_spares_the_others(tmp_path: Path, container: str) -> None:
+    own = Azurite(tmp_path)
+    try:
+        cfg = storage_config(own, container, inline_limit=0.5)
+        async with AsyncExecutor(config=cfg) as ex:
+            assert await ex.submit(digest_of, make_bytes(1_000_000)) == digest_of(make_bytes(1_000_000))
+            own.stop()
+            big = ex.submit(digest_of, make_bytes(1_000_000))
+            small = ex.submit(len, b"tiny")
+            with pytest.raises(StorageError, match=r"Azure Blob storage at http://127\.0\.0\.1:\d+/devstoreaccount1"):
+                await asyncio.wait_for(big, 120)
+            assert await asyncio.wait_for(small, 60) == 4
+            assert await ex.map(len, ["ab", "c"]) == [2, 1]
+    finally:
+        own.stop()
+
+
+async def test_secrets_never_reach_logs_or_errors(tmp_path: Path, container: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    own = Azurite(tmp_path)
+    errors: list[str] = []
+    try:
+        cfg = storage_config(own, container, inline_limit=0.5)
+        async with AsyncExecutor(config=cfg, log_level="DEBUG") as ex:
+            assert len(await ex.submit(big_result, 1_000_000)) == 1_000_000
+            sas_url = await ex._transfers.storage.read_url("acx/x")  # type: ignore[union-attr]
+            own.stop()
+            for call in (ex.submit(digest_of, make_bytes(1_000_000)),):
+                try:
+                    await asyncio.wait_for(call, 120)
+                except StorageError as exc:
+                    errors.append(repr(exc) + str(exc))
+    finally:
+        own.stop()
+    sig = sas_url.split("sig=")[1].split("&")[0]
+    assert errors
+    for text in [caplog.text, *errors]:
+        assert AZURITE_KEY not in text and sig not in text
