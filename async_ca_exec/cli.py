@@ -11,6 +11,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -58,6 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     rsub.add_parser("list", parents=[common], help="list deployed runtimes")
 
     sub.add_parser("clean", parents=[common], help="remove deployed runtimes, cached metadata, temporary blobs")
+
+    st = sub.add_parser("storage", parents=[common], help="put, get, list and delete blobs in Azure Blob storage")
+    ssub = st.add_subparsers(dest="action", metavar="ACTION")
+    ssub.required = True
+    put = ssub.add_parser("put", parents=[common], help="upload a file (- for stdin) as a blob")
+    put.add_argument("file")
+    put.add_argument("key")
+    get = ssub.add_parser("get", parents=[common], help="download a blob to a file (stdout without one)")
+    get.add_argument("key")
+    get.add_argument("file", nargs="?")
+    ls = ssub.add_parser("list", parents=[common], help="list blobs (under a prefix)")
+    ls.add_argument("prefix", nargs="?", default="")
+    rm = ssub.add_parser("delete", parents=[common], help="delete blobs (or everything under --prefix)")
+    rm.add_argument("keys", nargs="*")
+    rm.add_argument("--prefix", help="delete every blob under this prefix")
+    for action_parser in (put, get, ls, rm):
+        action_parser.add_argument("--container", help="container (default: azure_storage.container, or acx-data)")
     return p
 
 
@@ -146,6 +164,38 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+async def _storage(args: argparse.Namespace, cfg: Config) -> int:
+    from .storage import Storage
+
+    async with Storage(cfg, container=args.container) as st:
+        if args.action == "put":
+            data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()  # noqa: ASYNC240
+            await st.put(args.key, data)
+            print(f"uploaded {len(data)} bytes to {st.container}/{args.key}")
+        elif args.action == "get":
+            data = await st.get(args.key)
+            if args.file:
+                Path(args.file).write_bytes(data)  # noqa: ASYNC240 - one command, one task
+                print(f"downloaded {st.container}/{args.key} ({len(data)} bytes) to {args.file}")
+            else:
+                sys.stdout.buffer.write(data)
+        elif args.action == "list":
+            blobs = await st.list(args.prefix)
+            _table(["NAME", "SIZE", "MODIFIED"],
+                   [[b.name, str(b.size), b.last_modified.isoformat(timespec="seconds") if b.last_modified else "-"]
+                    for b in blobs])  # fmt: skip
+            if not blobs:
+                print(f"(no blobs under {st.container}/{args.prefix})")
+        elif args.action == "delete":
+            if not args.keys and not args.prefix:
+                raise AsyncCAExecError("name the blobs to delete, or --prefix")
+            n = await st.delete(*args.keys) if args.keys else 0
+            if args.prefix:
+                n += await st.delete_prefix(args.prefix)
+            print(f"deleted {n} blob(s) from {st.container}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.debug:
@@ -156,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_hello(args))
         if args.command == "runtime":
             return _runtime(args)
+        if args.command == "storage":
+            return asyncio.run(_storage(args, _load(args)))
         if args.command == "clean":
             cfg = _load(args)
             if cfg.backend == "azure":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import itertools
 import logging
 import secrets
@@ -12,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import partition as partitioning
 from . import serialize
 from .config import Config, load_config
 from .errors import ConfigError, SerializationError
@@ -345,6 +347,33 @@ class AsyncExecutor:
             raise
         return futures
 
+    async def _objects(
+        self,
+        fn: Callable[..., Any],
+        items: Any,
+        to_item: Callable[[Any], Item],
+        chunk_size: int | None,
+        chunk_number: int | None,
+        newline: str,
+    ) -> tuple[Any, Callable[[Any], Item]]:
+        """Object partitioning (Lithops): az:// or http(s) references become one call per byte
+        range, each given a CloudObject (as ``obj=`` when the function takes an ``obj``)."""
+        wants_obj = _takes(fn, "obj")
+        asked = chunk_size is not None or chunk_number is not None
+        if not partitioning.is_object_source(items) or not (asked or wants_obj):
+            if asked:
+                raise ValueError("obj_chunk_size/obj_chunk_number need az:// or http(s) object references as items")
+            return items, to_item
+        storage = None
+        if self.config.storage_configured:
+            await self.start()
+            assert self._transfers is not None
+            storage = self._transfers.storage
+        objects = await partitioning.partition(
+            items, storage=storage, chunk_size=chunk_size, chunk_number=chunk_number, newline=newline
+        )
+        return objects, (_as_obj if wants_obj else _single)
+
     async def _map_list(
         self,
         fn: Callable[..., Any],
@@ -355,9 +384,13 @@ class AsyncExecutor:
         timeout: float | None,
         return_exceptions: bool,
         kind: str = "M",
+        obj_chunk_size: int | None = None,
+        obj_chunk_number: int | None = None,
+        obj_newline: str = "\n",
     ) -> list[Any]:
         """Submit one call per item and gather the results in input order."""
         self._ensure_started()
+        items, to_item = await self._objects(fn, items, to_item, obj_chunk_size, obj_chunk_number, obj_newline)
         job = self._new_job(fn, timeout, kind, fail_fast=not return_exceptions, collect=True)
         try:
             await self._submit_all(job, items, to_item, chunksize, self._submit_slice)
@@ -380,16 +413,25 @@ class AsyncExecutor:
         chunksize: int = 1,
         timeout: float | None = None,
         progress: bool | None = None,
+        obj_chunk_size: int | None = None,
+        obj_chunk_number: int | None = None,
+        obj_newline: str = "\n",
     ) -> list[T]:
         """``[fn(x) for x in items]``, run remotely; results in input order.
 
         One call per item (``chunksize`` items per request). The first failure cancels the
         calls still running and is raised, unless ``return_exceptions=True``, which puts
         exceptions in the list instead. ``items`` may be an iterable or an async iterable.
+
+        Object partitioning (Lithops): ``items`` an ``az://container/prefix`` (or a blob, an
+        http(s) URL, or a list of those) and ``obj_chunk_size`` bytes (or ``obj_chunk_number``
+        parts per object): each call gets a :class:`~async_ca_exec.partition.CloudObject`,
+        as ``obj=`` when ``fn`` has an ``obj`` parameter.
         """
         return await self._map_list(
-            fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions
-        )
+            fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions,
+            obj_chunk_size=obj_chunk_size, obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
+        )  # fmt: skip
 
     async def starmap(
         self,
@@ -502,9 +544,16 @@ class AsyncExecutor:
         *,
         chunksize: int = 1,
         timeout: float | None = None,
+        obj_chunk_size: int | None = None,
+        obj_chunk_number: int | None = None,
+        obj_newline: str = "\n",
     ) -> T:
-        """``reduce_fn([map_fn(x) for x in items])`` with both steps run remotely."""
-        results = await self.map(map_fn, items, chunksize=chunksize, timeout=timeout)
+        """``reduce_fn([map_fn(x) for x in items])`` with both steps run remotely (items may be
+        object references, partitioned as in :meth:`map`)."""
+        results = await self.map(
+            map_fn, items, chunksize=chunksize, timeout=timeout, obj_chunk_size=obj_chunk_size,
+            obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
+        )  # fmt: skip
         invoker = self._ensure_started()
         job = self._new_job(reduce_fn, timeout, "R")
         (fut,) = self._submit_items(invoker, job, [((results,), {})])
@@ -595,6 +644,17 @@ def _request_id(job: Job, first: int, n: int) -> str:
 
 def _single(x: Any) -> Item:
     return ((x,), {})
+
+
+def _as_obj(x: Any) -> Item:
+    return ((), {"obj": x})
+
+
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _star(x: Any) -> Item:

@@ -88,6 +88,17 @@ class Storage:
         if s.storage_account_name and not (s.storage_account_key or s.connection_string or s.account_url):
             raise ConfigError("azure_storage.storage_account_name needs storage_account_key (or use account_url)")
 
+    def sibling(self, container: str) -> Storage:
+        """The same account and credentials, another container (open it before use)."""
+        other = Storage.__new__(Storage)
+        other.__dict__.update(self.__dict__)
+        other.container = container
+        other._service = other._container_client = None
+        other._created = False
+        other._own_credential = False  # the credential stays this Storage's to close
+        other._limit = asyncio.Semaphore(self._section.max_concurrency)
+        return other
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Storage:

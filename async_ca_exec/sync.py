@@ -228,6 +228,7 @@ class FunctionExecutor:
         credential: Any = None,
         progress: bool | None = None,
         log_level: str | bool | None = None,
+        keep_data: bool | None = None,
         config_file: str | Path | None = None,
         mode: str | None = None,
         monitoring: str | None = None,
@@ -249,6 +250,7 @@ class FunctionExecutor:
             credential=credential,
             progress=progress,
             log_level=log_level if isinstance(log_level, str) else None,
+            keep_data=keep_data,
         )
         if backend_options:
             section = self._ex.config.backend_section
@@ -325,9 +327,10 @@ class FunctionExecutor:
         exclude_modules: list[str] | None = None,
     ) -> list[ResponseFuture]:
         """One call per item; returns the futures (collect them with :meth:`get_result`)."""
-        if obj_chunk_size is not None or obj_chunk_number is not None:
-            raise NotImplementedError("object-storage partitioning (obj_chunk_size) is not available in this release yet")
-        futures = self._map(map_function, map_iterdata, extra_args, chunksize, timeout, extra_env, kind="M")
+        futures = self._map(
+            map_function, map_iterdata, extra_args, chunksize, timeout, extra_env, kind="M",
+            obj=(obj_chunk_size, obj_chunk_number, obj_newline),
+        )  # fmt: skip
         self.last_call = "map"
         return futures
 
@@ -341,6 +344,7 @@ class FunctionExecutor:
         extra_env: dict[str, str] | None,
         *,
         kind: str,
+        obj: tuple[int | None, int | None, str] = (None, None, "\n"),
     ) -> list[ResponseFuture]:
         if extra_env:
             raise NotImplementedError("extra_env is not available in this release yet")
@@ -362,10 +366,11 @@ class FunctionExecutor:
             return args, kwargs
 
         async def submit() -> list[CallFuture]:
+            items, convert = await self._ex._objects(fn, iterdata, to_item, *obj)
             return await self._ex._map_futures(
                 fn,
-                iterdata,
-                to_item=to_item,
+                items,
+                to_item=convert,
                 chunksize=chunksize or self.config.lithops.chunksize,
                 timeout=timeout,
                 kind=kind,
@@ -394,9 +399,12 @@ class FunctionExecutor:
         exclude_modules: list[str] | None = None,
     ) -> list[ResponseFuture]:
         """Map, then one reducer called with the list of map results; get_result returns its value."""
-        if obj_chunk_size is not None or obj_chunk_number is not None or obj_reduce_by_key:
-            raise NotImplementedError("object-storage partitioning is not available in this release yet")
-        map_futs = self._map(map_function, map_iterdata, extra_args, chunksize, timeout, extra_env, kind="M")
+        if obj_reduce_by_key:
+            raise NotImplementedError("obj_reduce_by_key is not available in this release yet")
+        map_futs = self._map(
+            map_function, map_iterdata, extra_args, chunksize, timeout, extra_env, kind="M",
+            obj=(obj_chunk_size, obj_chunk_number, obj_newline),
+        )  # fmt: skip
         for f in map_futs:
             f._read = True
             f._produce_output = False

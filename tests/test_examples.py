@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Azurite, storage_config
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run(name: str, tmp_path: Path) -> str:
+def run(name: str, tmp_path: Path, config: dict[str, object] | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
     env["HOME"] = str(tmp_path)  # no user config file
+    if config is not None:
+        import yaml
+
+        (tmp_path / "acx.yaml").write_text(yaml.safe_dump(config))
+        env["ACX_CONFIG_FILE"] = str(tmp_path / "acx.yaml")
     r = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -38,7 +45,12 @@ def test_async_patterns_example(tmp_path: Path) -> None:
     assert "after cancel: [0.01, 0.01, 0.01, 0.01]" in out
 
 
+def test_wordcount_over_blob_storage_example(tmp_path: Path, azurite: Azurite, container: str) -> None:
+    out = run("wordcount_blob.py", tmp_path, storage_config(azurite, container))
+    assert out.startswith("2000000 words; most common:")
+
+
 @pytest.mark.parametrize("path", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_every_example_is_covered_by_a_test(path: str) -> None:
-    tested = {"quickstart.py", "lithops_seed.py", "async_patterns.py"}
+    tested = {"quickstart.py", "lithops_seed.py", "async_patterns.py", "wordcount_blob.py"}
     assert path in tested, f"examples/{path} has no test"

@@ -182,3 +182,36 @@ async def test_secrets_never_reach_logs_or_errors(tmp_path: Path, container: str
     assert errors
     for text in [caplog.text, *errors]:
         assert AZURITE_KEY not in text and sig not in text
+
+
+def test_acx_storage_commands_put_get_list_delete(azurite: Azurite, container: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "acx.yaml"
+    cfg.write_text(yaml.safe_dump(storage_config(azurite, container)))
+    src = tmp_path / "in.bin"
+    src.write_bytes(make_bytes(300_000))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
+    acx = [str(Path(sys.executable).with_name("acx")), "storage"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*acx, *args, "-c", str(cfg)], env=env, capture_output=True, text=True, timeout=120)
+
+    r = run("put", str(src), "data/in.bin")
+    assert r.returncode == 0 and "uploaded 300000 bytes" in r.stdout, r.stderr
+    assert run("put", str(src), "data/copy.bin").returncode == 0
+    r = run("list", "data/")
+    assert r.returncode == 0 and "data/in.bin" in r.stdout and "300000" in r.stdout
+    out = tmp_path / "out.bin"
+    r = run("get", "data/in.bin", str(out))
+    assert r.returncode == 0 and out.read_bytes() == src.read_bytes()
+    r = run("delete", "data/in.bin")
+    assert r.returncode == 0 and "deleted 1 blob(s)" in r.stdout
+    r = run("delete", "--prefix", "data/")
+    assert r.returncode == 0 and "deleted 1 blob(s)" in r.stdout
+    r = run("get", "data/in.bin")
+    assert r.returncode == 1 and "no such blob" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,132 @@
+"""Object partitioning: line-aligned byte ranges of blobs and URLs, map and map_reduce over them."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from async_ca_exec import AsyncExecutor, FunctionExecutor, Storage
+from async_ca_exec.config import load_config
+from async_ca_exec.partition import CloudObject, _ranges
+
+from conftest import Azurite, storage_config
+
+
+class BytesObject(CloudObject):
+    """A CloudObject reading from memory instead of HTTP (a test double)."""
+
+    data: bytes = b""
+
+    def _get(self, start: int, end: int) -> bytes:
+        return self.data[start : end + 1]
+
+
+def split(data: bytes, chunk: int) -> list[bytes]:
+    ranges, cs = _ranges(len(data), chunk, None)
+    parts = []
+    for i, r in enumerate(ranges):
+        o = BytesObject("b", "k", i, len(ranges), r, cs, len(data))
+        o.data = data
+        parts.append(o.data_stream.read())
+    return parts
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab\n", max_size=200).map(str.encode), st.integers(min_value=1, max_value=40))
+def test_partitions_cover_the_object_exactly_once_and_cut_no_line(data: bytes, chunk: int) -> None:
+    parts = split(data, chunk)
+    assert b"".join(parts) == data
+    ends = [p for p in parts if p and not p.endswith(b"\n")]
+    assert len(ends) <= 1 and all(data.endswith(p) for p in ends)  # only the object's last line may lack one
+    assert sum(p.count(b"\n") for p in parts) == data.count(b"\n")
+
+
+def test_lines_longer_than_a_partition_go_whole_to_the_partition_they_start_in() -> None:
+    data = b"x" * 25 + b"\n" + b"short\n" + b"y" * 30
+    parts = split(data, 10)
+    assert [p for p in parts if p] == [b"x" * 25 + b"\n", b"short\n", b"y" * 30]
+
+
+def count_lines(obj: CloudObject) -> tuple[int, bool]:
+    lines = obj.data_stream.read().splitlines()
+    whole = all(re.fullmatch(rb"line-\d{7}( \w+)+", line) for line in lines)
+    return len(lines), whole
+
+
+def words(obj: CloudObject) -> dict[str, int]:
+    c: collections.Counter[str] = collections.Counter()
+    for line in obj.data_stream:
+        c.update(line.decode().split())
+    return dict(c)
+
+
+def merge(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: collections.Counter[str] = collections.Counter()
+    for c in counts:
+        total.update(c)
+    return dict(total)
+
+
+VOCABULARY = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+
+
+def text_file(target: int) -> bytes:
+    lines, n = [], 0
+    i = 0
+    while n < target:
+        ws = " ".join(VOCABULARY[(i * 7 + k) % len(VOCABULARY)] for k in range(1 + i % 9))
+        line = f"line-{i:07d} {ws}\n".encode()
+        lines.append(line)
+        n += len(line)
+        i += 1
+    return b"".join(lines)
+
+
+@pytest.fixture
+async def text_blob(azurite: Azurite, container: str) -> bytes:
+    data = text_file(20 * 2**20)
+    async with Storage(load_config(storage_config(azurite, container), env={})) as st:
+        await st.put("data/big.txt", data)
+    return data
+
+
+async def test_a_20_mb_file_in_1_mb_chunks_counts_every_line_once(azurite: Azurite, container: str, text_blob: bytes) -> None:
+    async with AsyncExecutor(config=storage_config(azurite, container)) as ex:
+        results = await ex.map(count_lines, f"az://{container}/data/big.txt", obj_chunk_size=2**20)
+        assert len(results) == -(-len(text_blob) // 2**20)  # 20 MiB and a little: 21 chunks
+        assert sum(n for n, _ in results) == text_blob.count(b"\n")
+        assert all(whole for _, whole in results)  # no line was cut
+        local = collections.Counter(text_blob.decode().split())
+        assert await ex.map_reduce(words, f"az://{container}/data/", merge, obj_chunk_size=2**20) == dict(local)
+
+
+async def test_prefixes_several_blobs_chunk_numbers_and_urls(azurite: Azurite, container: str) -> None:
+    async with Storage(load_config(storage_config(azurite, container), env={})) as st:
+        await st.put("in/a.txt", text_file(50_000))
+        await st.put("in/b.txt", text_file(30_000))
+        await st.put("in/empty.txt", b"")
+        url = await st.read_url("in/a.txt")
+    expected_a = text_file(50_000).count(b"\n")
+    async with AsyncExecutor(config=storage_config(azurite, container)) as ex:
+        parts = await ex.map(count_lines, f"az://{container}/in/", obj_chunk_number=4)
+        assert len(parts) == 4 + 4 + 1
+        assert sum(n for n, _ in parts) == expected_a + text_file(30_000).count(b"\n")
+
+        def describe(obj: CloudObject) -> tuple[str, int, int]:
+            return obj.key, obj.part, obj.total_parts
+
+        described = await ex.map(describe, [f"az://{container}/in/b.txt", url], obj_chunk_size=10_000)
+        nb, na = -(-len(text_file(30_000)) // 10_000), -(-len(text_file(50_000)) // 10_000)
+        assert described[0] == ("in/b.txt", 0, nb) and described[nb][1:] == (0, na) and len(described) == na + nb
+        assert "sig=" not in repr(await ex.map(lambda obj: repr(obj), [url]))  # the SAS stays hidden
+
+
+def test_the_lithops_facade_partitions_too(azurite: Azurite, container: str, text_blob: bytes) -> None:
+    with FunctionExecutor(config=storage_config(azurite, container)) as fexec:
+        fexec.map(count_lines, f"az://{container}/data/big.txt", obj_chunk_size=4 * 2**20)
+        results = fexec.get_result()
+    assert sum(n for n, _ in results) == text_blob.count(b"\n") and len(results) == -(-len(text_blob) // (4 * 2**20))
