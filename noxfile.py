@@ -20,7 +20,7 @@ def _azurite(session: nox.Session) -> None:
     if not exe.exists():
         session.run("npm", "install", "--prefix", str(prefix), AZURITE, "--no-audit", "--no-fund", "--silent",
                     external=True)  # fmt: skip
-    session.env["ACX_TEST_AZURITE"] = str(exe)
+    session.env["AZURITE_BLOB_EXECUTABLE"] = str(exe)
 
 
 @nox.session

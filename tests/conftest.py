@@ -177,7 +177,7 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 def azurite_executable() -> Path:
     """Azurite's blob server: where nox installed it, or installed here with npm on first use."""
-    configured = os.environ.get("ACX_TEST_AZURITE")
+    configured = os.environ.get("AZURITE_BLOB_EXECUTABLE")
     if configured:
         return Path(configured)
     root = REPO / ".azurite"
