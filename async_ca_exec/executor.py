@@ -159,7 +159,9 @@ class AsyncExecutor:
                     inline_limit=self._inline_limit,
                     keep_data=self.config.lithops.keep_data,
                     call_limit=self.config.call_limit,
+                    executor_id=self.executor_id,
                 )
+                self._transfers.key = endpoint.key
         except BaseException as exc:
             self._invoker.fail_start(exc)
             raise
@@ -209,6 +211,12 @@ class AsyncExecutor:
     def _new_job(self, fn: Callable[..., Any], timeout: float | None, kind: str, **job_options: Any) -> Job:
         t = self._call_timeout(timeout)
         fn_bytes, fn_hash = serialize.dumps_function(fn)
+        if len(fn_bytes) > self._inline_limit and self.config.backend == "azure" and not self.config.storage_configured:
+            raise ConfigError(
+                f"function {getattr(fn, '__qualname__', fn)!r} pickles to {len(fn_bytes) / 2**20:.1f} MiB (with what it "
+                f"refers to), above lithops.inline_limit={self.config.lithops.inline_limit:g} MiB; on Azure larger "
+                "data travels through Blob storage: configure azure_storage, or raise lithops.inline_limit"
+            )
         key = f"{self.executor_id}-{kind}{next(self._jobs):03d}"
         return Job(key, fn_bytes, fn_hash, t, self._stats, **job_options)
 

@@ -317,10 +317,14 @@ class _Retry(Exception):
     """A transport failure worth another attempt; ``unavailable``: nothing ran (the runtime is
     not there yet: refused connection, 502/503/504/429)."""
 
-    def __init__(self, cause: str, retry_after: float | None = None, *, unavailable: bool = False) -> None:
+    def __init__(
+        self, cause: str, retry_after: float | None = None, *, unavailable: bool = False, maybe_ran: bool = False
+    ) -> None:
         super().__init__(cause)
         self.retry_after = retry_after
         self.unavailable = unavailable
+        #: A gateway's 502/504: the call may have started behind it (and, if durable, run on).
+        self.maybe_ran = maybe_ran
 
 
 def build_error(info: dict[str, Any], exc_blob: bytes | None, call_id: str) -> BaseException:
@@ -568,6 +572,12 @@ class Invoker:
             except AsyncCAExecError as exc:
                 self._fail(req, exc)
                 return
+            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # a bug must fail its calls, not kill the lane and hang them
+                log.exception("delivering %s failed unexpectedly", req.call_id)
+                self._fail(req, InvocationError(f"call {req.call_id} failed in the client: {type(exc).__name__}: {exc}"))
+                return
         if last is not None and last.unavailable and ep.startup_timeout and self._unavailable_since is not None:
             waited = time.monotonic() - self._unavailable_since
             message = (
@@ -611,22 +621,20 @@ class Invoker:
         if req.with_fn:
             self._stats.function_uploads += 1
         assert self._session is not None
-        answered = False
         try:
             async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(ep)) as resp:
                 if resp.status != 200:
-                    await self._refused(resp, req)
-                answered = True
+                    try:
+                        await self._refused(resp, req)
+                    except _Retry as r:
+                        if r.maybe_ran and req.durable:  # a gateway timeout: the call may run on
+                            return await self._recover(req, str(r))
+                        raise
                 if resp.content_length is not None:
                     data = await resp.read()
                     ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
                 else:
                     ended = await self._stream(req, resp.content)
-        except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts
-            cause = f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})"
-            if answered and req.durable:
-                return await self._recover(req, cause)
-            raise _Retry(cause) from None
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
             raise InvocationError(
                 f"TLS verification of {self._url} failed: {exc}; behind a proxy or with a private CA, "
@@ -634,37 +642,59 @@ class Invoker:
             ) from None
         except aiohttp.ClientConnectorError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
-        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            if answered and req.durable:  # cut while running: the outcome goes to Blob storage
-                return await self._recover(req, f"{type(exc).__name__}: {exc}")
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                cause = f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})"
+            else:
+                cause = f"{type(exc).__name__}: {exc}"
+            if req.durable:  # the call may be running on: its outcome comes through Blob storage
+                return await self._recover(req, cause)
+            raise _Retry(cause) from None
         except protocol.ProtocolError as exc:
             raise _Retry(f"malformed response: {exc}") from None
         if not ended:
-            if answered and req.durable:
+            if req.durable:
                 return await self._recover(req, "the response ended early")
             raise _Retry("the response ended before all results arrived")
 
     async def _recover(self, req: Request, cause: str) -> None:
-        """A durable call's stream was cut: its outcome arrives in Blob storage; wait for it."""
+        """A durable call's stream was cut: the runtime goes on with it, says it is alive in Blob
+        storage and writes its outcome there at the end. Wait for that; send the call again only
+        if its runtime is silent (then it has died)."""
         t = self._transfers
         assert t is not None
-        waited = req.job.timeout * req.n + 60.0
-        deadline = time.monotonic() + waited
+        from . import transfer
+
+        deadline = time.monotonic() + req.job.timeout * req.n + 2 * transfer.ALIVE_GRACE
+        cut = last_change = time.monotonic()
+        last_alive: str | None = None
         delay = 0.25
         log.debug("call %s: stream cut (%s); waiting for its outcome in Blob storage", req.call_id, cause)
         while time.monotonic() < deadline:
-            data = await t.final(req)
-            if data is not None:
-                self._stats.recovered += 1
-                if not await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame)):
-                    raise protocol.ProtocolError("the outcome blob ends early")
-                return
+            try:
+                data = await t.final(req)
+                if data is not None:
+                    if not await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame), replay=True):
+                        raise protocol.ProtocolError("it ends early")
+                    self._stats.recovered += 1
+                    t.done(req, recovered=True)
+                    return
+            except protocol.ProtocolError as exc:
+                raise InvocationError(f"call {req.call_id}: its outcome in Blob storage is malformed: {exc}") from None
+            alive = await t.alive(req)
+            now = time.monotonic()
+            if alive != last_alive:
+                last_alive, last_change = alive, now
+            silent = now - last_change
+            if (alive is None and now - cut > transfer.ALIVE_GRACE) or (
+                alive is not None and silent > 3 * transfer.ALIVE_INTERVAL
+            ):
+                raise _Retry(f"the runtime running it went silent after the stream was cut ({cause})")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 5.0)
         raise InvocationError(
             f"call {req.call_id}: its connection was cut ({cause}) and its outcome did not reach Blob storage "
-            f"within {waited:.0f} s; the replica running it may have died"
+            f"within its timeout; the runtime may have lost it"
         )
 
     async def _refused(self, resp: aiohttp.ClientResponse, req: Request) -> None:
@@ -682,6 +712,7 @@ class Invoker:
                 # 503 and 429 mean the call never started (no replica yet, a draining one, or
                 # throttling); after a 502/504 it may have run, so those count as retries.
                 unavailable=status in (429, 503),
+                maybe_ran=status in (502, 504),
             )
         if status == 409 and code == protocol.UNKNOWN_FUNCTION and not req.with_fn:
             raise _SendFunction()
@@ -707,8 +738,10 @@ class Invoker:
             if await self._frames(req, iter(((ftype, payload),))):
                 return True
 
-    async def _frames(self, req: Request, frames: Any) -> bool:
-        """Apply frames to the request's calls; True once the END frame is seen."""
+    async def _frames(self, req: Request, frames: Any, *, replay: bool = False) -> bool:
+        """Apply frames to the request's calls; True once the END frame is seen. ``replay``: the
+        frames of a durable call from Blob, which repeat the logs the stream already brought."""
+        logs_seen: dict[int, int] = {}
         for ftype, payload in frames:
             if ftype == protocol.F_OUTCOME:
                 self._outcome(req, payload)
@@ -717,14 +750,19 @@ class Invoker:
                 if self._transfers is None:
                     raise protocol.ProtocolError("a reference frame, but this client has no Blob storage")
                 if any(not req.is_resolved(i) for i in range(ref["first"], min(req.n, ref["first"] + ref["n"]))):
-                    data = await self._transfers.fetch(ref["blob"], req)
+                    data = await self._transfers.fetch(ref["blob"], ref["sha256"], req)
                     self._outcome(req, memoryview(data))
                 else:
                     req.blobs.append(ref["blob"])
             elif ftype == protocol.F_LOG:
                 index, _stream, text = protocol.decode_log(payload)
                 if isinstance(req, FutureRequest) and 0 <= index < req.n and not req.futures[index].done():
-                    req.futures[index]._add_log(text)
+                    fut = req.futures[index]
+                    if replay:
+                        seen = logs_seen[index] = logs_seen.get(index, 0) + 1
+                        if seen <= len(fut._logs or ()):
+                            continue  # already came on the stream before the cut
+                    fut._add_log(text)
             elif ftype == protocol.F_END:
                 if req.unresolved:
                     raise protocol.ProtocolError(f"response ended with {req.unresolved} call(s) unanswered")

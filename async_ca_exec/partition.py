@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .storage import Storage
 
+PREFIX = "acx"  # the package's own blobs (as in storage.PREFIX; not imported: workers load this)
+
 _BLOCK = 1 << 20
 
 
@@ -56,51 +58,58 @@ class CloudObject:
             return b""
         req = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end}"})
         with urllib.request.urlopen(req, timeout=120) as resp:
-            data = resp.read()
-            if resp.status == 200 and (start > 0 or len(data) > end - start + 1):  # no range support
-                data = data[start : end + 1]
-        return bytes(data)
+            if resp.status != 206 and (start > 0 or end < self.size - 1):
+                raise OSError(
+                    f"{self.bucket}/{self.key}: the server ignores HTTP Range requests, so it cannot be read in "
+                    "parts; map over it without obj_chunk_size/obj_chunk_number"
+                )
+            return bytes(resp.read())
 
     def _chunks(self) -> Iterator[bytes]:
         start, end = self.data_byte_range
         size, nl = self.size, self.newline
+        k = len(nl)
         if size == 0 or end < start:
             return
         pos = start
-        if start > 0 and self._get(start - 1, start - 1) != nl:
+        if start > 0 and self._get(max(0, start - k), start - 1) != nl:
             # The line at `start` began in the previous partition: it is that partition's.
-            while pos < size:
-                data = self._get(pos, min(size, pos + _BLOCK) - 1)
-                i = data.find(nl)
-                if i >= 0:
-                    pos += i + len(nl)
-                    break
-                pos += len(data)
-            else:
-                return
+            # (A newline may straddle `start`: look from k-1 bytes before it.)
+            pos = self._after_newline(max(0, start - (k - 1)))
             if pos > end:
                 return  # no line starts in this partition
-        last = b""
+        tail = b""
         while pos <= end:
             data = self._get(pos, min(end, pos + _BLOCK - 1))
             if not data:
                 return
             yield data
-            last = data[-len(nl) :]
+            tail = (tail + data)[-k:]
             pos += len(data)
-        if last == nl:
+        if tail == nl or pos >= size:
             return
-        # The partition's last line runs on into the next one: read it to its end.
-        while pos < size:
-            data = self._get(pos, min(size, pos + _BLOCK) - 1)
-            if not data:
-                return
+        # The partition's last line runs on into the next one: read it to its newline.
+        stop = self._after_newline(max(0, pos - (k - 1)))
+        for at in range(pos, stop, _BLOCK):
+            yield self._get(at, min(stop, at + _BLOCK) - 1)
+
+    def _after_newline(self, pos: int) -> int:
+        """The position just after the first newline that starts at or after ``pos`` (or the size)."""
+        size, nl = self.size, self.newline
+        k = len(nl)
+        carry = b""  # the last k-1 bytes read: a newline may be split between two blocks
+        at = pos
+        while at < size:
+            block = self._get(at, min(size, at + _BLOCK) - 1)
+            if not block:
+                break
+            data = carry + block
             i = data.find(nl)
             if i >= 0:
-                yield data[: i + len(nl)]
-                return
-            yield data
-            pos += len(data)
+                return at - len(carry) + i + k
+            carry = data[-(k - 1) :] if k > 1 else b""
+            at += len(block)
+        return size
 
 
 class _PartitionReader(io.RawIOBase):
@@ -171,8 +180,9 @@ async def partition(
             container, _, prefix = src[len("az://") :].partition("/")
             st = storage if container == storage.container else storage.sibling(container)
             try:
-                blobs = [b for b in await st.list(prefix) if b.name == prefix or prefix.endswith("/") or not prefix
-                         or b.name.startswith(prefix)]  # fmt: skip
+                # The package's own data (acx/) is never an input, unless asked for by name.
+                blobs = [b for b in await st.list(prefix) if prefix.startswith(PREFIX + "/")
+                         or not b.name.startswith(PREFIX + "/")]  # fmt: skip
                 exact = [b for b in blobs if b.name == prefix]
                 blobs = exact or blobs
                 if not blobs:

@@ -321,7 +321,7 @@ F_HEARTBEAT = 1
 F_LOG = 2
 F_OUTCOME = 3
 F_END = 4
-#: An outcome too large for the response, written to Blob storage: JSON {"first", "n", "blob", "size"}.
+#: An outcome too large for the response, written to Blob: JSON {"first", "n", "blob", "size", "sha256"}.
 F_REF = 5
 FRAME_TYPES = frozenset((F_HEARTBEAT, F_LOG, F_OUTCOME, F_END, F_REF))
 
@@ -423,9 +423,9 @@ ERR_STORAGE = "storage"  # the runtime could not read or write the call's blobs
 ERROR_KINDS = frozenset((ERR_USER, ERR_TIMEOUT, ERR_CRASHED, ERR_SERIALIZATION, ERR_INTERNAL, ERR_STORAGE))
 
 
-def encode_ref(first: int, n: int, blob: str, size: int) -> bytes:
-    body = json.dumps({"first": first, "n": n, "blob": blob, "size": size}, separators=(",", ":")).encode()
-    return frame(F_REF, body)
+def encode_ref(first: int, n: int, blob: str, size: int, sha256: str) -> bytes:
+    doc = {"first": first, "n": n, "blob": blob, "size": size, "sha256": sha256}
+    return frame(F_REF, json.dumps(doc, separators=(",", ":")).encode())
 
 
 def decode_ref(payload: memoryview) -> dict[str, Any]:
@@ -439,6 +439,7 @@ def decode_ref(payload: memoryview) -> dict[str, Any]:
         and isinstance(ref.get("n"), int)
         and isinstance(ref.get("blob"), str)
         and isinstance(ref.get("size"), int)
+        and isinstance(ref.get("sha256"), str)
     ):
-        raise ProtocolError("reference frame needs integer 'first', 'n', 'size' and a 'blob' name")
+        raise ProtocolError("reference frame needs integer 'first', 'n', 'size', a 'blob' name and its 'sha256'")
     return ref

@@ -225,6 +225,24 @@ class Storage:
             props = await self._c.get_blob_client(key).get_blob_properties()
         return int(props.size)
 
+    async def etag(self, key: str) -> str | None:
+        """The blob's ETag (it changes whenever the blob is written), or None if there is none."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        await self.open()
+        async with self._errors(f"reading the properties of blob {key}"):
+            try:
+                props = await self._c.get_blob_client(key).get_blob_properties()
+            except ResourceNotFoundError:
+                return None
+        return str(props.etag)
+
+    @property
+    def lends_user_sas(self) -> bool:
+        """True when only a user-given SAS token is configured: nothing narrower can be minted."""
+        s = self._section
+        return s.sas_token is not None and s.connection_string is None and s.storage_account_key is None
+
     async def exists(self, key: str) -> bool:
         await self.open()
         async with self._errors(f"looking for blob {key}"):
@@ -282,15 +300,14 @@ class Storage:
             generate_container_sas,
         )
 
-        s = self._section
         svc = self._service
         account = svc.account_name
         key = getattr(svc.credential, "account_key", None)
         signing: dict[str, Any]
         if key:
             signing = {"account_key": key}
-        elif s.sas_token is not None:
-            return s.sas_token.get_secret_value().lstrip("?")
+        elif self.lends_user_sas:
+            raise ConfigError("a configured sas_token cannot be narrowed: SAS URLs need an account key or Entra")
         else:  # Entra credential: a user delegation key signs the SAS
             if self._delegation is None or self._delegation[1] < expiry:
                 start = _utcnow() - dt.timedelta(minutes=5)

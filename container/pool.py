@@ -58,11 +58,11 @@ class Task:
     """One request's work for one worker: ``n`` items of one function."""
 
     __slots__ = (
+        "alive_interval",
         "call_id",
         "cancelled",
         "dispatched",
         "durable",
-        "final_written",
         "finished",
         "fn",
         "fn_hash",
@@ -117,8 +117,8 @@ class Task:
         self.out_prefix: str = str(header.get("out_prefix") or "")
         self.inline_limit: int = int(header.get("inline_limit") or (1 << 62))
         self.durable = bool(header.get("durable")) and self.out_url is not None
+        self.alive_interval = float(header.get("alive_interval") or 20.0)
         self.history: list[bytes] = []
-        self.final_written = False
 
     def wake(self) -> None:
         w = self.waiter

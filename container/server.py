@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import hmac
 import importlib.metadata
 import json
 import logging
@@ -235,6 +236,9 @@ class Server:
                 items = await self._fetch_blob(header["items_url"], expected=header.get("items_size"))
             except BlobError as exc:
                 return self._failed(inv, f"the runtime could not read the arguments from Blob storage: {exc}")
+            # The blob is only as trustworthy as the container: its digest is in the signed header.
+            if hashlib.sha256(items).hexdigest() != header.get("items_sha256"):
+                return self._error(400, "the arguments blob does not match header field 'items_sha256'")
         return await self._run(request, Task(self.pool.new_task_id(), inv, fn, items))
 
     def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
@@ -254,7 +258,7 @@ class Server:
     async def _run(self, request: web.Request, task: Task) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         self.active.add(task)
-        handed_off = False
+        delivered = False
         try:
             self.pool.submit(task)
             if not task.finished:
@@ -263,9 +267,16 @@ class Server:
             hdrs = {protocol.H_REPLICA: self.settings.replica}
             if task.finished:
                 frames = await self._take(task)
-                await self._write_final(task)
                 frames.append(protocol.END_FRAME)
-                return web.Response(body=b"".join(frames), content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
+                body = b"".join(frames)
+                if not task.durable:
+                    return web.Response(body=body, content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
+                # Durable: write it here, so a cut is seen (and the outcome goes to Blob instead).
+                quick = web.Response(body=body, content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
+                await quick.prepare(request)
+                await quick.write_eof()
+                delivered = True
+                return quick
             # A slow call: stream, so the client sees heartbeats and knows the replica lives.
             resp = web.StreamResponse(headers=hdrs)
             resp.content_type = protocol.RESPONSE_CONTENT_TYPE
@@ -273,8 +284,6 @@ class Server:
             task.streaming = True
             while True:
                 frames = await self._take(task)
-                if task.finished:
-                    await self._write_final(task)
                 if task.heartbeat_due:
                     task.heartbeat_due = False
                     frames.append(protocol.HEARTBEAT_FRAME)
@@ -287,17 +296,17 @@ class Server:
                 await task.waiter
             await resp.write(protocol.END_FRAME)
             await resp.write_eof()
+            delivered = True
             return resp
-        except asyncio.CancelledError:
-            if task.durable and not task.finished:
-                # The connection was cut (an ingress limit, most likely): the call goes on and
-                # its outcome goes to Blob storage, where the client looks for it.
-                handed_off = True
+        except (asyncio.CancelledError, ConnectionError):
+            if task.durable and not delivered:
+                # The connection was cut (an ingress limit, most likely) before the outcome got
+                # through: the call goes on, and its outcome goes to Blob for the client.
                 self._own(self._finish_durable(task))
             raise
         finally:
             self.active.discard(task)
-            if not task.finished and not handed_off:
+            if not task.finished and not (task.durable and not delivered):
                 self.pool.cancel(task)
 
     def _own(self, coro: Any) -> None:
@@ -306,20 +315,44 @@ class Server:
         t.add_done_callback(self._background.discard)
 
     async def _finish_durable(self, task: Task) -> None:
+        """Until the call ends, say it is alive; then write all it produced to Blob, signed."""
         loop = asyncio.get_running_loop()
+        prefix = task.out_prefix
+        await self._put_quietly(task, f"{prefix}/alive", str(time.time()).encode())
         while not task.finished:
             task.waiter = loop.create_future()
-            await task.waiter
-        await self._take(task)
-        await self._write_final(task)
+            try:
+                await asyncio.wait_for(asyncio.shield(task.waiter), task.alive_interval)
+            except asyncio.TimeoutError:
+                await self._put_quietly(task, f"{prefix}/alive", str(time.time()).encode())
+        task.history.extend(task.take_frames())
+        body = b"".join(task.history) + protocol.END_FRAME
+        signed = hmac.new(self._key, body, hashlib.sha256).digest() + body
+        for attempt in range(4):
+            try:
+                await self._put_blob(task, f"{prefix}/final.out", signed)
+                return
+            except BlobError as exc:
+                log.warning("could not write the outcome of %s to Blob storage (%d): %s", task.call_id, attempt, exc)
+                await asyncio.sleep(2**attempt)
+
+    async def _put_quietly(self, task: Task, name: str, data: bytes) -> None:
+        try:
+            await self._put_blob(task, name, data)
+        except BlobError as exc:
+            log.warning("could not write %s for %s: %s", name.rsplit("/", 1)[-1], task.call_id, exc)
 
     async def _take(self, task: Task) -> list[bytes]:
-        """The task's new frames, large outcomes moved to Blob storage (when the request allows)."""
+        """The task's new frames, large outcomes moved to Blob storage (when the request allows).
+
+        A durable call keeps its frames as they came (before any move to Blob), so that if its
+        stream is cut, even while a move is under way, all of it can still go to final.out.
+        """
         frames = task.take_frames()
-        if task.out_url is not None and frames:
-            frames = [await self._offload(task, f) for f in frames]
         if task.durable:
             task.history.extend(frames)
+        if task.out_url is not None and frames:
+            frames = [await self._offload(task, f) for f in frames]
         return frames
 
     async def _offload(self, task: Task, data: bytes) -> bytes:
@@ -335,18 +368,7 @@ class Server:
             log.warning("could not write the result of %s to Blob storage: %s", task.call_id, exc)
             message = f"the runtime could not write the result to Blob storage: {exc}"
             return _storage_failure(first, n, message, self.settings.replica)
-        return protocol.encode_ref(first, n, name, len(payload))
-
-    async def _write_final(self, task: Task) -> None:
-        """For a durable call: every frame it produced, in one blob, where the client looks if its
-        stream was cut."""
-        if not task.durable or task.out_url is None or task.final_written:
-            return
-        task.final_written = True
-        try:
-            await self._put_blob(task, f"{task.out_prefix}/final.out", b"".join(task.history) + protocol.END_FRAME)
-        except BlobError as exc:
-            log.warning("could not write the outcome of %s to Blob storage: %s", task.call_id, exc)
+        return protocol.encode_ref(first, n, name, len(payload), hashlib.sha256(payload).hexdigest())
 
     # -- blob transfers with the request's SAS URLs ---------------------------------------
 
@@ -371,7 +393,7 @@ class Server:
         base, _, sas = task.out_url.partition("?")
         url = f"{base.rstrip('/')}/{urllib.parse.quote(name)}?{sas}"
         try:
-            async with self._http.put(url, data=bytes(data), headers={"x-ms-blob-type": "BlockBlob"}) as resp:
+            async with self._http.put(url, data=data, headers={"x-ms-blob-type": "BlockBlob"}) as resp:
                 if resp.status not in (200, 201):
                     raise BlobError(f"HTTP {resp.status} writing {redact(url)}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

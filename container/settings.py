@@ -98,6 +98,11 @@ def _num(env: dict[str, str], name: str, default: float, *, integer: bool = Fals
     return value
 
 
+def _default_max_blob() -> int:
+    """Largest blob a replica reads into memory: half its memory, at most 16 GiB."""
+    return min(16 * 1024**3, available_memory() // 2) or 16 * 1024**3
+
+
 def from_env(env: dict[str, str] | None = None) -> Settings:
     """Build settings from ``ACX_*`` variables; raises :class:`SettingsError` naming the variable."""
     env = dict(os.environ if env is None else env)
@@ -128,7 +133,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         replica=env.get("ACX_REPLICA_ID") or env.get("CONTAINER_APP_REPLICA_NAME") or socket.gethostname(),
         shutdown_grace=_num(env, "ACX_SHUTDOWN_GRACE", 30.0),
         fn_cache_bytes=int(_num(env, "ACX_FUNCTION_CACHE_BYTES", 256 * 1024 * 1024, integer=True)),
-        max_blob=int(_num(env, "ACX_MAX_BLOB_BYTES", 16 * 1024**3, integer=True, minimum=1024)),
+        max_blob=int(_num(env, "ACX_MAX_BLOB_BYTES", _default_max_blob(), integer=True, minimum=1024)),
         log_level=env.get("ACX_LOG_LEVEL", "INFO").upper(),
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,

@@ -177,6 +177,22 @@ class ArmEndpoint:
     def bodies(self, method: str, kind: str = "containerApps") -> list[Any]:
         return [r.body for r in self.requests if r.method == method and f"/{kind}/" in r.path and r.body is not None]
 
+    def crash_and_restart(self, name: str) -> None:
+        """SIGKILL an app's replica and start a fresh one behind the same ingress, as Container
+        Apps restarts a crashed container."""
+        self._call(self._crash_and_restart(name))
+
+    async def _crash_and_restart(self, name: str) -> None:
+        old = self.replicas[name]
+        old.proc.kill()
+        await asyncio.get_running_loop().run_in_executor(None, old.proc.wait)
+        rg = next(g for (g, n) in self.state.apps if n == name)
+        body = copy.deepcopy(self.state.apps[(rg, name)])
+        for s in body["properties"]["configuration"]["secrets"]:
+            s["value"] = next(x["value"] for x in self.state.secrets[(rg, name)] if x["name"] == s["name"])
+        proc, upstream, log = await self._spawn(name, body)
+        old.proc, old.upstream, old.log = proc, upstream, log
+
     def replica_pids(self) -> set[int]:
         return {r.proc.pid for r in self.replicas.values()}
 
@@ -375,6 +391,20 @@ class ArmEndpoint:
 
     async def _start_replica(self, name: str, body: dict[str, Any]) -> Replica:
         await self._stop_replica(name)
+        proc, port, log = await self._spawn(name, body)
+        ingress = _free_port()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", functools.partial(self._ingress, name=name))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self._ssl).start()
+        self._runners[f"ingress-{name}"] = runner
+        replica = Replica(name, proc, ingress, port, time.monotonic(), log)
+        self.replicas[name] = replica
+        return replica
+
+    async def _spawn(self, name: str, body: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
+        """A replica process configured from the app's template, as Container Apps would."""
         secrets = {s["name"]: s.get("value", "") for s in body["properties"]["configuration"].get("secrets") or []}
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
         for var in body["properties"]["template"]["containers"][0].get("env") or []:
@@ -387,9 +417,9 @@ class ArmEndpoint:
             "ACX_READY_FD": str(ready_w),
             "ACX_REPLICA_ID": f"{name}-r0",
             "ACX_SHUTDOWN_GRACE": "2",
-            "ACX_LOG_LEVEL": "WARNING",
+            "ACX_LOG_LEVEL": "DEBUG",
         })  # fmt: skip
-        log = self.workdir / f"replica-{name}.log"
+        log = self.workdir / f"replica-{name}-{port}.log"
         with open(log, "wb") as logf:  # noqa: ASYNC230 - a test double; a fork/exec is quick
             proc = subprocess.Popen(  # noqa: ASYNC220
                 [sys.executable, "-m", "acx_server"], stdout=subprocess.DEVNULL, stderr=logf,
@@ -400,16 +430,7 @@ class ArmEndpoint:
         if not line:
             proc.wait(10)
             raise RuntimeError(f"replica {name} did not start: {log.read_text()}")
-        ingress = _free_port()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", functools.partial(self._ingress, name=name))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self._ssl).start()
-        self._runners[f"ingress-{name}"] = runner
-        replica = Replica(name, proc, ingress, port, time.monotonic(), log)
-        self.replicas[name] = replica
-        return replica
+        return proc, port, log
 
     async def _stop_replica(self, name: str) -> None:
         replica = self.replicas.pop(name, None)
@@ -440,13 +461,27 @@ class ArmEndpoint:
         upstream = f"http://127.0.0.1:{replica.upstream}{request.path_qs}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "transfer-encoding")}
         deadline = None if self.ingress_timeout is None else now + self.ingress_timeout
-        async with self._session.request(request.method, upstream, data=await request.read(), headers=headers) as up:
+        # Like Envoy's route timeout: an upstream that has not answered in time gets the client a
+        # 504 (and loses its connection); an answer still streaming at the deadline is cut; an
+        # answer complete in time is delivered.
+        ctx = self._session.request(request.method, upstream, data=await request.read(), headers=headers)
+        try:
+            up = await asyncio.wait_for(ctx.__aenter__(), None if deadline is None else deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            self.cuts += 1
+            return web.Response(status=504, text="upstream request timeout")
+        try:
             resp = web.StreamResponse(status=up.status)
             for k in ("Content-Type", "X-Acx-Replica", "Retry-After"):
                 if k in up.headers:
                     resp.headers[k] = up.headers[k]
             if up.content_length is not None:
-                resp.content_length = up.content_length
+                body = await up.read()  # complete: delivered whatever the time
+                resp.content_length = len(body)
+                await resp.prepare(request)
+                await resp.write(body)
+                await resp.write_eof()
+                return resp
             await resp.prepare(request)
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -455,13 +490,15 @@ class ArmEndpoint:
                 except asyncio.TimeoutError:
                     self.cuts += 1
                     if request.transport is not None:
-                        request.transport.abort()  # the ingress limit: the client sees a cut stream
+                        request.transport.abort()  # the client sees a cut stream
                     return resp
                 if not chunk:
                     break
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
+        finally:
+            await ctx.__aexit__(None, None, None)
 
 
 def _read_line(fd: int) -> bytes:

@@ -25,11 +25,11 @@ class BytesObject(CloudObject):
         return self.data[start : end + 1]
 
 
-def split(data: bytes, chunk: int) -> list[bytes]:
+def split(data: bytes, chunk: int, newline: bytes = b"\n") -> list[bytes]:
     ranges, cs = _ranges(len(data), chunk, None)
     parts = []
     for i, r in enumerate(ranges):
-        o = BytesObject("b", "k", i, len(ranges), r, cs, len(data))
+        o = BytesObject("b", "k", i, len(ranges), r, cs, len(data), newline)
         o.data = data
         parts.append(o.data_stream.read())
     return parts
@@ -43,6 +43,32 @@ def test_partitions_cover_the_object_exactly_once_and_cut_no_line(data: bytes, c
     ends = [p for p in parts if p and not p.endswith(b"\n")]
     assert len(ends) <= 1 and all(data.endswith(p) for p in ends)  # only the object's last line may lack one
     assert sum(p.count(b"\n") for p in parts) == data.count(b"\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.text(alphabet="ab\r", max_size=6), max_size=30), st.booleans(), st.integers(1, 12))
+def test_two_byte_newlines_are_never_split_or_lost(lines: list[str], last_nl: bool, chunk: int) -> None:
+    data = "\r\n".join(lines).encode() + (b"\r\n" if last_nl and lines else b"")
+    parts = split(data, chunk, b"\r\n")
+    assert b"".join(parts) == data
+    ends = [p for p in parts if p and not p.endswith(b"\r\n")]
+    assert len(ends) <= 1 and all(data.endswith(p) for p in ends)
+
+
+def test_small_blocks_still_find_newlines_split_across_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from async_ca_exec import partition
+
+    monkeypatch.setattr(partition, "_BLOCK", 3)  # reads of 3 bytes split "\r\n" often
+    data = b"aaaa\r\nbbbbbbb\r\ncc\r\nd"
+    line_starts = {0} | {i + 2 for i in range(len(data) - 1) if data[i : i + 2] == b"\r\n"}
+    for chunk in range(1, len(data) + 1):
+        parts = split(data, chunk, b"\r\n")
+        assert b"".join(parts) == data
+        offset = 0
+        for part in parts:
+            if part:
+                assert offset in line_starts, (chunk, parts)  # every part begins at a line start
+            offset += len(part)
 
 
 def test_lines_longer_than_a_partition_go_whole_to_the_partition_they_start_in() -> None:
