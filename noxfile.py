@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -25,10 +27,23 @@ def _azurite(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite against an installed (not editable) package."""
+    """The whole test suite against an installed (not editable) package (but the real image build)."""
     session.install(".[test]")
     _azurite(session)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-m", "not image_build", *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """A real build of container/Dockerfile with buildah on a Debian-made base, run and called."""
+    session.install(".[test]")
+    missing = [tool for tool in ("buildah", "debootstrap") if shutil.which(tool) is None]
+    if missing:  # Debian packages, installed the project's way (needs root, or sudo)
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        session.run(*sudo, "apt-get", "update", "-qq", external=True)
+        session.run(*sudo, "apt-get", "install", "-y", "-qq", "buildah", "debootstrap", external=True,
+                    env={"DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
+    session.run("pytest", "-m", "image_build", "-s", "tests/test_image_build.py", *session.posargs)
 
 
 @nox.session
@@ -51,4 +66,4 @@ def compat(session: nox.Session) -> None:
     """The suite on the other supported Pythons (run by hand: nox -s compat)."""
     session.install(".[test]")
     _azurite(session)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-m", "not image_build", *session.posargs)

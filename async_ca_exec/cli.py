@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import platform
-import socket
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,14 +15,7 @@ from typing import Any
 from . import __version__
 from .config import Config, memory_pair
 from .errors import AsyncCAExecError
-
-
-def hello(name: str) -> str:
-    """The function `acx hello` runs remotely."""
-    return (
-        f"Hello {name}! This is async_ca_exec {__version__} on Python {platform.python_version()}, "
-        f"host {socket.gethostname()}, pid {os.getpid()}"
-    )
+from .hello import hello
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     rsub.required = True
     b = rsub.add_parser("build", parents=[common], help="build and push a runtime image")
     b.add_argument("name")
-    b.add_argument("-f", "--file", help="Dockerfile")
+    b.add_argument("-f", "--file", help="your Dockerfile (default: the package's container/Dockerfile)")
+    b.add_argument("--no-push", action="store_true", help="build only (a local engine)")
     d = rsub.add_parser("deploy", parents=[common], help="deploy a runtime (default or NAME:TAG)")
     d.add_argument("name")
     d.add_argument("--memory", type=int, help="runtime_memory in MB")
@@ -118,7 +110,7 @@ def _runtime(args: argparse.Namespace) -> int:
         )
         return 0
     if args.action == "build":
-        raise AsyncCAExecError("building runtime images is not available in this release yet")
+        return asyncio.run(_azure(args, cfg))  # building an image needs no Azure backend settings
     print(f"the local backend needs no '{args.action}': its runtime starts and stops with each executor")
     return 0
 
@@ -134,7 +126,13 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
 
     command = getattr(args, "action", None) or args.command
     if command == "build":
-        raise AsyncCAExecError("building runtime images is not available in this release yet")
+        from .runtimes.images import build_image
+
+        how = await build_image(
+            cfg, args.name, dockerfile=Path(args.file) if args.file else None, push=not args.no_push, progress=print
+        )
+        print(f"built {args.name} with {how}" + ("" if args.no_push or how == "acr" else " and pushed it"))
+        return 0
     if command == "deploy" and args.memory is not None:
         memory_pair(args.memory)  # a bad size is refused before any Azure call
     async with AzureApps(cfg, progress=print) as apps:

@@ -206,6 +206,16 @@ class AzureContainersSection(_Section):
     ingress_timeout: float = Field(
         240.0, gt=0, description="Seconds after which the ingress cuts a request (longer calls return through Blob)."
     )
+    builder: Literal["auto", "docker", "podman", "buildah", "acr"] = Field(
+        "auto", description="How `acx runtime build` builds: a local engine, or ACR Tasks (auto: the first that works)."
+    )
+    build_options: list[str] = Field(
+        default_factory=list, description="Extra arguments for the engine's build command (e.g. --isolation chroot)."
+    )
+    base_image: str | None = Field(None, description="Base image for the runtime image (default python:<client's X.Y>-slim).")
+    bundle_dependencies: bool = Field(
+        False, description="Put the server's dependency wheels in the build context: the build then needs no network."
+    )
     docker_server: str | None = Field(None, description="Registry of the runtime image, e.g. myregistry.azurecr.io.")
     docker_user: str | None = Field(None, description="Registry user name.")
     docker_password: SecretStr | None = Field(None, description="Registry password (kept as a Container App secret).")

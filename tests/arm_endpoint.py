@@ -107,6 +107,13 @@ class ArmEndpoint:
         self.cuts = 0
         #: The Blob storage (an Azurite server and a container) the tests' clients pair with it.
         self.storage: tuple[Any, str] | None = None
+        #: A container registry on the same address (Docker Registry API v2: HEAD manifests).
+        self.images: set[str] = {f"acx-default-py{sys.version_info.major}{sys.version_info.minor}:{_version()}"}
+        #: Images that do not run the async_ca_exec server: their replica answers 404 to everything.
+        self.serverless_images: set[str] = set()
+        #: Azure Container Registries (login server -> name) and the ACR Tasks runs scheduled.
+        self.registries: dict[str, str] = {}
+        self.acr_runs: dict[str, dict[str, Any]] = {}
         self.requests: list[Recorded] = []
         self.ingress_hits: list[IngressHit] = []
         self.replicas: dict[str, Replica] = {}
@@ -121,6 +128,8 @@ class ArmEndpoint:
         cert.configure_cert(self._ssl)
         self.port = _free_port()
         self.url = f"https://127.0.0.1:{self.port}"
+        #: The registry's host, as an image name starts with it.
+        self.registry = f"127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="arm-endpoint", daemon=True)
         self._runners: dict[str, web.AppRunner] = {}
@@ -229,15 +238,32 @@ class ArmEndpoint:
         return resp
 
     async def _route(self, request: web.Request, body: Any) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if request.path.startswith("/v2/"):
+            pass  # the registry answers without a token here
+        elif request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._error(401, "InvalidAuthenticationToken", "The access token is invalid.")
         parts = request.path.strip("/").split("/")
+        if parts[0] == "v2":  # the registry API: HEAD /v2/<repository>/manifests/<tag>
+            repo, _, tag = "/".join(parts[1:]).rpartition("/manifests/")
+            return web.Response(status=200 if f"{repo}:{tag}" in self.images else 404)
         if parts[0] == "operations":
             return self._operation(parts[1])
         if parts[0] == "operationResults":
             return self._operation_result(parts[1])
         if "api-version" not in request.query:
             return self._error(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+        if parts[:2] == ["subscriptions", self.state.subscription] and parts[2:5] == [
+            "providers", "Microsoft.ContainerRegistry", "registries"
+        ]:  # fmt: skip
+            return web.json_response({"value": [
+                {"id": f"/subscriptions/{self.state.subscription}/resourceGroups/rg-acr/providers/"
+                       f"Microsoft.ContainerRegistry/registries/{name}",
+                 "name": name, "type": "Microsoft.ContainerRegistry/registries", "location": "westeurope",
+                 "sku": {"name": "Basic"}, "properties": {"loginServer": server}}
+                for server, name in self.registries.items()
+            ]})  # fmt: skip
+        if len(parts) > 7 and parts[5] == "Microsoft.ContainerRegistry":
+            return await self._acr(request.method, parts[7], parts[8:], body)
         # /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/{kind}/{name}[/{action}]
         if len(parts) < 6 or parts[0] != "subscriptions" or parts[2] != "resourceGroups":
             return self._error(404, "NotFound", f"no route {request.path}")
@@ -353,6 +379,51 @@ class ArmEndpoint:
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
         return self._error(405, "MethodNotAllowed", method)
 
+    async def _acr(self, method: str, registry: str, rest: list[str], body: Any) -> web.Response:
+        """ACR Tasks: an upload URL (a blob in Azurite), a run that 'builds' the uploaded context
+        and writes a log blob, the run's state and its log link."""
+        from async_ca_exec.storage import Storage
+
+        assert self.storage is not None, "ACR needs the tests' Azurite"
+        azurite, container = self.storage
+        cfg = {"azure_storage": {"connection_string": azurite.connection_string, "container": container}}
+        from async_ca_exec.config import load_config
+
+        async with Storage(load_config(cfg, env={})) as st:
+            if rest == ["listBuildSourceUploadUrl"] and method == "POST":
+                name = f"acr-sources/{uuid.uuid4().hex}.tar.gz"
+                await st.ensure_container()
+                url = await st.write_url()
+                base, _, sas = url.partition("?")
+                return web.json_response({"uploadUrl": f"{base}/{name}?{sas}", "relativePath": name})
+            if rest == ["scheduleRun"] and method == "POST":
+                run_id = f"cb{len(self.acr_runs) + 1}"
+                source = await st.get(body["sourceLocation"])
+                import io
+                import tarfile
+
+                with tarfile.open(fileobj=io.BytesIO(source), mode="r:gz") as tar:
+                    files = sorted(tar.getnames())
+                log = "\n".join(
+                    [
+                        f"Step 1/9 : FROM python:{body['arguments'][0]['value']}-slim",
+                        f"context: {', '.join(files)}",
+                        f"Successfully pushed {body['imageNames'][0]}",
+                    ]
+                )
+                await st.put(f"acr-logs/{run_id}.log", log.encode())
+                self.acr_runs[run_id] = {"request": body, "files": files, "polls": 2, "registry": registry}
+                self.images.add(body["imageNames"][0])
+                return web.json_response({"properties": {"runId": run_id, "status": "Queued"}})
+            if len(rest) == 2 and rest[0] == "runs" and method == "GET":
+                run = self.acr_runs[rest[1]]
+                run["polls"] -= 1
+                status = "Running" if run["polls"] > 0 else "Succeeded"
+                return web.json_response({"properties": {"runId": rest[1], "status": status}})
+            if len(rest) == 3 and rest[0] == "runs" and rest[2] == "listLogSasUrl":
+                return web.json_response({"logLink": await st.read_url(f"acr-logs/{rest[1]}.log")})
+        return self._error(404, "NotFound", f"no ACR route {method} {'/'.join(rest)}")
+
     def _check_placement(self, body: dict[str, Any]) -> str | None:
         """What real ARM refuses: a region other than the environment's, a workload profile the
         environment lacks (or any, in a Consumption-only one), more than 2 vCPU there."""
@@ -404,7 +475,26 @@ class ArmEndpoint:
         return replica
 
     async def _spawn(self, name: str, body: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
-        """A replica process configured from the app's template, as Container Apps would."""
+        """A replica process configured from the app's template, as Container Apps would (or,
+        for an image that lacks the server, a web server that answers 404 to everything)."""
+        if body["properties"]["template"]["containers"][0]["image"] in self.serverless_images:
+            port = _free_port()
+            log = self.workdir / f"replica-{name}-{port}.log"
+            empty = self.workdir / "empty"
+            empty.mkdir(exist_ok=True)
+            code = (
+                "import http.server as h; "
+                f"h.ThreadingHTTPServer(('127.0.0.1', {port}), h.SimpleHTTPRequestHandler).serve_forever()"
+            )
+            with open(log, "wb") as logf:  # noqa: ASYNC230
+                proc = subprocess.Popen([sys.executable, "-c", code], stdout=logf, stderr=logf, cwd=empty)  # noqa: ASYNC220
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            return proc, port, log
         secrets = {s["name"]: s.get("value", "") for s in body["properties"]["configuration"].get("secrets") or []}
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
         for var in body["properties"]["template"]["containers"][0].get("env") or []:
@@ -499,6 +589,12 @@ class ArmEndpoint:
             return resp
         finally:
             await ctx.__aexit__(None, None, None)
+
+
+def _version() -> str:
+    from async_ca_exec import __version__
+
+    return __version__
 
 
 def _read_line(fd: int) -> bytes:

@@ -72,7 +72,7 @@ def config(arm: ArmEndpoint, tmp_path: Path, **overrides: Any) -> Path:
         },
         "azure_containers": {
             "environment": "acx",
-            "docker_server": "myregistry.azurecr.io",
+            "docker_server": arm.registry,
             "docker_user": "me",
             "docker_password": REGISTRY_PASSWORD,
             "startup_timeout": 30,
@@ -94,7 +94,9 @@ def executor(cfg_path: Path, **kw: Any) -> AsyncExecutor:
     return AsyncExecutor(config=cfg_path, credential=StaticToken(), **kw)
 
 
-DEFAULT = az.default_image("myregistry.azurecr.io")
+def default_image(arm: ArmEndpoint) -> str:
+    """The default runtime image, in the double's registry (which has it: nothing is built)."""
+    return az.default_image(arm.registry)
 
 
 # -- deploy -> map -> update -> list -> delete -> clean -------------------------------------------
@@ -105,7 +107,8 @@ async def test_deploy_invoke_update_list_delete_clean_end_to_end(arm: ArmEndpoin
     arm.add_foreign_app("rg-acx", "someone-elses-app")
     async with apps_for(cfg) as apps:
         info = await apps.deploy("default")
-    assert info.runtime == DEFAULT and info.memory == 512 and info.app == az.app_name(DEFAULT, 512)
+    assert info.runtime == default_image(arm) and info.memory == 512
+    assert info.app == az.app_name(default_image(arm), 512)
     cache = list((tmp_path / "cache" / "async-ca-exec" / "runtimes").glob("*.json"))
     assert len(cache) == 1 and json.loads(cache[0].read_text())["meta"]["protocol"] == 1
 
@@ -170,7 +173,7 @@ async def test_app_resource_body_is_exact(
                             "traffic": [{"latestRevision": True, "weight": 100}]},
                 "secrets": [{"name": "acx-hmac-key", "value": key},
                             {"name": "acx-registry-password", "value": REGISTRY_PASSWORD}],
-                "registries": [{"server": "myregistry.azurecr.io", "username": "me",
+                "registries": [{"server": arm.registry, "username": "me",
                                 "passwordSecretRef": "acx-registry-password"}],
             },
             "template": {
@@ -380,11 +383,11 @@ async def test_update_keeps_the_registry_when_this_machine_lacks_its_password(ar
 
 async def test_update_replaces_a_runtime_deployed_by_another_version(arm: ArmEndpoint, tmp_path: Path) -> None:
     async with apps_for(config(arm, tmp_path)) as apps:
-        old_name = az.app_name(DEFAULT, 512, "0.0.9")
-        await apps._put(old_name, DEFAULT, 512)
+        old_name = az.app_name(default_image(arm), 512, "0.0.9")
+        await apps._put(old_name, default_image(arm), 512)
         arm.state.apps[("rg-acx", old_name)]["tags"]["acx-version"] = "0.0.9"
         [new] = await apps.update("all")
-        assert new.app == az.app_name(DEFAULT, 512) != old_name
+        assert new.app == az.app_name(default_image(arm), 512) != old_name
         assert [r.app for r in await apps.runtimes()] == [new.app]
 
 
@@ -471,12 +474,12 @@ def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path:
     seed = ["-b", "azure_containers", "-s", "azure_storage", "-c", cfg]
     r = _cli("runtime", "deploy", "default", *seed, tmp=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"deployed runtime {DEFAULT} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stdout
+    assert f"deployed runtime {default_image(arm)} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stdout
     r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "--memory", "2048", "--timeout", "120", *seed,
              tmp=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = _cli("runtime", "list", *seed, tmp=tmp_path)
-    assert r.returncode == 0 and DEFAULT in r.stdout and "2048" in r.stdout
+    assert r.returncode == 0 and default_image(arm) in r.stdout and "2048" in r.stdout
     header, *rows = r.stdout.splitlines()
     assert header.split() == ["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "REPLICAS", "MAX"]
     assert all(row.split()[-2:] == ["1", "100"] for row in rows)  # one replica running, at most 100

@@ -34,6 +34,7 @@ from ..errors import (
     ConfigError,
     DeploymentError,
     RuntimeNotFoundError,
+    RuntimeStartError,
 )
 from ..invoker import Endpoint
 from ..storage import PREFIX, Storage
@@ -619,14 +620,28 @@ class AzureApps:
         check: bool = True,
     ) -> RuntimeInfo:
         """Create the Container App of a runtime (or a new revision of it), then check and
-        record its metadata."""
+        record its metadata. The default runtime's image is built and pushed first if the
+        registry does not have it yet (as Lithops does)."""
         ac = self.cfg.azure_containers
-        image, _default = self.image_for(runtime)
+        image, default = self.image_for(runtime)
         mem = ac.runtime_memory if memory is None else memory
         memory_pair(mem)  # ConfigError before any API call
+        if default:
+            await self.ensure_default_image(image)
         return await self._put(
             app_name(image, mem), image, mem, timeout=timeout, create_environment=create_environment, check=check
         )
+
+    async def ensure_default_image(self, image: str) -> None:
+        """Build and push the default runtime image unless the registry has it already."""
+        from .images import build_image, image_exists
+
+        ac = self.cfg.azure_containers
+        password = ac.docker_password.get_secret_value() if ac.docker_password is not None else None
+        if await image_exists(image, user=ac.docker_user, password=password, ssl=self.target.ssl_context()):
+            return
+        self._progress(f"the default runtime image {image} is not in its registry yet: building it")
+        await build_image(self.cfg, image, credential=self._credential, progress=self._progress)
 
     async def _put(
         self,
@@ -718,13 +733,19 @@ class AzureApps:
         """Ask the running app for its metadata, check it, and keep it in the local cache."""
         assert info.fqdn is not None
         t = self.target
-        meta = await fetch_meta(f"https://{info.fqdn}", key, ssl=t.ssl_context(), startup_timeout=t.startup_timeout)
         where = f"runtime {image} (Container App {info.app})"
+        what_to_add = (
+            f"an image for async_ca_exec must install async_ca_exec=={__version__} and start `python3 -m acx_server` "
+            f"on port {SERVER_PORT}: build it with `acx runtime build {image}` (or FROM "
+            f"{default_image(self.cfg.azure_containers.docker_server)} in your Dockerfile); the app's own log says more "
+            f"(az containerapp logs show -n {info.app} -g {t.resource_group})"
+        )
+        try:
+            meta = await fetch_meta(f"https://{info.fqdn}", key, ssl=t.ssl_context(), startup_timeout=t.startup_timeout)
+        except RuntimeStartError as exc:
+            raise DeploymentError(f"{where} is not answering as an async_ca_exec runtime ({exc}); {what_to_add}") from None
         if meta.get("protocol") is None:
-            raise DeploymentError(
-                f"{where} answers but is not an async_ca_exec runtime: its image must start `python -m acx_server` "
-                "(build it from the documented base, see acx runtime build)"
-            )
+            raise DeploymentError(f"{where} answers, but not as an async_ca_exec runtime; {what_to_add}")
         check_compatible(meta, where=where)
         path = record_meta(t, info.app, image, memory, info.fqdn, meta)
         self._progress(f"recorded runtime metadata in {path}")
