@@ -343,6 +343,7 @@ ENV_VARS: dict[str, tuple[str, str | None]] = {
     "ACX_LOG_LEVEL": ("log_level", "lithops"),
     "ACX_PROGRESS": ("progress", "lithops"),
     "ACX_LOCAL_REPLICAS": ("replicas", "localhost"),
+    "ACX_BUILDER": ("builder", "azure_containers"),
 }
 #: Variables read elsewhere (the config file path) or by the runtime's server; not settings.
 OTHER_ENV_VARS = frozenset(

@@ -111,9 +111,19 @@ class ArmEndpoint:
         self.images: set[str] = {f"acx-default-py{sys.version_info.major}{sys.version_info.minor}:{_version()}"}
         #: Images that do not run the async_ca_exec server: their replica answers 404 to everything.
         self.serverless_images: set[str] = set()
-        #: Azure Container Registries (login server -> name) and the ACR Tasks runs scheduled.
+        #: How the registry wants to be asked: None (anonymous), "basic" or "bearer" (a token
+        #: service at /oauth2/token that takes Basic credentials, as ACR and Docker Hub do).
+        self.registry_auth: str | None = None
+        self.registry_login: tuple[str, str] = ("", "")
+        self.registry_tokens: list[str] = []
+        #: Azure Container Registries (login server -> name) and the ACR Tasks runs scheduled:
+        #: each run writes its log in parts over ``acr_polls`` status reads, then ends
+        #: Succeeded (or Failed with ``acr_fail`` as its error message) and marks the log complete.
         self.registries: dict[str, str] = {}
         self.acr_runs: dict[str, dict[str, Any]] = {}
+        self.acr_polls = 3
+        self.acr_fail: str | None = None
+        self.acr_upload_broken = False
         self.requests: list[Recorded] = []
         self.ingress_hits: list[IngressHit] = []
         self.replicas: dict[str, Replica] = {}
@@ -238,14 +248,11 @@ class ArmEndpoint:
         return resp
 
     async def _route(self, request: web.Request, body: Any) -> web.StreamResponse:
-        if request.path.startswith("/v2/"):
-            pass  # the registry answers without a token here
-        elif request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if request.path.startswith(("/v2/", "/oauth2/")):
+            return self._registry(request)
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._error(401, "InvalidAuthenticationToken", "The access token is invalid.")
         parts = request.path.strip("/").split("/")
-        if parts[0] == "v2":  # the registry API: HEAD /v2/<repository>/manifests/<tag>
-            repo, _, tag = "/".join(parts[1:]).rpartition("/manifests/")
-            return web.Response(status=200 if f"{repo}:{tag}" in self.images else 404)
         if parts[0] == "operations":
             return self._operation(parts[1])
         if parts[0] == "operationResults":
@@ -379,6 +386,29 @@ class ArmEndpoint:
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
         return self._error(405, "MethodNotAllowed", method)
 
+    def _registry(self, request: web.Request) -> web.Response:
+        """The Docker Registry API v2 (HEAD /v2/<repository>/manifests/<tag>) and its token service."""
+        import base64
+
+        basic = "Basic " + base64.b64encode(":".join(self.registry_login).encode()).decode()
+        auth = request.headers.get("Authorization", "")
+        if request.path == "/oauth2/token":
+            if self.registry_auth != "bearer" or auth != basic:
+                return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+            token = f"registry-token-{len(self.registry_tokens)}"
+            self.registry_tokens.append(token)
+            return web.json_response({"access_token": token, "scope": request.query.get("scope", "")})
+        allowed = {None: True, "basic": auth == basic, "bearer": auth.removeprefix("Bearer ") in self.registry_tokens}
+        if not allowed[self.registry_auth]:
+            challenge = (
+                'Basic realm="registry"'
+                if self.registry_auth == "basic"
+                else f'Bearer realm="{self.url}/oauth2/token",service="{self.registry}",scope="repository:x:pull"'
+            )
+            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        repo, _, tag = request.path.removeprefix("/v2/").rpartition("/manifests/")
+        return web.Response(status=200 if f"{repo}:{tag}" in self.images else 404)
+
     async def _acr(self, method: str, registry: str, rest: list[str], body: Any) -> web.Response:
         """ACR Tasks: an upload URL (a blob in Azurite), a run that 'builds' the uploaded context
         and writes a log blob, the run's state and its log link."""
@@ -395,6 +425,8 @@ class ArmEndpoint:
                 await st.ensure_container()
                 url = await st.write_url()
                 base, _, sas = url.partition("?")
+                if self.acr_upload_broken:
+                    sas = sas.replace("sig=", "sig=AAAA")
                 return web.json_response({"uploadUrl": f"{base}/{name}?{sas}", "relativePath": name})
             if rest == ["scheduleRun"] and method == "POST":
                 run_id = f"cb{len(self.acr_runs) + 1}"
@@ -404,22 +436,38 @@ class ArmEndpoint:
 
                 with tarfile.open(fileobj=io.BytesIO(source), mode="r:gz") as tar:
                     files = sorted(tar.getnames())
-                log = "\n".join(
-                    [
-                        f"Step 1/9 : FROM python:{body['arguments'][0]['value']}-slim",
-                        f"context: {', '.join(files)}",
-                        f"Successfully pushed {body['imageNames'][0]}",
-                    ]
-                )
-                await st.put(f"acr-logs/{run_id}.log", log.encode())
-                self.acr_runs[run_id] = {"request": body, "files": files, "polls": 2, "registry": registry}
-                self.images.add(body["imageNames"][0])
+                lines = [
+                    f"Step 1/9 : FROM python:{body['arguments'][0]['value']}-slim",
+                    f"context: {', '.join(files)}",
+                    "Step 2/9 : RUN pip install ...",
+                    "\r 10% ####\r 50% ##########\r100% ####################",
+                    f"Successfully pushed {body['imageNames'][0]}" if self.acr_fail is None else "error: step 2 failed",
+                ]
+                await st.put(f"acr-logs/{run_id}.log", b"")  # nothing yet: reads from 0 get 416
+                self.acr_runs[run_id] = {"request": body, "files": files, "polls": 0, "registry": registry,
+                                         "lines": lines, "fail": self.acr_fail, "status": "Queued"}  # fmt: skip
+                if self.acr_fail is None:
+                    self.images.add(body["imageNames"][0])
                 return web.json_response({"properties": {"runId": run_id, "status": "Queued"}})
             if len(rest) == 2 and rest[0] == "runs" and method == "GET":
                 run = self.acr_runs[rest[1]]
-                run["polls"] -= 1
-                status = "Running" if run["polls"] > 0 else "Succeeded"
-                return web.json_response({"properties": {"runId": rest[1], "status": status}})
+                if run["status"] not in ("Canceled", "Succeeded", "Failed"):
+                    run["polls"] += 1
+                    done = run["polls"] >= self.acr_polls
+                    full = "\n".join(run["lines"]) + "\n"
+                    text = full if done else full[: len(full) * (run["polls"] - 1) // max(1, self.acr_polls - 1)]  # mid-line
+                    await st._c.upload_blob(
+                        f"acr-logs/{rest[1]}.log", text.encode(), overwrite=True,
+                        metadata={"Complete": "successful"} if done else None,
+                    )  # fmt: skip
+                    run["status"] = ("Failed" if run["fail"] else "Succeeded") if done else "Running"
+                props = {"runId": rest[1], "status": run["status"]}
+                if run["status"] == "Failed":
+                    props["runErrorMessage"] = run["fail"]
+                return web.json_response({"properties": props})
+            if len(rest) == 3 and rest[0] == "runs" and rest[2] == "cancel" and method == "POST":
+                self.acr_runs[rest[1]]["status"] = "Canceled"
+                return web.Response(status=200)
             if len(rest) == 3 and rest[0] == "runs" and rest[2] == "listLogSasUrl":
                 return web.json_response({"logLink": await st.read_url(f"acr-logs/{rest[1]}.log")})
         return self._error(404, "NotFound", f"no ACR route {method} {'/'.join(rest)}")

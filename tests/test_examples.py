@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -50,7 +51,15 @@ def test_wordcount_over_blob_storage_example(tmp_path: Path, azurite: Azurite, c
     assert out.startswith("2000000 words; most common:")
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_custom_runtime_example_runs_or_names_the_missing_package(tmp_path: Path) -> None:
+    out = run("custom_runtime/numpy_job.py", tmp_path)
+    if importlib.util.find_spec("numpy") is None:  # the local runtime has what this Python has
+        assert out == "this runtime lacks numpy: build and deploy examples/custom_runtime/Dockerfile\n"
+    else:
+        assert out.startswith("100 spectra, peak bins: [100")
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(EXAMPLES).as_posix() for p in EXAMPLES.rglob("*.py")))
 def test_every_example_is_covered_by_a_test(path: str) -> None:
-    tested = {"quickstart.py", "lithops_seed.py", "async_patterns.py", "wordcount_blob.py"}
+    tested = {"quickstart.py", "lithops_seed.py", "async_patterns.py", "wordcount_blob.py", "custom_runtime/numpy_job.py"}
     assert path in tested, f"examples/{path} has no test"

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.image_build
 
 BASE = "localhost/acx-test-base:bookworm"
 IMAGE = "localhost/acx-it:test"
+#: A PATH of its own, to see that the runtime image keeps it and puts its venv first.
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/base-tools/bin"
 
 
 def add7(x: int) -> int:
@@ -68,8 +70,7 @@ def test_the_dockerfile_builds_runs_and_answers_a_signed_call(tmp_path: Path, bu
         mount = run(["buildah", "mount", container], env).stdout.strip()
         run(["cp", "-a", f"{rootfs}/.", mount], env)
         run(["buildah", "umount", container], env)
-        run(["buildah", "config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             container], env)  # fmt: skip
+        run(["buildah", "config", "--env", f"PATH={BASE_PATH}", container], env)
         run(["buildah", "commit", "--quiet", container, BASE], env)
     finally:
         subprocess.run(["buildah", "rm", container], env=env, capture_output=True)
@@ -98,6 +99,11 @@ def test_the_dockerfile_builds_runs_and_answers_a_signed_call(tmp_path: Path, bu
         compilers = subprocess.run(["buildah", "run", container, "--", "sh", "-c", "command -v gcc cc g++ || true"],
                                    env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert compilers.stdout.strip() == "", f"compilers left in the image: {compilers.stdout}"
+        layout = subprocess.run(["buildah", "run", container, "--", "sh", "-c",
+                                 "command -v python3; ls -A /tmp; echo $PATH; id -un"],
+                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        # The venv's Python first on the base's PATH; the wheels stayed in the build stage.
+        assert layout.stdout.split("\n")[:3] == ["/opt/acx/bin/python3", f"/opt/acx/bin:{BASE_PATH}", "acx"], layout
         key = secrets.token_urlsafe(32)
         port = free_port()
         t = time.monotonic()

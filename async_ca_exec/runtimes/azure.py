@@ -516,8 +516,9 @@ class AzureApps:
     def image_for(self, runtime: str | None) -> tuple[str, bool]:
         """(image, is_default) for a runtime name, ``default`` or unset meaning the default image."""
         name = runtime or self.cfg.azure_containers.runtime
-        if not name or name == "default":
-            return default_image(self.cfg.azure_containers.docker_server), True
+        default = default_image(self.cfg.azure_containers.docker_server)
+        if not name or name in ("default", default):
+            return default, True
         return check_image(name), False
 
     async def environment(self, *, create: bool = False) -> Environment:
@@ -634,14 +635,23 @@ class AzureApps:
 
     async def ensure_default_image(self, image: str) -> None:
         """Build and push the default runtime image unless the registry has it already."""
-        from .images import build_image, image_exists
+        from .images import build_image, image_exists, registry_login, split_image
 
-        ac = self.cfg.azure_containers
-        password = ac.docker_password.get_secret_value() if ac.docker_password is not None else None
-        if await image_exists(image, user=ac.docker_user, password=password, ssl=self.target.ssl_context()):
+        login = registry_login(self.cfg, split_image(image)[0])
+        if await image_exists(image, login=login, ssl=self.target.ssl_context()):
             return
         self._progress(f"the default runtime image {image} is not in its registry yet: building it")
         await build_image(self.cfg, image, credential=self._credential, progress=self._progress)
+
+    async def _image_missing(self, image: str) -> bool:
+        """Whether the registry says it lacks ``image`` (False when it cannot tell)."""
+        from .images import BuildError, image_exists, registry_login, split_image
+
+        try:
+            login = registry_login(self.cfg, split_image(image)[0])
+            return not await image_exists(image, login=login, ssl=self.target.ssl_context(), timeout=20)
+        except (BuildError, ConfigError):
+            return False
 
     async def _put(
         self,
@@ -743,6 +753,11 @@ class AzureApps:
         try:
             meta = await fetch_meta(f"https://{info.fqdn}", key, ssl=t.ssl_context(), startup_timeout=t.startup_timeout)
         except RuntimeStartError as exc:
+            if await self._image_missing(image):
+                raise DeploymentError(
+                    f"{where} cannot start: its image is not in the registry; build and push it with "
+                    f"`acx runtime build {image}`, then deploy it again (`acx runtime deploy {image}`)"
+                ) from None
             raise DeploymentError(f"{where} is not answering as an async_ca_exec runtime ({exc}); {what_to_add}") from None
         if meta.get("protocol") is None:
             raise DeploymentError(f"{where} answers, but not as an async_ca_exec runtime; {what_to_add}")
