@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from arm_endpoint import ArmEndpoint
 
 from async_ca_exec import AsyncExecutor
 
@@ -297,3 +298,16 @@ def _no_leaked_processes() -> Iterator[None]:
     yield
     leaked = wait_gone(children(os.getpid()) - before, timeout=15)
     assert not leaked, f"processes left running by this test: {sorted(leaked)}"
+
+
+@pytest.fixture
+def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str) -> Iterator[ArmEndpoint]:
+    """The ARM test double (tests/arm_endpoint.py), paired with this test's Azurite container;
+    runtime metadata is cached in this test's directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    endpoint = ArmEndpoint(tmp_path).start()
+    endpoint.storage = (azurite, container)
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop()

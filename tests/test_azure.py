@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +43,6 @@ REGISTRY_PASSWORD = "registry-pw-9f8e7d6c5b4a"
 
 def add7(x: int) -> int:
     return x + 7
-
-
-@pytest.fixture
-def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str) -> Iterator[ArmEndpoint]:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    endpoint = ArmEndpoint(tmp_path).start()
-    endpoint.storage = (azurite, container)
-    try:
-        yield endpoint
-    finally:
-        endpoint.stop()
 
 
 def config(arm: ArmEndpoint, tmp_path: Path, **overrides: Any) -> Path:

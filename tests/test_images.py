@@ -23,8 +23,6 @@ from async_ca_exec.errors import ConfigError, DeploymentError
 from async_ca_exec.runtimes import azure as az
 from async_ca_exec.runtimes import images
 
-from conftest import Azurite
-
 FAKES = Path(__file__).resolve().parent / "fakes"
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -248,17 +246,6 @@ def test_the_wheel_is_packed_from_the_installed_package_and_installs(tmp_path: P
 
 
 # -- with the ARM double: ACR Tasks, the default image, images without the server -------------
-
-
-@pytest.fixture
-def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str) -> Any:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    endpoint = ArmEndpoint(tmp_path).start()
-    endpoint.storage = (azurite, container)
-    try:
-        yield endpoint
-    finally:
-        endpoint.stop()
 
 
 def azure_config(arm: ArmEndpoint, **azure_containers: Any) -> dict[str, Any]:
