@@ -97,7 +97,7 @@ class AsyncExecutor:
             )
         _configure_logging(self.config.lithops.log_level)
         self.credential = credential
-        self.executor_id = secrets.token_hex(3)
+        self.executor_id = secrets.token_hex(6)  # call ids must not meet another executor's
         self._stats = Stats()
         self._runtime: Runtime | None = None
         self._invoker: Invoker | None = None

@@ -82,7 +82,7 @@ class Request:
 
     __slots__ = (
         "_resolved", "blobs", "call_id", "cancelled", "durable", "items", "items_url", "job", "lane", "n",
-        "unresolved", "with_fn",
+        "sends", "unresolved", "with_fn",
     )  # fmt: skip
 
     def __init__(self, call_id: str, job: Job, n: int, items: bytes) -> None:
@@ -101,6 +101,9 @@ class Request:
         self.items_url: str | None = None
         self.blobs: list[str] = []
         self.durable = False
+        #: HTTP sends so far: each is signed with its own number, so a runtime can tell a retry
+        #: from a replay of a request it has already seen.
+        self.sends = 0
 
     def cancel(self) -> None:
         """Stop caring about this request: skip it if queued, abort it if in flight."""
@@ -614,9 +617,8 @@ class Invoker:
                 f"({ep.max_body} bytes); configure azure_storage so large arguments go through Blob storage, "
                 "or read large data inside the function"
             )
-        headers = protocol.signed_headers(ep.key, "POST", protocol.INVOKE_PATH, req.call_id, body)
-        if attempt:
-            headers[protocol.H_ATTEMPT] = str(attempt)
+        headers = protocol.signed_headers(ep.key, "POST", protocol.INVOKE_PATH, req.call_id, body, attempt=req.sends)
+        req.sends += 1
         req.note_sent(time.time(), attempt)
         if req.with_fn:
             self._stats.function_uploads += 1
@@ -716,6 +718,9 @@ class Invoker:
             )
         if status == 409 and code == protocol.UNKNOWN_FUNCTION and not req.with_fn:
             raise _SendFunction()
+        if (status == 409 and code == protocol.REPLAYED) or status == 408:
+            # Not this client's doing (a proxy sent the request twice, or it crawled): send anew.
+            raise _Retry(f"HTTP {status}: {message}")
         if status == 401:
             raise AuthenticationError(
                 f"the runtime refused the signature of call {req.call_id}: {message}. The client's key "

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 INVOKE_PATH = "/v1/invoke"
 HEALTH_PATH = "/v1/health"
@@ -60,6 +60,8 @@ MAX_BATCH = 100_000
 FN_INLINE_LIMIT = 64 * 1024
 #: Error code of a 409 answer: the replica does not have the function; send it along.
 UNKNOWN_FUNCTION = "unknown-function"
+#: Error code of a 409 answer: this exact request (call id and attempt) was received before.
+REPLAYED = "replayed"
 #: Signatures older or newer than this (seconds) are refused, which bounds replays.
 DEFAULT_SIGNATURE_WINDOW = 300.0
 #: Seconds between heartbeat frames while a call runs.
@@ -96,37 +98,48 @@ def body_digest(body: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _string_to_sign(method: str, path: str, timestamp: str, call_id: str, digest: str) -> bytes:
-    return f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{digest}".encode()
-
-
-def sign(key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview) -> str:
-    """HMAC-SHA256 over method, path, timestamp, call id and the body's SHA-256, as hex."""
-    msg = _string_to_sign(method, path, timestamp, call_id, body_digest(body))
+def sign(
+    key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview,
+    attempt: int = 0,
+) -> str:  # fmt: skip
+    """HMAC-SHA256 over method, path, timestamp, call id, attempt and the body's SHA-256, as hex."""
+    msg = f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{attempt}\n{body_digest(body)}".encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
-def sign_head(key: bytes, method: str, path: str, timestamp: str, call_id: str, length: int) -> str:
+def sign_head(key: bytes, method: str, path: str, timestamp: str, call_id: str, length: int, attempt: int = 0) -> str:
     """HMAC-SHA256 over what is known before the body is read (its length, not its digest)."""
-    msg = f"acx-head\n{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{length}".encode()
+    msg = f"acx-head\n{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{attempt}\n{length}".encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
 def signed_headers(
-    key: bytes, method: str, path: str, call_id: str, body: bytes | bytearray | memoryview, now: float | None = None
-) -> dict[str, str]:
+    key: bytes, method: str, path: str, call_id: str, body: bytes | bytearray | memoryview, now: float | None = None,
+    attempt: int = 0,
+) -> dict[str, str]:  # fmt: skip
     """The headers that authenticate a request.
 
     Two signatures: one over the whole request (body digest included), and one over its
     headers and body length, which a server checks before reading a body of that length.
+    ``attempt`` numbers the sends of one call id (a retry is a new attempt), so a server can
+    refuse a request it has already received (a replay) without refusing retries.
     """
     ts = f"{time.time() if now is None else now:.3f}"
     return {
         H_TIMESTAMP: ts,
         H_CALL_ID: call_id,
-        H_HEAD_SIGNATURE: sign_head(key, method, path, ts, call_id, len(body)),
-        H_SIGNATURE: sign(key, method, path, ts, call_id, body),
+        H_ATTEMPT: str(attempt),
+        H_HEAD_SIGNATURE: sign_head(key, method, path, ts, call_id, len(body), attempt),
+        H_SIGNATURE: sign(key, method, path, ts, call_id, body, attempt),
     }
+
+
+def attempt_of(headers: Any) -> int:
+    """The signed attempt number of a request (0 when the header is absent)."""
+    raw = headers.get(H_ATTEMPT) or "0"
+    if len(raw) > 6 or not raw.isdigit() or not raw.isascii():
+        raise SignatureError(f"header {H_ATTEMPT} must be a small non-negative integer")
+    return int(raw)
 
 
 def verify_head(
@@ -148,7 +161,7 @@ def verify_head(
         raise SignatureError(f"unsigned request: headers {H_CALL_ID} and {H_HEAD_SIGNATURE} are required")
     if length is None:
         raise SignatureError("a signed request needs a Content-Length (chunked bodies are not accepted)")
-    expected = sign_head(key, method, path, ts, call_id, length)
+    expected = sign_head(key, method, path, ts, call_id, length, attempt_of(headers))
     if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
         raise SignatureError("signature mismatch: the request was signed with another key or changed in transit")
 
@@ -196,7 +209,7 @@ def verify(
     sig = headers.get(H_SIGNATURE)
     if not call_id or not sig:
         raise SignatureError(f"unsigned request: headers {H_CALL_ID} and {H_SIGNATURE} are required")
-    expected = sign(key, method, path, ts, call_id, body)
+    expected = sign(key, method, path, ts, call_id, body, attempt_of(headers))
     if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
         raise SignatureError("signature mismatch: the request was signed with another key or changed in transit")
     try:

@@ -135,6 +135,128 @@ class FunctionCache:
         return data
 
 
+class ReplayGuard:
+    """The (call id, attempt) pairs of requests received within the signature window: a second
+    request with the same pair is a replay (a client signs each send with its own attempt).
+
+    Three generations of one window each, so a pair is remembered for two to three windows
+    (a timestamp is accepted for two: ±window), as an 8-byte digest (about 60 bytes each).
+    It guards this replica only: a replay sent to another replica of the same runtime is
+    refused only once its timestamp leaves the window.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._generations: list[set[int]] = [set(), set(), set()]
+        self._rotated = time.monotonic()
+
+    @staticmethod
+    def _digest(call_id: str, attempt: int) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{call_id}\n{attempt}".encode(), digest_size=8).digest(), "big")
+
+    def _rotate(self) -> None:
+        now = time.monotonic()
+        while now - self._rotated >= self.window:
+            self._generations = [set(), *self._generations[:2]]
+            self._rotated += self.window
+            if now - self._rotated > 3 * self.window:  # idle for long: start afresh
+                self._rotated = now
+
+    def seen(self, call_id: str, attempt: int) -> bool:
+        self._rotate()
+        d = self._digest(call_id, attempt)
+        return any(d in g for g in self._generations)
+
+    def add(self, call_id: str, attempt: int) -> bool:
+        """Remember a request; False if it was already there (a replay)."""
+        if self.seen(call_id, attempt):
+            return False
+        self._generations[0].add(self._digest(call_id, attempt))
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._generations)
+
+
+class ConnectionGuard(asyncio.Protocol):
+    """Wraps aiohttp's per-connection protocol to cut slow clients (slow-loris).
+
+    A connection must bring a request's headers within ``header_timeout`` of opening, or of
+    its first byte after an idle spell; idle between requests, it may stay ``idle_timeout``.
+    While a request is handled, the handler keeps its own deadlines (reading the body).
+    """
+
+    def __init__(self, inner: Any, server: Server) -> None:
+        self.inner = inner
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.busy = 0
+        self.idle = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+
+    def _arm(self, seconds: float, *, earlier_only: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        if earlier_only and self._timer is not None and self._deadline <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._deadline = deadline
+        self._timer = loop.call_at(deadline, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.busy == 0 and self.transport is not None:
+            self.server.slow_clients_cut += 1
+            self.transport.abort()
+
+    def request_started(self) -> None:
+        self.busy += 1
+        self.idle = False
+        self._disarm()
+
+    def request_finished(self) -> None:
+        self.busy -= 1
+        if self.busy == 0:
+            self.idle = True
+            self._arm(self.server.settings.idle_timeout)
+
+    # -- asyncio.Protocol, passed on to aiohttp's handler --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections[transport] = self
+        self._arm(self.server.settings.header_timeout)
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        if self.transport is not None:
+            self.server.connections.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle:  # a new request begins: its headers have header_timeout to arrive
+            self.idle = False
+            self._arm(self.server.settings.header_timeout, earlier_only=True)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -146,22 +268,57 @@ class Server:
         self._workdir = tempfile.mkdtemp(prefix="acx-worker-")
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env["ACX_REPLICA_ID"] = settings.replica
-        self.pool = WorkerPool(settings.workers, replica=settings.replica, env=env, cwd=self._workdir)
+        self.pool = WorkerPool(
+            settings.workers, replica=settings.replica, env=env, cwd=self._workdir, memory_limit=settings.worker_memory
+        )
         self.runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._meta: bytes | None = None
         self.functions = FunctionCache(settings.fn_cache_bytes)
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self.replays = ReplayGuard(settings.signature_window)
+        self.connections: dict[asyncio.BaseTransport, ConnectionGuard] = {}
+        self._listener: asyncio.AbstractServer | None = None
+        #: Requests refused for their signature, and those waiting out the delay now.
+        self.refused = 0
+        self._delayed = 0
+        self.slow_clients_cut = 0
 
     # -- routes ----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body)
+        app = web.Application(client_max_size=self.settings.max_body, middlewares=[self._track])
         app.router.add_post(protocol.INVOKE_PATH, self.invoke)
         app.router.add_get(protocol.HEALTH_PATH, self.health)
         app.router.add_get(protocol.META_PATH, self.meta)
         return app
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Tell the connection's guard a request is being handled (its own deadlines apply)."""
+        guard = self.connections.get(request.transport) if request.transport is not None else None
+        if guard is None:
+            return await handler(request)  # type: ignore[no-any-return]
+        guard.request_started()
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            guard.request_finished()
+
+    async def _unauthenticated(self, exc: protocol.ProtocolError) -> web.Response:
+        """401 for a request whose signature failed: after a short delay, on a closed
+        connection, so a flood of them costs the flooder more than this replica."""
+        self.refused += 1
+        if self._delayed < 1024 and self.settings.auth_delay > 0:
+            self._delayed += 1
+            try:
+                await asyncio.sleep(self.settings.auth_delay)
+            finally:
+                self._delayed -= 1
+        resp = self._error(exc.status, str(exc))
+        resp.force_close()
+        return resp
 
     def _error(self, status: int, message: str, code: str | None = None, **headers: str) -> web.Response:
         doc = {"error": message, "replica": self.settings.replica}
@@ -183,7 +340,7 @@ class Server:
         try:
             protocol.verify(self._key, "GET", protocol.META_PATH, request.headers, b"", window=self.settings.signature_window)
         except protocol.ProtocolError as exc:
-            return self._error(exc.status, str(exc))
+            return await self._unauthenticated(exc)
         if self._meta is None:
             self._meta = json.dumps(runtime_meta(self.settings)).encode()
         return web.Response(body=self._meta, content_type="application/json")
@@ -191,24 +348,41 @@ class Server:
     async def invoke(self, request: web.Request) -> web.StreamResponse:
         settings = self.settings
         if self.draining:
-            return self._error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
+            # Closing the connection sends the retry to another replica (this one stopped listening).
+            resp = self._error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
+            resp.force_close()
+            return resp
         headers = request.headers
         length = request.content_length
         try:
             # Authenticate what the headers say before reading (and hashing) any body.
             protocol.verify_head(self._key, "POST", protocol.INVOKE_PATH, headers, length,
                                  window=settings.signature_window)  # fmt: skip
+            attempt = protocol.attempt_of(headers)
         except protocol.SignatureError as exc:
-            return self._error(401, str(exc))
+            return await self._unauthenticated(exc)
         assert length is not None
+        if self.replays.seen(headers[protocol.H_CALL_ID], attempt):
+            return self._replayed(headers[protocol.H_CALL_ID], attempt)
         if length > settings.max_body:
             return self._too_large(length)
         try:
-            body = await request.read()
+            body = await asyncio.wait_for(request.read(), settings.header_timeout + length / settings.min_body_rate)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(None)
+        except asyncio.TimeoutError:
+            self.slow_clients_cut += 1
+            resp = self._error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
+                                    f"{settings.min_body_rate / 1024:.0f} KiB/s)")  # fmt: skip
+            resp.force_close()
+            return resp
         try:
             call_id = protocol.verify(self._key, "POST", protocol.INVOKE_PATH, headers, body, window=settings.signature_window)
+        except protocol.ProtocolError as exc:
+            return await self._unauthenticated(exc)
+        if not self.replays.add(call_id, attempt):  # the same request, twice at once
+            return self._replayed(call_id, attempt)
+        try:
             inv = protocol.decode_invocation(body, max_timeout=settings.max_timeout)
             if inv.call_id != call_id:
                 raise protocol.ProtocolError("the envelope's call id differs from the signed header")
@@ -240,6 +414,15 @@ class Server:
             if hashlib.sha256(items).hexdigest() != header.get("items_sha256"):
                 return self._error(400, "the arguments blob does not match header field 'items_sha256'")
         return await self._run(request, Task(self.pool.new_task_id(), inv, fn, items))
+
+    def _replayed(self, call_id: str, attempt: int) -> web.Response:
+        self.refused += 1
+        resp = self._error(
+            409, f"call {call_id} attempt {attempt} was already received: a request is run once (a retry is signed "
+            "as a new attempt)", code=protocol.REPLAYED,
+        )  # fmt: skip
+        resp.force_close()
+        return resp
 
     def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
         """Every item of a request fails with a storage error (a 200 with error frames: the
@@ -422,14 +605,19 @@ class Server:
             handler_cancellation=True,
             access_log=log if self.settings.log_level == "DEBUG" else None,
             shutdown_timeout=self.settings.shutdown_grace,
+            keepalive_timeout=self.settings.idle_timeout + 5,  # the guard cuts idle connections first
         )
         await self.runner.setup()
-        site = web.TCPSite(
-            self.runner, self.settings.host, self.settings.port, reuse_port=self.settings.reuse_port or None, backlog=1024
-        )
-        await site.start()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
-        addresses = list(self.runner.addresses)
+        handlers = self.runner.server
+        assert handlers is not None
+        loop = asyncio.get_running_loop()
+        # Our own listener rather than a TCPSite: each connection goes through a ConnectionGuard.
+        self._listener = await loop.create_server(
+            lambda: ConnectionGuard(handlers(), self), self.settings.host, self.settings.port,
+            reuse_port=self.settings.reuse_port or None, backlog=1024,
+        )  # fmt: skip
+        self._ticker = loop.create_task(self._tick())
+        addresses = [sock.getsockname() for sock in self._listener.sockets]
         log.info(
             "acx_server %s listening on %s with %d worker processes", self.settings.replica, addresses, self.settings.workers
         )
@@ -446,6 +634,8 @@ class Server:
     async def shutdown(self) -> None:
         self.draining = True
         log.info("acx_server %s shutting down (grace %.0f s)", self.settings.replica, self._grace)
+        if self._listener is not None:
+            self._listener.close()  # no new connections: the client's retries go to other replicas
         if self.runner is not None:
             self.runner.server.shutdown_timeout = self._grace  # type: ignore[union-attr]
             try:

@@ -77,6 +77,16 @@ class Settings:
     fn_cache_bytes: int = 256 * 1024 * 1024
     max_blob: int = 16 * 1024 * 1024 * 1024
     log_level: str = "INFO"
+    #: Seconds a connection may take to send a request's headers (from its first byte, or from
+    #: opening), and to stay idle between requests; slower clients are cut (slow-loris).
+    header_timeout: float = 15.0
+    idle_timeout: float = 75.0
+    #: Slowest body upload accepted (bytes/s), on top of header_timeout seconds.
+    min_body_rate: float = 256 * 1024
+    #: Seconds before an unauthenticated request gets its 401 (and its connection is closed).
+    auth_delay: float = 0.25
+    #: Each worker process's memory limit in bytes (resident set), 0 for none.
+    worker_memory: int = 0
     parent_fd: int | None = None
     ready_fd: int | None = None
 
@@ -135,6 +145,11 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         fn_cache_bytes=int(_num(env, "ACX_FUNCTION_CACHE_BYTES", 256 * 1024 * 1024, integer=True)),
         max_blob=int(_num(env, "ACX_MAX_BLOB_BYTES", _default_max_blob(), integer=True, minimum=1024)),
         log_level=env.get("ACX_LOG_LEVEL", "INFO").upper(),
+        header_timeout=_num(env, "ACX_HEADER_TIMEOUT", 15.0, minimum=0.1),
+        idle_timeout=_num(env, "ACX_IDLE_TIMEOUT", 75.0, minimum=0.1),
+        min_body_rate=_num(env, "ACX_MIN_BODY_RATE", 256 * 1024, minimum=1),
+        auth_delay=_num(env, "ACX_AUTH_DELAY", 0.25),
+        worker_memory=int(_num(env, "ACX_WORKER_MEMORY_MB", 0, integer=True)) * 1024 * 1024,
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,
     )

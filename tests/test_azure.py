@@ -30,6 +30,7 @@ from async_ca_exec import (
     RuntimeMismatchError,
     RuntimeNotFoundError,
     Storage,
+    protocol,
 )
 from async_ca_exec.config import load_config
 from async_ca_exec.runtimes import azure as az
@@ -98,7 +99,7 @@ async def test_deploy_invoke_update_list_delete_clean_end_to_end(arm: ArmEndpoin
     assert info.runtime == default_image(arm) and info.memory == 512
     assert info.app == az.app_name(default_image(arm), 512)
     cache = list((tmp_path / "cache" / "async-ca-exec" / "runtimes").glob("*.json"))
-    assert len(cache) == 1 and json.loads(cache[0].read_text())["meta"]["protocol"] == 1
+    assert len(cache) == 1 and json.loads(cache[0].read_text())["meta"]["protocol"] == protocol.PROTOCOL_VERSION
 
     async with executor(cfg) as ex:
         assert await ex.map(add7, range(100)) == [i + 7 for i in range(100)]
@@ -555,7 +556,7 @@ async def test_runtime_metadata_is_recorded_in_blob_and_clean_removes_everything
         info = await apps.deploy("default")
         async with Storage(load_config(cfg, env={})) as st:
             doc = json.loads(await st.get(f"acx/runtimes/{info.app}.json"))
-            assert doc["meta"]["protocol"] == 1 and doc["app"] == info.app
+            assert doc["meta"]["protocol"] == protocol.PROTOCOL_VERSION and doc["app"] == info.app
             await st.put("acx/jobs/leftover/x.in", b"stale")
             await apps.clean()
             assert await st.list("acx/") == []

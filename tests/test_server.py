@@ -202,7 +202,7 @@ async def test_function_sent_by_reference_needs_to_be_cached_first(server: Serve
     by_ref = body(False)
     status, raw = await post(server, by_ref, signed(server, by_ref))
     assert status == 409 and json.loads(raw)["code"] == protocol.UNKNOWN_FUNCTION
-    full = body(True)
-    assert (await post(server, full, signed(server, full)))[0] == 200
-    status, raw = await post(server, by_ref, signed(server, by_ref))
+    full = body(True)  # the retry: a new attempt of the same call id
+    assert (await post(server, full, signed(server, full, attempt=1)))[0] == 200
+    status, raw = await post(server, by_ref, signed(server, by_ref, attempt=2))
     assert status == 200 and decode_result(raw)[1] == [4]
