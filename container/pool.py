@@ -185,6 +185,7 @@ class WorkerProc(asyncio.Protocol):
         self.ready = False
         self.kill_reason: str | None = None
         self.pid = 0
+        self.rss = 0  # bytes, when it was killed for memory
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -304,6 +305,15 @@ class WorkerProc(asyncio.Protocol):
                 pass
 
 
+def _resident(pid: int, page: int) -> int:
+    """A process's resident memory in bytes (Linux), 0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _internal(message: str) -> dict[str, Any]:
     return {"kind": protocol.ERR_INTERNAL, "type": "acx_server.InternalError", "message": message, "traceback": ""}
 
@@ -311,10 +321,15 @@ def _internal(message: str) -> dict[str, Any]:
 class WorkerPool:
     """``size`` worker processes and a FIFO of tasks."""
 
-    def __init__(self, size: int, *, replica: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self, size: int, *, replica: str, env: dict[str, str] | None = None, cwd: str | None = None,
+        memory_limit: int = 0,
+    ) -> None:  # fmt: skip
         if size < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.size = size
+        #: Resident memory a worker may use (bytes; 0: no limit), checked by the watchdog.
+        self.memory_limit = memory_limit if sys.platform.startswith("linux") else 0
         self.replica = replica
         self.env = env
         self.cwd = cwd
@@ -539,6 +554,15 @@ class WorkerPool:
                     }
                 elif reason == "shutdown":
                     info = _internal("the runtime shut down while the call was running")
+                elif reason == "memory":
+                    info = {
+                        "kind": protocol.ERR_CRASHED,
+                        "type": "WorkerCrashed",
+                        "traceback": "",
+                        "message": f"the call ran out of memory: its worker process used {w.rss / 2**20:.0f} MB, above "
+                        f"the limit of {self.memory_limit / 2**20:.0f} MB per worker (runtime_memory), and was killed",
+                        "exitcode": returncode,
+                    }
                 else:
                     info = {
                         "kind": protocol.ERR_CRASHED,
@@ -583,16 +607,25 @@ class WorkerPool:
         self.queue.extendleft(reversed(requeue))
         if requeue and self.idle:
             self._dispatch()
-        if reason not in (None, "cancel", "timeout", "shutdown"):
+        if reason not in (None, "cancel", "timeout", "shutdown", "memory"):
             log.warning("worker %s %s (%s)", w.pid, describe_exit(returncode), reason)
         elif reason is None:
             log.warning("worker %s %s", w.pid, describe_exit(returncode))
 
     async def _watchdog(self) -> None:
-        """Kill workers whose current item has run past its task's timeout."""
+        """Kill workers whose current item has run past its task's timeout, or that use more
+        memory than they may."""
+        page = os.sysconf("SC_PAGE_SIZE") if self.memory_limit else 0
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL)
             now = time.monotonic()  # system-wide on Linux and macOS, like the workers' clock
+            if self.memory_limit:
+                for w in list(self.workers):
+                    rss = _resident(w.pid, page)
+                    if rss > self.memory_limit and w.kill_reason is None:
+                        w.rss = rss
+                        log.warning("worker %s uses %d MB, above its limit: killing it", w.pid, rss >> 20)
+                        w.kill("memory")
             for w in list(self.workers):
                 if not w.inflight or w.kill_reason is not None:
                     continue

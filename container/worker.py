@@ -358,6 +358,13 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 3:
         raise SystemExit("usage: python -m acx_server.worker <socket fd> <progress fd> <server pid>")
     _set_parent_death_signal()
+    # Under memory pressure (a container's limit), the kernel should kill a worker, whose
+    # call then fails alone, rather than the server that all calls of the replica go through.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("500")
+    except OSError:
+        pass
     # A server that died before the death signal was armed left us re-parented: leave too.
     if os.getppid() != int(argv[2]):
         raise SystemExit(0)

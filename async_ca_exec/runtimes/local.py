@@ -163,6 +163,8 @@ class LocalRuntime:
                     }
                 )
                 env.pop("ACX_HMAC_KEY", None)
+                if self.runtime_memory:  # each worker process (each call) gets runtime_memory MB
+                    env["ACX_WORKER_MEMORY_MB"] = str(self.runtime_memory)
                 # Blocking calls, on purpose: a fork/exec takes a millisecond and keeps the
                 # process handle usable from atexit and finalizers, where no loop runs.
                 with open(logfile, "wb") as logf:  # noqa: ASYNC230
