@@ -22,6 +22,7 @@ import pickle
 import platform
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -279,10 +280,13 @@ class Server:
         self._background: set[asyncio.Task[Any]] = set()
         self.replays = ReplayGuard(settings.signature_window)
         self.connections: dict[asyncio.BaseTransport, ConnectionGuard] = {}
-        self._listener: asyncio.AbstractServer | None = None
-        #: Requests refused for their signature, and those waiting out the delay now.
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        #: Requests refused (bad signature, replay), and those waiting out the delay now.
         self.refused = 0
         self._delayed = 0
+        self._accepting = asyncio.Event()
+        self._accepting.set()
         self.slow_clients_cut = 0
 
     # -- routes ----------------------------------------------------------------------
@@ -307,16 +311,31 @@ class Server:
             guard.request_finished()
 
     async def _unauthenticated(self, exc: protocol.ProtocolError) -> web.Response:
-        """401 for a request whose signature failed: after a short delay, on a closed
-        connection, so a flood of them costs the flooder more than this replica."""
+        """401 for a request whose signature failed."""
+        return await self._refuse(self._error(exc.status, str(exc)))
+
+    async def _refuse(self, resp: web.Response) -> web.Response:
+        """Answer a refused request after ``auth_delay``, on a closed connection (a tarpit).
+
+        A flooder's connections are held rather than turned over, so a flood costs it a
+        connection per request per ``auth_delay``. With ``refusal_slots`` refusals held, the
+        replica stops accepting connections until one is answered: the flood then waits in
+        the kernel's queue, and the calls on already open (pooled) connections go on.
+        """
         self.refused += 1
-        if self._delayed < 1024 and self.settings.auth_delay > 0:
+        settings = self.settings
+        if settings.auth_delay > 0:
             self._delayed += 1
+            if self._delayed >= settings.refusal_slots and self._accepting.is_set():
+                log.warning("%d refused requests held: not accepting connections until one is answered",
+                            self._delayed)  # fmt: skip
+                self._accepting.clear()
             try:
-                await asyncio.sleep(self.settings.auth_delay)
+                await asyncio.sleep(settings.auth_delay)
             finally:
                 self._delayed -= 1
-        resp = self._error(exc.status, str(exc))
+                if self._delayed < settings.refusal_slots:
+                    self._accepting.set()
         resp.force_close()
         return resp
 
@@ -363,7 +382,7 @@ class Server:
             return await self._unauthenticated(exc)
         assert length is not None
         if self.replays.seen(headers[protocol.H_CALL_ID], attempt):
-            return self._replayed(headers[protocol.H_CALL_ID], attempt)
+            return await self._replayed(headers[protocol.H_CALL_ID], attempt)
         if length > settings.max_body:
             return self._too_large(length)
         try:
@@ -381,7 +400,7 @@ class Server:
         except protocol.ProtocolError as exc:
             return await self._unauthenticated(exc)
         if not self.replays.add(call_id, attempt):  # the same request, twice at once
-            return self._replayed(call_id, attempt)
+            return await self._replayed(call_id, attempt)
         try:
             inv = protocol.decode_invocation(body, max_timeout=settings.max_timeout)
             if inv.call_id != call_id:
@@ -415,14 +434,11 @@ class Server:
                 return self._error(400, "the arguments blob does not match header field 'items_sha256'")
         return await self._run(request, Task(self.pool.new_task_id(), inv, fn, items))
 
-    def _replayed(self, call_id: str, attempt: int) -> web.Response:
-        self.refused += 1
-        resp = self._error(
+    async def _replayed(self, call_id: str, attempt: int) -> web.Response:
+        return await self._refuse(self._error(
             409, f"call {call_id} attempt {attempt} was already received: a request is run once (a retry is signed "
             "as a new attempt)", code=protocol.REPLAYED,
-        )  # fmt: skip
-        resp.force_close()
-        return resp
+        ))  # fmt: skip
 
     def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
         """Every item of a request fails with a storage error (a 200 with error frames: the
@@ -611,17 +627,40 @@ class Server:
         handlers = self.runner.server
         assert handlers is not None
         loop = asyncio.get_running_loop()
-        # Our own listener rather than a TCPSite: each connection goes through a ConnectionGuard.
-        self._listener = await loop.create_server(
-            lambda: ConnectionGuard(handlers(), self), self.settings.host, self.settings.port,
-            reuse_port=self.settings.reuse_port or None, backlog=1024,
-        )  # fmt: skip
+        # Our own listener rather than a TCPSite: each connection goes through a ConnectionGuard,
+        # and accepting pauses while the refusal tarpit is full.
+        self._sockets = _listening_sockets(self.settings.host, self.settings.port, self.settings.reuse_port)
+        self._acceptors = [
+            loop.create_task(self._accept(sock, lambda: ConnectionGuard(handlers(), self))) for sock in self._sockets
+        ]
         self._ticker = loop.create_task(self._tick())
-        addresses = [sock.getsockname() for sock in self._listener.sockets]
+        addresses = [sock.getsockname() for sock in self._sockets]
         log.info(
             "acx_server %s listening on %s with %d worker processes", self.settings.replica, addresses, self.settings.workers
         )
         return addresses
+
+    async def _accept(self, sock: socket.socket, factory: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._accepting.wait()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # out of file descriptors or memory: let some close first
+                log.warning("could not accept a connection (%s); trying again in 1 s", exc.strerror or exc)
+                await asyncio.sleep(1)
+                continue
+            try:
+                await loop.connect_accepted_socket(factory, conn)
+            except OSError:  # the peer went away already
+                conn.close()
+
+    def _stop_listening(self) -> None:
+        for task in self._acceptors:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
+        self._acceptors, self._sockets = [], []
 
     def request_stop(self, grace: float | None = None) -> None:
         if grace is not None:
@@ -634,8 +673,7 @@ class Server:
     async def shutdown(self) -> None:
         self.draining = True
         log.info("acx_server %s shutting down (grace %.0f s)", self.settings.replica, self._grace)
-        if self._listener is not None:
-            self._listener.close()  # no new connections: the client's retries go to other replicas
+        self._stop_listening()  # no new connections: the client's retries go to other replicas
         if self.runner is not None:
             self.runner.server.shutdown_timeout = self._grace  # type: ignore[union-attr]
             try:
@@ -650,6 +688,31 @@ class Server:
         if self._http is not None:
             await self._http.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Non-blocking listening sockets for ``host`` (every address it resolves to)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], None, i[4]) for i in infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            if port == 0:  # one ephemeral port for every address
+                port = sock.getsockname()[1]
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def serve(settings: Settings) -> None:

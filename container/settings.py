@@ -83,8 +83,12 @@ class Settings:
     idle_timeout: float = 75.0
     #: Slowest body upload accepted (bytes/s), on top of header_timeout seconds.
     min_body_rate: float = 256 * 1024
-    #: Seconds before an unauthenticated request gets its 401 (and its connection is closed).
-    auth_delay: float = 0.25
+    #: Seconds before a refused request (bad signature, replay) gets its answer and its
+    #: connection is closed: a flooder's connections are held, not turned over.
+    auth_delay: float = 1.0
+    #: Refused requests held at once; at this many the replica stops accepting connections
+    #: (they wait in the kernel's queue) until one is answered.
+    refusal_slots: int = 1024
     #: Each worker process's memory limit in bytes (resident set), 0 for none.
     worker_memory: int = 0
     parent_fd: int | None = None
@@ -148,7 +152,8 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         header_timeout=_num(env, "ACX_HEADER_TIMEOUT", 15.0, minimum=0.1),
         idle_timeout=_num(env, "ACX_IDLE_TIMEOUT", 75.0, minimum=0.1),
         min_body_rate=_num(env, "ACX_MIN_BODY_RATE", 256 * 1024, minimum=1),
-        auth_delay=_num(env, "ACX_AUTH_DELAY", 0.25),
+        auth_delay=_num(env, "ACX_AUTH_DELAY", 1.0),
+        refusal_slots=int(_num(env, "ACX_REFUSAL_SLOTS", 1024, integer=True, minimum=1)),
         worker_memory=int(_num(env, "ACX_WORKER_MEMORY_MB", 0, integer=True)) * 1024 * 1024,
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,

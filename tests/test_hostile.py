@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,6 +198,48 @@ def test_an_idle_keep_alive_connection_is_kept_then_closed(tmp_path: Path) -> No
         conn.sock.settimeout(60)
         assert conn.sock.recv(10) == b""  # closed after idle_timeout
         conn.close()
+    finally:
+        stop_server(srv)
+
+
+# -- floods -------------------------------------------------------------------------------
+
+
+def test_refused_requests_are_held_and_a_full_tarpit_pauses_accepting(tmp_path: Path) -> None:
+    """Refusals are answered after ACX_AUTH_DELAY on a closed connection; with
+    ACX_REFUSAL_SLOTS of them held the replica stops accepting, while calls on already open
+    connections go on."""
+    srv = start_server(tmp_path, extra_env={"ACX_AUTH_DELAY": "3", "ACX_REFUSAL_SLOTS": "2"})
+    try:
+        legit = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        body = envelope(len, "abc", call_id="legit-00001")
+        legit.request("POST", protocol.INVOKE_PATH, body=body, headers=signed(srv, body, "legit-00001"))
+        assert legit.getresponse().read()  # a pooled connection, open before the flood
+        done: list[str] = []
+        statuses: list[int] = []
+
+        def refused(i: int) -> None:
+            status, _ = post(srv, b"x" * 100, {"Content-Type": "application/octet-stream"}, timeout=60)
+            statuses.append(status)
+            done.append(f"refused-{i}")
+
+        threads = [threading.Thread(target=refused, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while b"refused requests held: not accepting" not in srv.log.read_bytes():
+            assert time.monotonic() < deadline, srv.log.read_text()
+            time.sleep(0.05)
+        body = envelope(len, "abcd", call_id="legit-00002")
+        legit.request("POST", protocol.INVOKE_PATH, body=body, headers=signed(srv, body, "legit-00002"))
+        resp = legit.getresponse()
+        assert resp.status == 200 and resp.read()
+        done.append("legit")
+        for t in threads:
+            t.join(60)
+        assert statuses == [401, 401, 401]
+        assert done[0] == "legit", done  # served while every refusal was still held
+        legit.close()
     finally:
         stop_server(srv)
 
