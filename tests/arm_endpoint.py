@@ -136,6 +136,9 @@ class ArmEndpoint:
         cert = self.ca.issue_cert("127.0.0.1", "localhost")
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(self._ssl)
+        #: The apps' ingress certificate (issued by the same CA unless a test swaps it).
+        self.ingress_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self.ingress_ssl)
         self.port = _free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         #: The registry's host, as an image name starts with it.
@@ -512,11 +515,12 @@ class ArmEndpoint:
         await self._stop_replica(name)
         proc, port, log = await self._spawn(name, body)
         ingress = _free_port()
-        app = web.Application()
+        # Envoy sets no small body limit: neither does this ingress (aiohttp's default is 1 MiB).
+        app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", functools.partial(self._ingress, name=name))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self._ssl).start()
+        await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self.ingress_ssl).start()
         self._runners[f"ingress-{name}"] = runner
         replica = Replica(name, proc, ingress, port, time.monotonic(), log)
         self.replicas[name] = replica

@@ -11,13 +11,16 @@ import itertools
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 from arm_endpoint import ArmEndpoint, StaticToken
 
@@ -486,30 +489,152 @@ def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path:
     assert r.returncode == 1 and r.stderr.strip().endswith("(MB, in steps of 512)") and "Traceback" not in r.stderr
 
 
-async def test_secrets_never_reach_logs_tags_errors_or_files(
+def _exception_text(exc: BaseException) -> str:
+    """Everything an exception would show a user: message, repr, chained causes, traceback."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) + repr(exc)
+
+
+def _without_secret_values(body: Any) -> Any:
+    """An ARM request body minus the one place secrets belong: configuration.secrets[].value."""
+    body = json.loads(json.dumps(body))
+    for secret in body.get("properties", {}).get("configuration", {}).get("secrets") or []:
+        secret.pop("value", None)
+    return body
+
+
+def _replace_account_key(connection_string: str, key: str) -> str:
+    return ";".join(f"AccountKey={key}" if p.startswith("AccountKey=") else p for p in connection_string.split(";"))
+
+
+async def test_secrets_never_reach_logs_arm_bodies_errors_or_files(
     arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """deploy -> map (through Blob storage) -> failures -> delete, all at DEBUG; then the HMAC
+    key, the storage keys and the registry password are looked for everywhere a user or an
+    operator could see them."""
     caplog.set_level(logging.DEBUG)
     cfg = config(arm, tmp_path)
+    azurite, _ = arm.storage  # type: ignore[misc]
+    storage_key = azurite.connection_string.split("AccountKey=")[1].split(";")[0]
+    errors: list[BaseException] = []
     async with apps_for(cfg) as apps:
         info = await apps.deploy("default")
     async with executor(cfg, log_level="DEBUG") as ex:
         assert await ex.map(add7, range(10)) == [i + 7 for i in range(10)]
+        big = [b"x" * 5_000_000, b"y" * 5]  # the first one travels through Blob storage
+        assert await ex.map(len, big) == [5_000_000, 5]
+        with pytest.raises(ZeroDivisionError) as remote:
+            await ex.submit(divmod, 1, 0)
+        errors.append(remote.value)
+        endpoint_repr = repr(ex.endpoint)
     r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "-c", str(cfg), "--debug", tmp=tmp_path)
     assert r.returncode == 0 and "DEBUG" in r.stderr, r.stderr
+
+    # Failures whose messages could be tempted to show a secret.
+    hmac_key = arm.state.secrets[("rg-acx", info.app)][0]["value"]
+    arm.state.secrets[("rg-acx", info.app)][0]["value"] = "w" * 43  # Azure's copy no longer matches
+    async with executor(cfg) as ex:
+        with pytest.raises(AuthenticationError) as wrong_hmac:
+            await ex.submit(add7, 1)
+        errors.append(wrong_hmac.value)
+    arm.state.secrets[("rg-acx", info.app)][0]["value"] = hmac_key
+    wrong_storage_key = "V3JvbmdLZXkwMTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODk="
+    (tmp_path / "bad").mkdir()
+    bad_storage = config(arm, tmp_path / "bad", azure_storage={
+        "connection_string": _replace_account_key(azurite.connection_string, wrong_storage_key)})  # fmt: skip
+    with pytest.raises(AuthenticationError, match="denied") as storage_error:
+        async with executor(bad_storage) as ex:
+            await ex.map(len, big)
+    errors.append(storage_error.value)
+    async with apps_for(config(arm, tmp_path / "bad", azure={"resource_group": "rg-forbidden"})) as apps:
+        with pytest.raises(AuthenticationError) as arm_error:
+            await apps.deploy("default")
+        errors.append(arm_error.value)
+    arm.fail_next["PUT containerApps"] = (409, "ContainerAppOperationInProgress")
     async with apps_for(cfg) as apps:
+        with pytest.raises(DeploymentError) as deploy_error:
+            await apps.deploy("default")
+        errors.append(deploy_error.value)
         await apps.delete("all")
-    hmac_key = next(s["value"] for s in arm.bodies("PUT")[0]["properties"]["configuration"]["secrets"]
-                    if s["name"] == "acx-hmac-key")  # fmt: skip
+
     written = "".join(p.read_text(errors="replace") for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    tags = json.dumps([b.get("tags") for b in arm.bodies("PUT")])
     replica_logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("replica-*.log"))
-    for secret in (hmac_key, REGISTRY_PASSWORD):
-        assert secret not in caplog.text
-        assert secret not in r.stdout + r.stderr
-        assert secret not in tags and secret not in written and secret not in replica_logs
-        assert secret not in repr(ex.endpoint) and secret not in repr(load_config(cfg, env={}))
-    assert info.app in caplog.text or info.app in r.stdout
+    put_bodies = arm.bodies("PUT")
+    assert put_bodies and any(b["properties"]["configuration"]["secrets"] for b in put_bodies)
+    arm_bodies = json.dumps([_without_secret_values(b) for b in put_bodies + arm.bodies("PATCH")])
+    env = json.dumps([c.get("env") for b in put_bodies for c in b["properties"]["template"]["containers"]])
+    assert "ACX_HMAC_KEY" in env and "secretRef" in env  # env names the secret, never holds it
+    everything = {
+        "client log (DEBUG)": caplog.text,
+        "CLI output (--debug)": r.stdout + r.stderr,
+        "replica logs (DEBUG, access log included)": replica_logs,
+        "files written": written,
+        "ARM request bodies (tags, env, registries, all but secrets[].value)": arm_bodies,
+        "exception messages and tracebacks": "".join(_exception_text(e) for e in errors),
+        "reprs": endpoint_repr + repr(load_config(cfg, env={})) + repr(load_config(bad_storage, env={})),
+    }
+    assert "POST /v1/invoke" in replica_logs and info.app in caplog.text  # there was something to search
+    for name, secret in [("HMAC key", hmac_key), ("registry password", REGISTRY_PASSWORD),
+                         ("storage key", storage_key), ("wrong storage key", wrong_storage_key)]:  # fmt: skip
+        for where, text in everything.items():
+            assert secret not in text, f"the {name} appears in the {where}"
+    assert "sig=" not in caplog.text + replica_logs  # nor a SAS token
+
+
+async def test_the_local_runtime_keeps_its_key_out_of_logs_and_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("ACX_HMAC_KEY", raising=False)
+    async with AsyncExecutor(log_level="DEBUG") as ex:
+        assert ex.endpoint is not None
+        key = ex.endpoint.key.decode()
+        assert await ex.map(add7, range(10)) == [i + 7 for i in range(10)]
+        with pytest.raises(ZeroDivisionError) as remote:
+            await ex.submit(divmod, 1, 0)
+        rundir = Path(ex._runtime._rundir)  # type: ignore[union-attr]
+        replica_logs = "".join(p.read_text(errors="replace") for p in rundir.glob("replica-*.log"))
+        text = caplog.text + replica_logs + _exception_text(remote.value) + repr(ex.endpoint) + repr(ex.config)
+    assert "POST /v1/invoke" in replica_logs
+    assert key not in text
+
+
+def untrusted_cert(ctx: ssl.SSLContext) -> None:
+    """Make ``ctx`` present a certificate from a CA nobody trusts (for new handshakes)."""
+    trustme.CA().issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+
+
+async def test_the_ingress_certificate_is_verified_and_a_failure_names_the_fix(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        await apps.deploy("default")
+    async with executor(cfg) as ex:
+        assert await ex.submit(add7, 1) == 8
+    untrusted_cert(arm.ingress_ssl)  # a man in the middle, from here on
+    marker = tmp_path / "ran"
+    with pytest.raises(
+        (acx.InvocationError, acx.RuntimeStartError),
+        match=r"TLS verification of https://.* failed: .*CERTIFICATE_VERIFY_FAILED.*azure\.ca_bundle",
+    ):
+        async with executor(cfg) as ex:
+            await ex.submit(Path.write_text, marker, "ran")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("switch", [{"azure": {"verify_ssl": False}}, {"azure": {"connection_verify": False}},
+                                    {"azure_containers": {"insecure": True}}, {"azure_storage": {"verify": False}}])  # fmt: skip
+def test_there_is_no_switch_that_turns_tls_verification_off(arm: ArmEndpoint, tmp_path: Path, switch: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        load_config(config(arm, tmp_path, **switch), env={})
+
+
+def test_no_code_path_disables_certificate_checks() -> None:
+    package = TESTS.parent / "async_ca_exec"
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        for pattern in ("ssl=False", "verify=False", "CERT_NONE", "check_hostname = False", "connection_verify=False",
+                        "_create_unverified_context"):  # fmt: skip
+            assert pattern not in text, f"{path.name} contains {pattern}"
 
 
 async def test_the_suite_cannot_reach_the_managed_identity_endpoint() -> None:
