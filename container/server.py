@@ -318,9 +318,11 @@ class Server:
         """Answer a refused request after ``auth_delay``, on a closed connection (a tarpit).
 
         A flooder's connections are held rather than turned over, so a flood costs it a
-        connection per request per ``auth_delay``. With ``refusal_slots`` refusals held, the
-        replica stops accepting connections until one is answered: the flood then waits in
-        the kernel's queue, and the calls on already open (pooled) connections go on.
+        connection per request per delay. The delay grows with the number held, from
+        ``auth_delay`` to four times that when ``refusal_slots`` are held; then the replica
+        also stops accepting connections until one is answered: the flood waits in the
+        kernel's queue, and the calls on already open (pooled) connections go on. A flood is
+        so held to about ``refusal_slots / (4 * auth_delay)`` requests per second.
         """
         self.refused += 1
         settings = self.settings
@@ -331,7 +333,7 @@ class Server:
                             self._delayed)  # fmt: skip
                 self._accepting.clear()
             try:
-                await asyncio.sleep(settings.auth_delay)
+                await asyncio.sleep(settings.auth_delay * (1 + 3 * min(1.0, self._delayed / settings.refusal_slots)))
             finally:
                 self._delayed -= 1
                 if self._delayed < settings.refusal_slots:

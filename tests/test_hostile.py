@@ -209,7 +209,7 @@ def test_refused_requests_are_held_and_a_full_tarpit_pauses_accepting(tmp_path: 
     """Refusals are answered after ACX_AUTH_DELAY on a closed connection; with
     ACX_REFUSAL_SLOTS of them held the replica stops accepting, while calls on already open
     connections go on."""
-    srv = start_server(tmp_path, extra_env={"ACX_AUTH_DELAY": "3", "ACX_REFUSAL_SLOTS": "2"})
+    srv = start_server(tmp_path, extra_env={"ACX_AUTH_DELAY": "1", "ACX_REFUSAL_SLOTS": "2"})
     try:
         legit = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
         body = envelope(len, "abc", call_id="legit-00001")
