@@ -98,18 +98,24 @@ def body_digest(body: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def _attempt_line(method: str, attempt: int) -> str:
+    """Calls (POST) sign their attempt; GETs are signed as in protocol 1, so a client can always
+    read /v1/meta, learn a runtime's protocol version and say it differs (not "wrong key")."""
+    return "" if method.upper() == "GET" else f"{attempt}\n"
+
+
 def sign(
     key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview,
     attempt: int = 0,
 ) -> str:  # fmt: skip
     """HMAC-SHA256 over method, path, timestamp, call id, attempt and the body's SHA-256, as hex."""
-    msg = f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{attempt}\n{body_digest(body)}".encode()
+    msg = f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{_attempt_line(method, attempt)}{body_digest(body)}".encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
 def sign_head(key: bytes, method: str, path: str, timestamp: str, call_id: str, length: int, attempt: int = 0) -> str:
     """HMAC-SHA256 over what is known before the body is read (its length, not its digest)."""
-    msg = f"acx-head\n{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{attempt}\n{length}".encode()
+    msg = f"acx-head\n{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{_attempt_line(method, attempt)}{length}".encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 

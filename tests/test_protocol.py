@@ -212,3 +212,20 @@ def test_head_signature_authenticates_headers_and_length_before_the_body() -> No
     del headers[p.H_HEAD_SIGNATURE]
     with pytest.raises(p.SignatureError, match="unsigned"):
         p.verify_head(KEY, "POST", p.INVOKE_PATH, headers, len(body))
+
+
+def test_gets_are_signed_as_in_protocol_1_so_any_runtime_tells_its_version() -> None:
+    import hashlib
+    import hmac
+
+    h = p.signed_headers(KEY, "GET", p.META_PATH, "", b"", now=1000.0)
+    v1_full = f"GET\n{p.META_PATH}\n1000.000\n\n{hashlib.sha256(b'').hexdigest()}".encode()
+    v1_head = f"acx-head\nGET\n{p.META_PATH}\n1000.000\n\n0".encode()
+    assert h[p.H_SIGNATURE] == hmac.new(KEY, v1_full, hashlib.sha256).hexdigest()
+    assert h[p.H_HEAD_SIGNATURE] == hmac.new(KEY, v1_head, hashlib.sha256).hexdigest()
+    # Calls sign their attempt: the same request as another attempt has another signature.
+    body = envelope()
+    assert (
+        p.signed_headers(KEY, "POST", p.INVOKE_PATH, "job-00001", body, now=1000.0)[p.H_SIGNATURE]
+        != p.signed_headers(KEY, "POST", p.INVOKE_PATH, "job-00001", body, now=1000.0, attempt=1)[p.H_SIGNATURE]
+    )
