@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import hashlib
 import hmac
 import importlib.metadata
@@ -141,15 +142,18 @@ class ReplayGuard:
     request with the same pair is a replay (a client signs each send with its own attempt).
 
     Three generations of one window each, so a pair is remembered for two to three windows
-    (a timestamp is accepted for two: ±window), as an 8-byte digest (about 60 bytes each).
-    It guards this replica only: a replay sent to another replica of the same runtime is
-    refused only once its timestamp leaves the window.
+    (a timestamp is accepted for two: ±window), as an 8-byte digest (about 80 bytes each).
+    At most ``max_entries`` are kept (80 MB for a million): past that the oldest generation
+    is dropped early, with a warning. It guards this replica only, and only while it runs: a
+    replay sent to another replica is refused only once its timestamp leaves the window.
     """
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, max_entries: int = 1_000_000) -> None:
         self.window = window
+        self.max_entries = max_entries
         self._generations: list[set[int]] = [set(), set(), set()]
         self._rotated = time.monotonic()
+        self._warned = 0.0
 
     @staticmethod
     def _digest(call_id: str, attempt: int) -> int:
@@ -173,6 +177,13 @@ class ReplayGuard:
         if self.seen(call_id, attempt):
             return False
         self._generations[0].add(self._digest(call_id, attempt))
+        if len(self._generations[0]) + len(self._generations[1]) + len(self._generations[2]) > self.max_entries:
+            self._generations = [set(), *self._generations[:2]]  # the oldest go early
+            now = time.monotonic()
+            if now - self._warned > 60:
+                self._warned = now
+                log.warning("more than %d requests within %.0f s: replays of the oldest are no longer detected "
+                            "(add replicas)", self.max_entries, 3 * self.window)  # fmt: skip
         return True
 
     def __len__(self) -> int:
@@ -193,10 +204,13 @@ class ConnectionGuard(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.busy = 0
         self.idle = False
+        self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
 
     def _arm(self, seconds: float, *, earlier_only: bool = False) -> None:
+        if self.closed:  # a handler finishing after its client left: nothing to watch
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         if earlier_only and self._timer is not None and self._deadline <= deadline:
@@ -237,6 +251,7 @@ class ConnectionGuard(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
         self._disarm()
         if self.transport is not None:
             self.server.connections.pop(self.transport, None)
@@ -310,11 +325,12 @@ class Server:
         finally:
             guard.request_finished()
 
-    async def _unauthenticated(self, exc: protocol.ProtocolError) -> web.Response:
+    async def _unauthenticated(self, exc: protocol.ProtocolError, request: web.Request) -> web.Response:
         """401 for a request whose signature failed."""
-        return await self._refuse(self._error(exc.status, str(exc)))
+        call_id = request.headers.get(protocol.H_CALL_ID, "-")[:80]
+        return await self._refuse(self._error(exc.status, str(exc)), f"{request.method} {request.path} {call_id!r}: {exc}")
 
-    async def _refuse(self, resp: web.Response) -> web.Response:
+    async def _refuse(self, resp: web.Response, what: str) -> web.Response:
         """Answer a refused request after ``auth_delay``, on a closed connection (a tarpit).
 
         A flooder's connections are held rather than turned over, so a flood costs it a
@@ -326,6 +342,7 @@ class Server:
         """
         self.refused += 1
         settings = self.settings
+        log.debug("refused %s", what)
         if settings.auth_delay > 0:
             self._delayed += 1
             if self._delayed >= settings.refusal_slots and self._accepting.is_set():
@@ -336,7 +353,8 @@ class Server:
                 await asyncio.sleep(settings.auth_delay * (1 + 3 * min(1.0, self._delayed / settings.refusal_slots)))
             finally:
                 self._delayed -= 1
-                if self._delayed < settings.refusal_slots:
+                if self._delayed < settings.refusal_slots and not self._accepting.is_set():
+                    log.info("accepting connections again (%d refused requests held)", self._delayed)
                     self._accepting.set()
         resp.force_close()
         return resp
@@ -361,7 +379,7 @@ class Server:
         try:
             protocol.verify(self._key, "GET", protocol.META_PATH, request.headers, b"", window=self.settings.signature_window)
         except protocol.ProtocolError as exc:
-            return await self._unauthenticated(exc)
+            return await self._unauthenticated(exc, request)
         if self._meta is None:
             self._meta = json.dumps(runtime_meta(self.settings)).encode()
         return web.Response(body=self._meta, content_type="application/json")
@@ -381,7 +399,7 @@ class Server:
                                  window=settings.signature_window)  # fmt: skip
             attempt = protocol.attempt_of(headers)
         except protocol.SignatureError as exc:
-            return await self._unauthenticated(exc)
+            return await self._unauthenticated(exc, request)
         assert length is not None
         if self.replays.seen(headers[protocol.H_CALL_ID], attempt):
             return await self._replayed(headers[protocol.H_CALL_ID], attempt)
@@ -400,7 +418,7 @@ class Server:
         try:
             call_id = protocol.verify(self._key, "POST", protocol.INVOKE_PATH, headers, body, window=settings.signature_window)
         except protocol.ProtocolError as exc:
-            return await self._unauthenticated(exc)
+            return await self._unauthenticated(exc, request)
         if not self.replays.add(call_id, attempt):  # the same request, twice at once
             return await self._replayed(call_id, attempt)
         try:
@@ -440,7 +458,7 @@ class Server:
         return await self._refuse(self._error(
             409, f"call {call_id} attempt {attempt} was already received: a request is run once (a retry is signed "
             "as a new attempt)", code=protocol.REPLAYED,
-        ))  # fmt: skip
+        ), f"{call_id!r} attempt {attempt}: a replay")  # fmt: skip
 
     def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
         """Every item of a request fails with a storage error (a 200 with error frames: the
@@ -635,31 +653,49 @@ class Server:
         self._acceptors = [
             loop.create_task(self._accept(sock, lambda: ConnectionGuard(handlers(), self))) for sock in self._sockets
         ]
-        self._ticker = loop.create_task(self._tick())
         addresses = [sock.getsockname() for sock in self._sockets]
+        if self.settings.health_port:
+            # Health probes get a port of their own, never paused by the tarpit and not behind
+            # the ingress: a flood cannot make the platform think this replica is down.
+            probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
+            self._sockets += probe_sockets
+            self._acceptors += [
+                loop.create_task(self._accept(sock, lambda: ConnectionGuard(handlers(), self), pausable=False))
+                for sock in probe_sockets
+            ]
+        self._ticker = loop.create_task(self._tick())
         log.info(
             "acx_server %s listening on %s with %d worker processes", self.settings.replica, addresses, self.settings.workers
         )
         return addresses
 
-    async def _accept(self, sock: socket.socket, factory: Any) -> None:
+    async def _accept(self, sock: socket.socket, factory: Any, *, pausable: bool = True) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._accepting.wait()
+            if pausable:
+                await self._accepting.wait()
             try:
                 conn, _ = await loop.sock_accept(sock)
-            except OSError as exc:  # out of file descriptors or memory: let some close first
-                log.warning("could not accept a connection (%s); trying again in 1 s", exc.strerror or exc)
-                await asyncio.sleep(1)
-                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:  # let some connections close first
+                    log.warning("could not accept a connection (%s); trying again in 1 s", exc.strerror or exc)
+                    await asyncio.sleep(1)
+                continue  # otherwise the peer gave up before we got to it
             try:
+                if pausable and not self._accepting.is_set():
+                    # Accepted just as the tarpit filled: it waits like those in the kernel's queue.
+                    await self._accepting.wait()
                 await loop.connect_accepted_socket(factory, conn)
             except OSError:  # the peer went away already
                 conn.close()
+            except BaseException:
+                conn.close()
+                raise
 
-    def _stop_listening(self) -> None:
+    async def _stop_listening(self) -> None:
         for task in self._acceptors:
             task.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
         for sock in self._sockets:
             sock.close()
         self._acceptors, self._sockets = [], []
@@ -675,7 +711,7 @@ class Server:
     async def shutdown(self) -> None:
         self.draining = True
         log.info("acx_server %s shutting down (grace %.0f s)", self.settings.replica, self._grace)
-        self._stop_listening()  # no new connections: the client's retries go to other replicas
+        await self._stop_listening()  # no new connections: the client's retries go to other replicas
         if self.runner is not None:
             self.runner.server.shutdown_timeout = self._grace  # type: ignore[union-attr]
             try:
@@ -690,6 +726,9 @@ class Server:
         if self._http is not None:
             await self._http.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:

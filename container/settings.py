@@ -89,6 +89,8 @@ class Settings:
     #: Refused requests held at once; at this many the replica stops accepting connections
     #: (they wait in the kernel's queue) until one is answered.
     refusal_slots: int = 1024
+    #: A second port answering health probes, never paused by the tarpit (0: none).
+    health_port: int = 0
     #: Each worker process's memory limit in bytes (resident set), 0 for none.
     worker_memory: int = 0
     parent_fd: int | None = None
@@ -153,6 +155,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         idle_timeout=_num(env, "ACX_IDLE_TIMEOUT", 75.0, minimum=0.1),
         min_body_rate=_num(env, "ACX_MIN_BODY_RATE", 256 * 1024, minimum=1),
         auth_delay=_num(env, "ACX_AUTH_DELAY", 1.0),
+        health_port=int(_num(env, "ACX_HEALTH_PORT", 0, integer=True)),
         refusal_slots=int(_num(env, "ACX_REFUSAL_SLOTS", 1024, integer=True, minimum=1)),
         worker_memory=int(_num(env, "ACX_WORKER_MEMORY_MB", 0, integer=True)) * 1024 * 1024,
         parent_fd=int(fd) if fd else None,

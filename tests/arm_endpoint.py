@@ -556,6 +556,7 @@ class ArmEndpoint:
         env.update({
             "ACX_SERVER_HOST": "127.0.0.1",
             "ACX_SERVER_PORT": str(port),
+            "ACX_HEALTH_PORT": str(_free_port()),  # the probes' port (8081 in Azure)
             "ACX_READY_FD": str(ready_w),
             "ACX_REPLICA_ID": f"{name}-r0",
             "ACX_SHUTDOWN_GRACE": "2",

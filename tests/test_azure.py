@@ -176,11 +176,12 @@ async def test_app_resource_body_is_exact(
                     "env": [
                         {"name": "ACX_HMAC_KEY", "secretRef": "acx-hmac-key"},
                         {"name": "ACX_SERVER_PORT", "value": "8080"},
+                        {"name": "ACX_HEALTH_PORT", "value": "8081"},
                         {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
                         {"name": "ACX_RUNTIME_TIMEOUT", "value": "900"},
                         {"name": "ACX_SHUTDOWN_GRACE", "value": "595"},
                     ],
-                    "probes": [{"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8080},
+                    "probes": [{"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8081},
                                 "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}],
                 }],
                 "scale": {"minReplicas": 0, "maxReplicas": 250, "rules": [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import http.client
 import json
+import logging
 import os
 import pickle
 import re
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from async_ca_exec import protocol, serialize
 
-from conftest import ServerProcess, start_server, stop_server
+from conftest import ServerProcess, free_port, start_server, stop_server
 
 
 class CreatesFileWhenUnpickled:
@@ -108,8 +109,8 @@ def test_a_tampered_copy_sent_first_does_not_block_the_real_request(fast_server:
     assert marker.read_text() == "ran\n" and not (tmp_path / "RUNS").exists()
 
 
-@pytest.mark.parametrize("attack", ["unsigned", "wrong key", "stale", "future", "tampered", "replayed", "oversized",
-                                    "other call id", "attempt changed"])  # fmt: skip
+@pytest.mark.parametrize("attack", ["unsigned", "wrong key", "stale", "future", "tampered", "another body's signature",
+                                    "oversized", "other call id", "attempt changed"])  # fmt: skip
 def test_refused_requests_are_never_unpickled(fast_server: ServerProcess, tmp_path: Path, attack: str) -> None:
     marker = tmp_path / "unpickled"
     cid = f"trap-{os.urandom(4).hex()}"
@@ -123,7 +124,7 @@ def test_refused_requests_are_never_unpickled(fast_server: ServerProcess, tmp_pa
         headers = signed(fast_server, body, cid, now=time.time() + (-1 if attack == "stale" else 1) * 3600)
     elif attack == "tampered":
         body = body[:-1] + bytes([body[-1] ^ 1])
-    elif attack == "replayed":
+    elif attack == "another body's signature":
         innocent = booby_trapped(tmp_path / "unpicklex", cid)  # a same-length body...
         assert len(innocent) == len(body)
         headers = signed(fast_server, innocent, cid)  # ...whose signature is replayed on ours
@@ -206,39 +207,55 @@ def test_an_idle_keep_alive_connection_is_kept_then_closed(tmp_path: Path) -> No
 
 
 def test_refused_requests_are_held_and_a_full_tarpit_pauses_accepting(tmp_path: Path) -> None:
-    """Refusals are answered after ACX_AUTH_DELAY on a closed connection; with
-    ACX_REFUSAL_SLOTS of them held the replica stops accepting, while calls on already open
-    connections go on."""
-    srv = start_server(tmp_path, extra_env={"ACX_AUTH_DELAY": "1", "ACX_REFUSAL_SLOTS": "2"})
+    """Refusals are answered after ACX_AUTH_DELAY (longer as more are held) on a closed
+    connection; with ACX_REFUSAL_SLOTS of them held the replica accepts no connection until
+    one is answered, while calls on already open connections and health probes on the
+    probe port go on."""
+    probe_port = free_port()
+    srv = start_server(tmp_path, extra_env={"ACX_AUTH_DELAY": "1", "ACX_REFUSAL_SLOTS": "2", "ACX_LOG_LEVEL": "DEBUG",
+                                            "ACX_HEALTH_PORT": str(probe_port)})  # fmt: skip
     try:
         legit = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
         body = envelope(len, "abc", call_id="legit-00001")
         legit.request("POST", protocol.INVOKE_PATH, body=body, headers=signed(srv, body, "legit-00001"))
         assert legit.getresponse().read()  # a pooled connection, open before the flood
-        done: list[str] = []
-        statuses: list[int] = []
+        statuses: dict[str, int] = {}
 
-        def refused(i: int) -> None:
-            status, _ = post(srv, b"x" * 100, {"Content-Type": "application/octet-stream"}, timeout=60)
-            statuses.append(status)
-            done.append(f"refused-{i}")
+        def refused(name: str) -> None:
+            headers = {"Content-Type": "application/octet-stream", protocol.H_CALL_ID: name}
+            statuses[name] = post(srv, b"x" * 100, headers, timeout=60)[0]
 
-        threads = [threading.Thread(target=refused, args=(i,)) for i in range(3)]
+        def server_log() -> str:
+            return srv.log.read_text(errors="replace")
+
+        def wait_for(text: str) -> None:
+            deadline = time.monotonic() + 30
+            while text not in server_log():
+                assert time.monotonic() < deadline, server_log()
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=refused, args=(name,)) for name in ("first", "second")]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while b"refused requests held: not accepting" not in srv.log.read_bytes():
-            assert time.monotonic() < deadline, srv.log.read_text()
-            time.sleep(0.05)
+        wait_for("refused requests held: not accepting")
+        threads.append(threading.Thread(target=refused, args=("third",)))
+        threads[-1].start()
+        # While the tarpit is full: calls on open connections and probes are answered.
         body = envelope(len, "abcd", call_id="legit-00002")
         legit.request("POST", protocol.INVOKE_PATH, body=body, headers=signed(srv, body, "legit-00002"))
         resp = legit.getresponse()
         assert resp.status == 200 and resp.read()
-        done.append("legit")
+        probe = http.client.HTTPConnection("127.0.0.1", probe_port, timeout=60)
+        probe.request("GET", protocol.HEALTH_PATH)
+        assert probe.getresponse().status == 200
+        probe.close()
+        assert "accepting connections again" not in server_log()  # all of that while paused
         for t in threads:
             t.join(60)
-        assert statuses == [401, 401, 401]
-        assert done[0] == "legit", done  # served while every refusal was still held
+        assert statuses == {"first": 401, "second": 401, "third": 401}
+        log_text = server_log()
+        # The third connection was not even read until a slot was free.
+        assert log_text.index("accepting connections again") < log_text.index("'third'")
         legit.close()
     finally:
         stop_server(srv)
@@ -316,3 +333,18 @@ def test_the_server_still_serves_after_the_fuzzing(fast_server: ServerProcess, t
     body = envelope(append_line, str(marker), call_id="after-00001")
     assert post(fast_server, body, signed(fast_server, body, "after-00001"))[0] == 200
     assert marker.read_text() == "ran\n" and fast_server.proc.poll() is None
+
+
+def test_the_replay_guard_is_bounded_and_keeps_what_it_can(caplog: pytest.LogCaptureFixture) -> None:
+    from acx_server.server import ReplayGuard
+
+    guard = ReplayGuard(window=300, max_entries=1000)
+    for i in range(999):
+        assert guard.add(f"call-{i}", 0)
+    assert not guard.add("call-5", 0) and guard.add("call-5", 1)  # a replay; a retry
+    with caplog.at_level(logging.WARNING):
+        for i in range(1000, 5000):
+            assert guard.add(f"call-{i}", 0)
+    assert len(guard) <= 1000
+    assert "replays of the oldest are no longer detected" in caplog.text
+    assert guard.seen("call-4999", 0)  # the newest are always kept

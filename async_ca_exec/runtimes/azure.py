@@ -43,6 +43,9 @@ from .common import check_compatible, fetch_meta, wait_ready
 log = logging.getLogger("async_ca_exec.azure")
 
 SERVER_PORT = 8080
+#: Health probes' own port: not behind the ingress, never paused when a flood fills the
+#: replica's tarpit of refused requests.
+HEALTH_PORT = 8081
 CONTAINER_NAME = "acx-runtime"
 HMAC_SECRET = "acx-hmac-key"
 REGISTRY_SECRET = "acx-registry-password"
@@ -140,6 +143,7 @@ def app_body(
     env = [
         {"name": "ACX_HMAC_KEY", "secretRef": HMAC_SECRET},
         {"name": "ACX_SERVER_PORT", "value": str(SERVER_PORT)},
+        {"name": "ACX_HEALTH_PORT", "value": str(HEALTH_PORT)},
         {"name": "ACX_WORKER_PROCESSES", "value": str(workers)},
         {"name": "ACX_RUNTIME_TIMEOUT", "value": f"{runtime_timeout:g}"},
         # Drain before Container Apps' SIGKILL at the end of the grace period.
@@ -179,7 +183,7 @@ def app_body(
                         "probes": [
                             {
                                 "type": "Readiness",
-                                "httpGet": {"path": "/v1/health", "port": SERVER_PORT},
+                                "httpGet": {"path": "/v1/health", "port": HEALTH_PORT},
                                 "periodSeconds": 5,
                                 "timeoutSeconds": 3,
                                 "failureThreshold": 3,
