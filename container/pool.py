@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -186,14 +187,18 @@ class WorkerProc(asyncio.Protocol):
         self.kill_reason: str | None = None
         self.pid = 0
         self.rss = 0  # bytes, when it was killed for memory
+        self.lost: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.lost = asyncio.get_running_loop().create_future()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -330,6 +335,7 @@ class WorkerPool:
         self.size = size
         #: Resident memory a worker may use (bytes; 0: no limit), checked by the watchdog.
         self.memory_limit = memory_limit if sys.platform.startswith("linux") else 0
+        self._page = os.sysconf("SC_PAGE_SIZE") if self.memory_limit else 0
         self.replica = replica
         self.env = env
         self.cwd = cwd
@@ -442,6 +448,11 @@ class WorkerPool:
         self.workers.add(w)
         try:
             returncode = await w.proc.wait()
+            if w.lost is not None and w.transport is not None:
+                # What it wrote before it died is still in the socket: read it (an outcome
+                # sent just before a kill counts), unless a child of its own holds it open.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(w.lost), 1.0)
         finally:
             self.workers.discard(w)
             if w in self.idle:
@@ -531,6 +542,13 @@ class WorkerPool:
     def _task_left_worker(self, w: WorkerProc, task: Task) -> None:
         dt = time.monotonic() - task.dispatched
         self._avg_service = 0.9 * self._avg_service + 0.1 * dt if self._avg_service else dt
+        if self.memory_limit and not w.inflight and w.kill_reason is None:
+            # Python keeps memory it has used: a worker left above the limit by a call that
+            # finished is replaced now, so the watchdog does not blame the next call for it.
+            rss = _resident(w.pid, self._page)
+            if rss > self.memory_limit:
+                log.info("worker %s holds %d MB after its call, above its limit: replacing it", w.pid, rss >> 20)
+                w.kill("recycle")
         if not w.inflight and w.kill_reason is None and w.ready:
             self.idle.append(w)
             if self.queue:
@@ -607,7 +625,7 @@ class WorkerPool:
         self.queue.extendleft(reversed(requeue))
         if requeue and self.idle:
             self._dispatch()
-        if reason not in (None, "cancel", "timeout", "shutdown", "memory"):
+        if reason not in (None, "cancel", "timeout", "shutdown", "memory", "recycle"):
             log.warning("worker %s %s (%s)", w.pid, describe_exit(returncode), reason)
         elif reason is None:
             log.warning("worker %s %s", w.pid, describe_exit(returncode))
@@ -615,7 +633,7 @@ class WorkerPool:
     async def _watchdog(self) -> None:
         """Kill workers whose current item has run past its task's timeout, or that use more
         memory than they may."""
-        page = os.sysconf("SC_PAGE_SIZE") if self.memory_limit else 0
+        page = self._page
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL)
             now = time.monotonic()  # system-wide on Linux and macOS, like the workers' clock
