@@ -61,6 +61,13 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/fanout.py", *session.posargs)
 
 
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Client memory over 1M imap / 100k map, and throughput under a flood (several minutes)."""
+    session.install(".")
+    session.run("python", "benchmarks/soak.py", *session.posargs)
+
+
 @nox.session(python=["3.10", "3.12", "3.13"])
 def compat(session: nox.Session) -> None:
     """The suite on the other supported Pythons (run by hand: nox -s compat)."""
