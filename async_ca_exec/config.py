@@ -91,7 +91,16 @@ class LithopsSection(_Section):
     )
     chunksize: int = Field(1, ge=1, description="Items per request for `map` when the call gives none.")
     log_level: str | None = Field(None, description="Level of the `async_ca_exec` logger (DEBUG, INFO, WARNING...).")
-    progress: bool | None = Field(None, description="Progress bars (arrive with a later release; accepted now).")
+    progress: bool | None = Field(
+        None,
+        description="Progress bars for map/imap/map_reduce/wait/get_result: true, false, or unset for a bar "
+        "only on a terminal or in Jupyter.",
+    )
+    logs: Literal["collect", "stream", "off"] = Field(
+        "collect",
+        description="Calls' stdout/stderr: collect (in fut.logs), stream (printed as it comes, prefixed with "
+        "the call's index), or off (dropped).",
+    )
     inline_limit: float = Field(
         4.0, gt=0, description="MiB: arguments, functions and results larger than this go through Blob storage."
     )
@@ -223,6 +232,12 @@ class AzureContainersSection(_Section):
     region: str | None = Field(None, description="Overrides azure.region.")
     location: str | None = Field(None, description="Alias of region.")
     subscription_id: str | None = Field(None, description="Overrides azure.subscription_id.")
+    price_vcpu_second: float = Field(
+        0.000024, ge=0, description="USD per vCPU-second (Consumption plan, active), for job_summary()'s estimated_cost."
+    )
+    price_gib_second: float = Field(
+        0.000003, ge=0, description="USD per GiB-second (Consumption plan, active), for job_summary()'s estimated_cost."
+    )
     invoke_pool_threads: int | None = Field(None, description="Lithops key, ignored (invocations are async).")
     trigger: str | None = Field(None, description="Lithops key, ignored (calls go over HTTPS).")
     runtime_include_function: bool | None = Field(None, description="Lithops key, ignored.")
@@ -342,6 +357,7 @@ ENV_VARS: dict[str, tuple[str, str | None]] = {
     "ACX_RETRIES": ("retries", "lithops"),
     "ACX_LOG_LEVEL": ("log_level", "lithops"),
     "ACX_PROGRESS": ("progress", "lithops"),
+    "ACX_LOGS": ("logs", "lithops"),
     "ACX_LOCAL_REPLICAS": ("replicas", "localhost"),
     "ACX_BUILDER": ("builder", "azure_containers"),
 }
@@ -363,6 +379,7 @@ ARGUMENTS: dict[str, tuple[str, str | None]] = {
     "max_concurrency": ("max_concurrency", "lithops"),
     "retries": ("retries", "lithops"),
     "progress": ("progress", "lithops"),
+    "logs": ("logs", "lithops"),
     "log_level": ("log_level", "lithops"),
     "keep_data": ("keep_data", "lithops"),
 }

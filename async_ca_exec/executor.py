@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 
 from . import partition as partitioning
 from . import serialize
-from .config import Config, load_config
+from .config import Config, load_config, memory_pair
 from .errors import ConfigError, SerializationError
 from .futures import CallFuture
-from .invoker import Endpoint, FutureRequest, Invoker, SliceRequest
+from .invoker import Endpoint, FutureRequest, Invoker, Outcome, SliceRequest
 from .jobs import Job, Stats
+from .progress import Progress
 from .runtimes import Runtime, create_runtime
 from .storage import Storage
 from .transfer import Transfers
@@ -74,6 +75,7 @@ class AsyncExecutor:
         progress: bool | None = None,
         log_level: str | None = None,
         keep_data: bool | None = None,
+        logs: str | None = None,
     ) -> None:
         self.config: Config = load_config(
             config,
@@ -88,6 +90,7 @@ class AsyncExecutor:
                 "progress": progress,
                 "log_level": log_level,
                 "keep_data": keep_data,
+                "logs": logs,
             },
         )
         if self.config.lithops.storage is not None and not self.config.storage_configured:
@@ -142,6 +145,7 @@ class AsyncExecutor:
             raise RuntimeError("this executor belongs to another event loop; create one executor per loop")
         if self._invoker is None:
             self._invoker = Invoker(max_concurrency=self.config.max_concurrency, retries=self.config.retries, stats=self._stats)
+            self._invoker.logs = self.config.lithops.logs
             self._start_task = loop.create_task(self._start_runtime())
             self._start_task.add_done_callback(_retrieve)
         return self._invoker
@@ -257,9 +261,9 @@ class AsyncExecutor:
             assert job.results is not None
             job.results[offset : offset + n] = [exc] * n
             job.stats.record_outcome(n, n, 0.0, now)
-            job.slots_done(n, (offset, exc))
+            job.slots_done(n, (offset, exc), n)
             return
-        req = SliceRequest(call_id, job, offset, n, blob, now)
+        req = _TimedSliceRequest(call_id, job, offset, n, blob, now)
         job.requests.append(req)
         invoker.enqueue(req)
 
@@ -395,14 +399,17 @@ class AsyncExecutor:
         obj_chunk_size: int | None = None,
         obj_chunk_number: int | None = None,
         obj_newline: str = "\n",
+        progress: bool | None = None,
+        desc: str = "map",
     ) -> list[Any]:
         """Submit one call per item and gather the results in input order."""
         self._ensure_started()
         items, to_item = await self._objects(fn, items, to_item, obj_chunk_size, obj_chunk_number, obj_newline)
         job = self._new_job(fn, timeout, kind, fail_fast=not return_exceptions, collect=True)
         try:
-            await self._submit_all(job, items, to_item, chunksize, self._submit_slice)
-            await job.wait()
+            async with self._progress(desc, job, _length(items), progress):
+                await self._submit_all(job, items, to_item, chunksize, self._submit_slice)
+                await job.wait()
         except BaseException:
             job.cancel()
             raise
@@ -439,6 +446,7 @@ class AsyncExecutor:
         return await self._map_list(
             fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions,
             obj_chunk_size=obj_chunk_size, obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
+            progress=progress,
         )  # fmt: skip
 
     async def starmap(
@@ -460,6 +468,8 @@ class AsyncExecutor:
             timeout=timeout,
             return_exceptions=return_exceptions,
             kind="S",
+            progress=progress,
+            desc="starmap",
         )
 
     async def imap(
@@ -472,6 +482,7 @@ class AsyncExecutor:
         chunksize: int = 1,
         window: int | None = None,
         timeout: float | None = None,
+        progress: bool | None = None,
     ) -> AsyncIterator[T]:
         """Results as calls complete (input order with ``ordered=True``), reading ``items`` lazily.
 
@@ -501,6 +512,9 @@ class AsyncExecutor:
         chunks = self._iter_chunks(items, chunksize)
         exhausted = False
         loop = asyncio.get_running_loop()
+        total = _length(items)
+        bar = self._progress("imap", job, total, progress, total=lambda: job.next_index if exhausted else total)
+        await bar.__aenter__()
         try:
             while True:
                 while not exhausted and len(live) < window:
@@ -543,6 +557,7 @@ class AsyncExecutor:
             _cancel_all(live)
             _mark_retrieved(live)
             await chunks.aclose()
+            await bar.__aexit__(None, None, None)
 
     async def map_reduce(
         self,
@@ -555,17 +570,32 @@ class AsyncExecutor:
         obj_chunk_size: int | None = None,
         obj_chunk_number: int | None = None,
         obj_newline: str = "\n",
+        progress: bool | None = None,
     ) -> T:
         """``reduce_fn([map_fn(x) for x in items])`` with both steps run remotely (items may be
         object references, partitioned as in :meth:`map`)."""
-        results = await self.map(
-            map_fn, items, chunksize=chunksize, timeout=timeout, obj_chunk_size=obj_chunk_size,
-            obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
+        results = await self._map_list(
+            map_fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=False,
+            obj_chunk_size=obj_chunk_size, obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
+            progress=progress, desc="map_reduce",
         )  # fmt: skip
         invoker = self._ensure_started()
         job = self._new_job(reduce_fn, timeout, "R")
         (fut,) = self._submit_items(invoker, job, [((results,), {})])
         return await fut  # type: ignore[no-any-return]
+
+    def _progress(
+        self, desc: str, job: Job, length: int | None, setting: bool | None, *, total: Callable[[], int | None] | None = None
+    ) -> Progress:
+        """A progress bar over ``job``'s calls (``setting`` None: the executor's ``progress``)."""
+        invoker = self._invoker
+
+        def counts() -> tuple[int, int, int, int | None]:
+            in_flight = invoker.calls_in_flight(job) if invoker is not None else 0
+            n = total() if total is not None else (job.next_index if job.sealed else length)
+            return job.next_index - job.pending, job.errors, in_flight, n
+
+        return Progress(desc, counts, self.config.lithops.progress if setting is None else setting)
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -635,15 +665,82 @@ class AsyncExecutor:
     # -- reporting -------------------------------------------------------------------
 
     def job_summary(self) -> dict[str, Any]:
-        """Counts, retries, timings and worker seconds over every call of this executor."""
-        summary = self._stats.summary()
+        """Counts, retries, timings and worker seconds over every call of this executor.
+
+        ``gib_seconds`` and ``vcpu_seconds`` weigh the worker (active) seconds by the runtime's
+        memory and, on Azure, its vCPU share (``runtime_memory`` / 2048); ``estimated_cost``
+        prices them with ``azure_containers.price_vcpu_second`` and ``price_gib_second`` (USD).
+        It is an estimate from active seconds only: no free grant, idle or request charges.
+        Locally: ``gib_seconds`` only when ``runtime_memory`` is set, no vCPU share, no cost.
+        """
+        cfg = self.config
+        memory = cfg.runtime_memory
+        vcpus: float | None = None
+        prices: tuple[float, float] | None = None
+        if cfg.backend == "azure" and memory:
+            vcpus = memory_pair(memory)[0]
+            prices = (cfg.azure_containers.price_vcpu_second, cfg.azure_containers.price_gib_second)
+        summary = self._stats.summary(memory_mb=memory, vcpus=vcpus, prices=prices)
         summary["backend"] = self.config.backend
         summary["executor_id"] = self.executor_id
         return summary
 
     def plot(self, dest_dir: str | Path) -> list[Path]:
-        """Timeline and latency histogram PNGs. Not available in this release yet."""
-        raise NotImplementedError("plot() is not available in this release yet; use job_summary() and fut.stats")
+        """Write ``<executor_id>_timeline.png`` and ``<executor_id>_histogram.png`` into ``dest_dir``.
+
+        The timeline has a row per call (submission order; the first 100,000 calls to get an
+        answer): queued, in transit, running (coloured by replica), result on its way back;
+        x is seconds since the first submission. The histogram shows every call's latency
+        (received - submitted) with p50/p90/p99. Needs matplotlib (``pip install
+        async_ca_exec[plot]``, else ImportError); ValueError if no call has an answer yet.
+        """
+        from .plot import write_plots
+
+        return write_plots(self._stats, dest_dir, self.executor_id)
+
+
+class _TimedSliceRequest(SliceRequest):
+    """A ``map`` request that also files a timing row per answered call, for :meth:`AsyncExecutor.plot`
+    (``map``'s calls have no future to carry their times)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, call_id: str, job: Job, offset: int, n: int, items: bytes, submitted: float) -> None:
+        super().__init__(call_id, job, offset, n, items, submitted)
+        self.sent: float | None = None
+
+    def note_sent(self, now: float, attempt: int) -> None:
+        if self.sent is None:
+            self.sent = now
+        super().note_sent(now, attempt)
+
+    def apply(self, o: Outcome) -> None:
+        if self.cancelled:
+            return super().apply(o)
+        first, n = o.first, o.n
+        fresh: range | list[int] = (
+            range(n) if self.unresolved == self.n else [k for k in range(n) if not self.is_resolved(first + k)]
+        )
+        super().apply(o)
+        replica = str(o.meta.get("replica") or "")
+        self.job.stats.record_rows(self.submitted, self.sent, o.received, fresh, _started_finished(o.timing, n), replica)
+
+    def fail(self, exc: BaseException, now: float) -> None:
+        todo = 0 if self.cancelled else self.unresolved
+        super().fail(exc, now)
+        if todo:
+            self.job.stats.record_rows(self.submitted, self.sent, now, range(todo), None, "")
+
+
+def _started_finished(timing: Any, n: int) -> tuple[list[float], list[float]] | None:
+    """The (started, finished) lists of an outcome's timing, if it has them for all ``n`` calls."""
+    try:
+        t0, t1, _cpu = timing
+        if len(t0) == n and len(t1) == n:
+            return t0, t1
+    except (TypeError, ValueError):
+        pass
+    return None
 
 
 def _request_id(job: Job, first: int, n: int) -> str:
@@ -675,6 +772,14 @@ def _lithops_item(data: Any) -> Item:
     if isinstance(data, dict):
         return ((), dict(data))
     return ((data,), {})
+
+
+def _length(items: Any) -> int | None:
+    """The number of items, when the input says (a list, a range); None for iterators."""
+    try:
+        return len(items)
+    except TypeError:
+        return None
 
 
 def _cancel_all(futures: Iterable[CallFuture]) -> None:

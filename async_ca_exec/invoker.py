@@ -36,6 +36,7 @@ from .errors import (
 )
 from .futures import CallFuture
 from .jobs import Job, Stats
+from .progress import LogPrinter
 from .transfer import Transfers
 
 log = logging.getLogger("async_ca_exec.invoker")
@@ -81,8 +82,8 @@ class Request:
     """
 
     __slots__ = (
-        "_resolved", "blobs", "call_id", "cancelled", "durable", "items", "items_url", "job", "lane", "n",
-        "sends", "unresolved", "with_fn",
+        "_resolved", "blobs", "call_id", "cancelled", "durable", "items", "items_url", "job", "lane", "log_parts",
+        "log_parts_streamed", "n", "sends", "unresolved", "with_fn",
     )  # fmt: skip
 
     def __init__(self, call_id: str, job: Job, n: int, items: bytes) -> None:
@@ -104,6 +105,10 @@ class Request:
         #: HTTP sends so far: each is signed with its own number, so a runtime can tell a retry
         #: from a replay of a request it has already seen.
         self.sends = 0
+        #: Output parts received per item, and how many of them came on the response stream
+        #: (created with the first part: most requests print nothing).
+        self.log_parts: dict[int, int] | None = None
+        self.log_parts_streamed: dict[int, int] | None = None
 
     def cancel(self) -> None:
         """Stop caring about this request: skip it if queued, abort it if in flight."""
@@ -276,7 +281,7 @@ class SliceRequest(Request):
         t0, t1, cpu = _timing(o.timing, n)
         if t0:
             stats.record_work(t0, t1, cpu)
-        job.slots_done(fresh, first_error)
+        job.slots_done(fresh, first_error, failed)
 
     def fail(self, exc: BaseException, now: float) -> None:
         if self.cancelled or self.unresolved == 0:
@@ -289,7 +294,7 @@ class SliceRequest(Request):
             results[self.offset + k] = exc
         self.unresolved = 0
         job.stats.record_outcome(len(todo), len(todo), now - self.submitted, now)
-        job.slots_done(len(todo), (self.offset + todo[0], exc) if todo else None)
+        job.slots_done(len(todo), (self.offset + todo[0], exc) if todo else None, len(todo))
 
 
 def _timing(timing: Any, n: int) -> tuple[list[float], list[float], list[float]]:
@@ -394,6 +399,10 @@ class Invoker:
     def __init__(self, *, max_concurrency: int, retries: int, stats: Stats, max_frame: int = protocol.DEFAULT_MAX_FRAME) -> None:
         self._limit = max_concurrency
         self._retries = retries
+        #: What to do with calls' output: "collect" (futures' logs), "stream" (also print it
+        #: as it comes) or "off".
+        self.logs = "collect"
+        self.log_printer = LogPrinter()
         self._stats = stats
         self._max_frame = max_frame
         self._pending: collections.deque[Request] = collections.deque()
@@ -475,6 +484,10 @@ class Invoker:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    def calls_in_flight(self, job: Job) -> int:
+        """Calls of ``job`` sent and not answered yet."""
+        return sum(r.unresolved for r in self._inflight if r.job is job)
 
     async def _lane(self) -> None:
         me = asyncio.current_task()
@@ -746,7 +759,8 @@ class Invoker:
     async def _frames(self, req: Request, frames: Any, *, replay: bool = False) -> bool:
         """Apply frames to the request's calls; True once the END frame is seen. ``replay``: the
         frames of a durable call from Blob, which repeat the logs the stream already brought."""
-        logs_seen: dict[int, int] = {}
+        if replay and req.log_parts is not None:
+            req.log_parts = {}  # count again, to skip the parts the stream brought
         for ftype, payload in frames:
             if ftype == protocol.F_OUTCOME:
                 self._outcome(req, payload)
@@ -760,14 +774,26 @@ class Invoker:
                 else:
                     req.blobs.append(ref["blob"])
             elif ftype == protocol.F_LOG:
-                index, _stream, text = protocol.decode_log(payload)
-                if isinstance(req, FutureRequest) and 0 <= index < req.n and not req.futures[index].done():
+                if self.logs == "off":
+                    continue
+                index, stream, text = protocol.decode_log(payload)
+                if not 0 <= index < req.n or req.is_resolved(index):
+                    continue
+                if req.log_parts is None or req.log_parts_streamed is None:
+                    req.log_parts, req.log_parts_streamed = {}, {}
+                seen = req.log_parts[index] = req.log_parts.get(index, 0) + 1
+                if replay and seen <= req.log_parts_streamed.get(index, 0):
+                    continue  # already came on the stream before the cut
+                if not replay:
+                    req.log_parts_streamed[index] = seen
+                if isinstance(req, FutureRequest):
                     fut = req.futures[index]
-                    if replay:
-                        seen = logs_seen[index] = logs_seen.get(index, 0) + 1
-                        if seen <= len(fut._logs or ()):
-                            continue  # already came on the stream before the cut
                     fut._add_log(text)
+                    job_index = fut.index
+                else:
+                    job_index = req.offset + index if isinstance(req, SliceRequest) else index
+                if self.logs == "stream":
+                    self.log_printer.write(job_index, stream, text)
             elif ftype == protocol.F_END:
                 if req.unresolved:
                     raise protocol.ProtocolError(f"response ended with {req.unresolved} call(s) unanswered")

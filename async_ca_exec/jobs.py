@@ -8,15 +8,90 @@ so a future per item would only cost time.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .futures import CallFuture
 
 if TYPE_CHECKING:
     from .invoker import Request
+
+
+#: Per-call timing rows kept for ``plot()``: the first this many calls to get an answer.
+ROW_LIMIT = 100_000
+#: Distinct replica names kept; calls on further replicas are filed under ``OTHER_REPLICAS``.
+REPLICA_LIMIT = 1024
+OTHER_REPLICAS = "(other replicas)"
+_NAN = math.nan
+
+
+class CallRows:
+    """Timing rows of the first ``limit`` calls to get an answer, stored column-wise.
+
+    Columns (epoch seconds, NaN when unknown): submitted, sent, started, finished, received,
+    and an index into :attr:`replicas` (``""``: not known). 42 bytes a call; calls after the
+    first ``limit`` are only counted in :attr:`dropped`, so a million-call ``imap`` keeps
+    its memory flat. ``started``/``finished`` come from the worker's clock.
+    """
+
+    __slots__ = (
+        "_replica_ids",
+        "dropped",
+        "finished",
+        "limit",
+        "received",
+        "replica",
+        "replicas",
+        "sent",
+        "started",
+        "submitted",
+    )
+
+    def __init__(self, limit: int = ROW_LIMIT) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self.submitted = array("d")
+        self.sent = array("d")
+        self.started = array("d")
+        self.finished = array("d")
+        self.received = array("d")
+        self.replica = array("H")
+        self.replicas: list[str] = []
+        self._replica_ids: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.received)
+
+    @property
+    def full(self) -> bool:
+        return len(self.received) >= self.limit
+
+    def _replica_id(self, name: str) -> int:
+        k = self._replica_ids.get(name)
+        if k is None:
+            if len(self.replicas) >= REPLICA_LIMIT:
+                name = OTHER_REPLICAS
+                k = self._replica_ids.get(name)
+            if k is None:
+                k = self._replica_ids[name] = len(self.replicas)
+                self.replicas.append(name)
+        return k
+
+    def add(
+        self, submitted: float, sent: float | None, started: float | None, finished: float | None, received: float, replica: str
+    ) -> None:
+        if len(self.received) >= self.limit:
+            self.dropped += 1
+            return
+        self.submitted.append(submitted)
+        self.sent.append(_NAN if sent is None else sent)
+        self.started.append(_NAN if started is None else started)
+        self.finished.append(_NAN if finished is None else finished)
+        self.received.append(received)
+        self.replica.append(self._replica_id(replica))
 
 
 class Stats:
@@ -36,6 +111,8 @@ class Stats:
         self.cpu_seconds = 0.0
         self.first_submitted: float | None = None
         self.last_received: float | None = None
+        #: Per-call timing rows (bounded) for plot().
+        self.rows = CallRows()
 
     def submitting(self, n: int, now: float) -> None:
         self.submitted += n
@@ -53,6 +130,11 @@ class Stats:
         if fut._received is not None:
             self.latencies.append(fut._received - fut._submitted)
             self.last_received = fut._received
+            w = fut._worker
+            if w is None:
+                self.rows.add(fut._submitted, fut._sent, None, None, fut._received, "")
+            else:
+                self.rows.add(fut._submitted, fut._sent, w[0], w[1], fut._received, w[5])
 
     def record_outcome(self, n: int, failed: int, latency: float, received: float) -> None:
         self.succeeded += n - failed
@@ -64,13 +146,43 @@ class Stats:
         self.worker_seconds += sum(t1) - sum(t0)
         self.cpu_seconds += sum(cpu)
 
-    def summary(self) -> dict[str, Any]:
+    def record_rows(
+        self,
+        submitted: float,
+        sent: float | None,
+        received: float,
+        items: Sequence[int],
+        timing: tuple[list[float], list[float]] | None,
+        replica: str,
+    ) -> None:
+        """Timing rows for calls answered without a future (``map``'s result list).
+
+        ``items`` are the indices into ``timing``'s (started, finished) lists of the calls
+        answered now (without ``timing``: calls that failed before a worker reported times).
+        """
+        rows = self.rows
+        if rows.full:
+            rows.dropped += len(items)
+            return
+        for k in items:
+            if timing is None:
+                rows.add(submitted, sent, None, None, received, replica)
+            else:
+                rows.add(submitted, sent, timing[0][k], timing[1][k], received, replica)
+
+    def summary(
+        self, *, memory_mb: int | None = None, vcpus: float | None = None, prices: tuple[float, float] | None = None
+    ) -> dict[str, Any]:
+        """The counters, latency percentiles and resource use.
+
+        ``memory_mb`` and ``vcpus``: what one call's worker is given (None: not known), for
+        GiB-seconds and vCPU-seconds; ``prices``: USD per vCPU-second and per GiB-second, for
+        an estimated cost (None: no cost, e.g. the local runtime).
+        """
         lat = sorted(self.latencies)
 
         def pct(p: float) -> float | None:
-            if not lat:
-                return None
-            return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))]
+            return percentile(lat, p)
 
         wall = (
             self.last_received - self.first_submitted
@@ -95,7 +207,34 @@ class Stats:
             "latency_seconds": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": lat[-1] if lat else None},
             "worker_seconds": self.worker_seconds,
             "worker_cpu_seconds": self.cpu_seconds,
+            **self._usage(memory_mb, vcpus, prices),
         }
+
+    def _usage(self, memory_mb: int | None, vcpus: float | None, prices: tuple[float, float] | None) -> dict[str, Any]:
+        gib_seconds = self.worker_seconds * memory_mb / 1024 if memory_mb else None
+        vcpu_seconds = self.worker_seconds * vcpus if vcpus is not None else None
+        cost = None
+        if prices is not None and gib_seconds is not None and vcpu_seconds is not None:
+            cost = vcpu_seconds * prices[0] + gib_seconds * prices[1]
+        return {
+            "gib_seconds": gib_seconds,
+            "vcpu_seconds": vcpu_seconds,
+            "estimated_cost": cost,
+            "currency": "USD" if cost is not None else None,
+            "cost_basis": (
+                "estimate: worker (active) seconds x the replica's vCPUs and GiB x the configured prices; "
+                "ignores the monthly free grant, idle charges and request charges"
+                if cost is not None
+                else None
+            ),
+        }
+
+
+def percentile(ordered: Any, p: float) -> float | None:
+    """The nearest-rank ``p``-th percentile of the sorted sequence ``ordered`` (None if empty)."""
+    if not len(ordered):
+        return None
+    return float(ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))])
 
 
 class Job:
@@ -108,6 +247,7 @@ class Job:
 
     __slots__ = (
         "_waiter",
+        "errors",
         "fail_fast",
         "failed",
         "fn",
@@ -145,6 +285,8 @@ class Job:
         self.fail_fast = fail_fast
         #: The first failure: its exception (and, in result-list mode, its index).
         self.failed: tuple[int, BaseException] | None = None
+        #: Calls that ended in an error so far (for progress bars).
+        self.errors = 0
         self.sink = sink
         self._waiter: asyncio.Future[None] | None = None
         self.next_index = 0
@@ -176,6 +318,8 @@ class Job:
 
     def item_done(self, fut: CallFuture) -> None:
         self.pending -= 1
+        if not fut.cancelled() and fut.exception() is not None:
+            self.errors += 1
         self.stats.record(fut)
         if self.sink is not None:
             self.sink(fut)
@@ -185,8 +329,9 @@ class Job:
                 self.failed = (fut.index, exc)
         self._wake()
 
-    def slots_done(self, n: int, first_error: tuple[int, BaseException] | None) -> None:
+    def slots_done(self, n: int, first_error: tuple[int, BaseException] | None, failed: int = 0) -> None:
         self.pending -= n
+        self.errors += failed
         if self.fail_fast and self.failed is None and first_error is not None:
             self.failed = first_error
         self._wake()

@@ -18,6 +18,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from . import ipc
 FLUSH_INTERVAL = 0.02
 #: Captured output kept per call; the rest is cut with a note.
 MAX_LOG_CHARS = 1 << 20
+#: A running call's output goes to the client at least this often (seconds), whole lines.
+LOG_INTERVAL = 0.1
 MAX_TRACEBACK_CHARS = 100_000
 MAX_MESSAGE_CHARS = 10_000
 _FN_CACHE_LIMIT = 64
@@ -95,12 +98,18 @@ def _error_info(kind: str, exc: BaseException, message: str | None = None) -> di
 
 
 class _Capture(io.TextIOBase):
-    """A text stream that keeps what is written, up to a limit."""
+    """A text stream that keeps what is written, up to a limit per call.
+
+    Written from the call's thread (its prints) and taken from the log flusher's thread too:
+    a lock keeps every character in exactly one taken part.
+    """
 
     def __init__(self) -> None:
         self._parts: list[str] = []
-        self.size = 0
+        self.size = 0  # characters waiting to be taken
+        self.total = 0  # characters written during the current call
         self.cut = False
+        self._lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
@@ -110,19 +119,33 @@ class _Capture(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if not s:
             return 0
-        if self.size < MAX_LOG_CHARS:
-            self._parts.append(s[: MAX_LOG_CHARS - self.size])
-            if self.size + len(s) > MAX_LOG_CHARS:
-                self.cut = True
-        self.size += len(s)
+        with self._lock:
+            if self.total < MAX_LOG_CHARS:
+                self._parts.append(s[: MAX_LOG_CHARS - self.total])
+                self.size += min(len(s), MAX_LOG_CHARS - self.total)
+                if self.total + len(s) > MAX_LOG_CHARS:
+                    self.cut = True
+            self.total += len(s)
         return len(s)
 
-    def take(self) -> str:
-        text = "".join(self._parts)
-        if self.cut:
-            text += f"\n[output cut at {MAX_LOG_CHARS} characters]\n"
-        self._parts, self.size, self.cut = [], 0, False
-        return text
+    def take(self, *, whole_lines: bool = False) -> str:
+        """What was written since the last take (with ``whole_lines``, up to its last newline)."""
+        with self._lock:
+            text = "".join(self._parts)
+            rest = ""
+            if whole_lines:
+                end = text.rfind("\n") + 1
+                text, rest = text[:end], text[end:]
+            elif self.cut:
+                text += f"\n[output cut at {MAX_LOG_CHARS} characters]\n"
+                self.cut = False
+            self._parts = [rest] if rest else []
+            self.size = len(rest)
+            return text
+
+    def new_call(self) -> None:
+        with self._lock:
+            self.total = self.size
 
 
 class Worker:
@@ -135,11 +158,43 @@ class Worker:
         self.replica = os.environ.get("ACX_REPLICA_ID", "")
         self.out = _Capture()
         self.err = _Capture()
+        self._send_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        #: (task id, item) of the call running now, for the log flusher; None between calls.
+        self.current: tuple[int, int] | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+        threading.Thread(target=self._stream_logs, name="acx-log-flusher", daemon=True).start()
+
+    def _after_fork(self) -> None:
+        # A call that forks: the child has no flusher thread, and a lock it held is not held.
+        self._send_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self.out._lock = threading.Lock()
+        self.err._lock = threading.Lock()
 
     # -- io --------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _stream_logs(self) -> None:
+        """Send a running call's whole lines of output every LOG_INTERVAL, so its prints reach
+        the client while it runs (what remains goes when the call ends)."""
+        while True:
+            time.sleep(LOG_INTERVAL)
+            with self._log_lock:  # the call cannot end (and send the rest) while its lines go
+                current = self.current
+                if current is None:
+                    continue
+                for stream, cap in ((protocol.STDOUT, self.out), (protocol.STDERR, self.err)):
+                    if cap.size:
+                        text = cap.take(whole_lines=True)
+                        if text:
+                            try:
+                                self._send_log(current[0], current[1], stream, text)
+                            except OSError:  # the server went away: the main loop notices
+                                return
 
     def read_message(self) -> tuple[int, memoryview] | None:
         hdr = self.rfile.read(ipc.HDR.size)
@@ -241,6 +296,9 @@ class Worker:
             for pos, i in enumerate(todo):
                 t0 = clock()
                 set_progress(task_id, i, mono(), ipc.STATE_RUNNING)
+                out.new_call()
+                err.new_call()
+                self.current = (task_id, i)
                 try:
                     args, kwargs = items[i]
                     value = fn(*args, **kwargs)
@@ -248,8 +306,10 @@ class Worker:
                     value = None
                     errors[i] = (_error_info(protocol.ERR_USER, exc), exc)
                 t1 = clock()
+                with self._log_lock:
+                    self.current = None
                 items[i] = None  # let arguments go as soon as they are used
-                if out.size or err.size:
+                if out.size or err.size or out.cut or err.cut:
                     self._send_logs(task_id, i)
                 group.append(i)
                 values.append(value)
@@ -264,14 +324,19 @@ class Worker:
                     last_flush = clock()
                     group_cpu = cpu_clock()
         finally:
+            self.current = None
             sys.stdout, sys.stderr = real_out, real_err
         set_progress(task_id, todo[-1], mono(), ipc.STATE_IDLE)
 
     def _send_logs(self, task_id: int, i: int) -> None:
         for stream, cap in ((protocol.STDOUT, self.out), (protocol.STDERR, self.err)):
-            if cap.size:
+            if cap.size or cap.cut:
                 text = cap.take()
-                self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, stream), text.encode("utf-8", "replace")))
+                if text:
+                    self._send_log(task_id, i, stream, text)
+
+    def _send_log(self, task_id: int, i: int, stream: int, text: str) -> None:
+        self.send(ipc.message(ipc.M_LOG, ipc.TASK_LOG.pack(task_id, i, stream), text.encode("utf-8", "replace")))
 
     def _fail_all(
         self, task_id: int, todo: list[int], kind: str, exc: BaseException, message: str | None, flags: int = 0
