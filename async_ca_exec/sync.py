@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, AsyncExecutor
 from .futures import CallFuture
+from .progress import Progress
 
 #: Lithops' ``wait`` constants (``return_when`` is a percentage of the futures there).
 ALWAYS = 0
@@ -346,11 +347,11 @@ class FunctionExecutor:
         kind: str,
         obj: tuple[int | None, int | None, str] = (None, None, "\n"),
     ) -> list[ResponseFuture]:
-        if extra_env:
-            raise NotImplementedError("extra_env is not available in this release yet")
         if isinstance(iterdata, (str, bytes, dict)):
             iterdata = [iterdata]
         wants_id, reserved = _reserved_params(fn)
+        if extra_env:
+            fn = WithEnv(fn, extra_env)
         if reserved:
             raise NotImplementedError(
                 f"the reserved parameter(s) {', '.join(reserved)} of {getattr(fn, '__name__', fn)} need "
@@ -488,7 +489,7 @@ class FunctionExecutor:
             )
         inner = [f._fut for f in futures]
         if need:
-            self._run(_wait_count(inner, need, first_exception, timeout))
+            self._run(self._waiting("wait", inner, need, first_exception, timeout, show_progressbar))
         done = [f for f in futures if f._fut.done()]
         not_done = [f for f in futures if not f._fut.done()]
         if throw_except:
@@ -514,7 +515,8 @@ class FunctionExecutor:
         else:
             futures = [f for f in self._select(fs) if f._produce_output]
         if futures:
-            self._run(_wait_count([f._fut for f in futures], len(futures), False, timeout))
+            inner = [f._fut for f in futures]
+            self._run(self._waiting("get_result", inner, len(inner), False, timeout, show_progressbar))
         out = []
         for f in futures:
             value = f.result(throw_except=throw_except)
@@ -523,6 +525,26 @@ class FunctionExecutor:
         if len(out) == 1 and self.last_call != "map":
             return out[0]
         return out
+
+    async def _waiting(
+        self, desc: str, futures: list[CallFuture], need: int, first_exception: bool, timeout: float | None, bar: bool
+    ) -> None:
+        """:func:`_wait_count` under a progress bar (Lithops' ``show_progressbar``, within the
+        executor's ``progress`` setting: only on a terminal or in Jupyter unless it says so)."""
+        setting = self.config.lithops.progress if bar else False
+        if all(f.done() for f in futures):
+            setting = False  # nothing to wait for: no bar
+
+        def counts() -> tuple[int, int, int, int | None]:
+            done = failed = 0
+            for f in futures:
+                if f.done():
+                    done += 1
+                    failed += not f.cancelled() and f.exception() is not None
+            return done, failed, len(futures) - done, len(futures)
+
+        async with Progress(desc, counts, setting):
+            await _wait_count(futures, need, first_exception, timeout)
 
     # -- reporting -------------------------------------------------------------------
 
@@ -541,8 +563,45 @@ class FunctionExecutor:
         force: bool = False,
         on_exit: bool = False,
     ) -> None:
-        """Remove temporary data. Without storage there is none: calls carry their data inline."""
+        """Delete this executor's temporary data in Blob storage now: what ``keep_data`` kept
+        (and, with ``clean_fn``, its function blobs). Without storage there is none: calls carry
+        their data inline. Other executors' data is never touched (``acx clean`` does that)."""
+        if on_exit:
+            return None  # done anyway when the executor closes (unless keep_data)
+        transfers = self._ex._transfers
+        if transfers is not None:
+            self._run(transfers.clean(functions=clean_fn))
         return None
+
+
+class WithEnv:
+    """``fn`` run with extra environment variables (Lithops' ``extra_env``), set in the worker
+    for the call and restored after it (a worker runs one call at a time)."""
+
+    def __init__(self, fn: Callable[..., Any], env: dict[str, str]) -> None:
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TypeError("extra_env must be a dict of str to str, like os.environ")
+        if any(not k or "=" in k or "\0" in k or "\0" in v for k, v in env.items()):
+            raise ValueError("extra_env names must be non-empty without '=' or NUL, values without NUL")
+        self.fn = fn
+        self.env = dict(env)
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
+        self.__wrapped__ = fn  # inspect.signature() sees fn's parameters
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import os
+
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 class _NullJob:

@@ -173,6 +173,20 @@ class Transfers:
             except Exception as exc:  # noqa: BLE001 - leftovers are removed by `acx clean`
                 log.warning("could not delete %d temporary blob(s): %s (acx clean removes them)", len(batch), exc)
 
+    async def clean(self, *, functions: bool = False) -> int:
+        """Delete this executor's job data now (what ``keep_data`` kept, what a crash left), and
+        with ``functions`` its function blobs; return how many blobs went."""
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        names = [b.name for b in await self.storage.list(f"{PREFIX}/jobs/{self.executor_id}-")]
+        if functions:
+            names += [b.name for b in await self.storage.list(f"{PREFIX}/functions/{self.executor_id}/")]
+            self._functions.clear()
+            self._function_blobs.clear()
+        if names:
+            await self.storage.delete(*names)
+        return len(names)
+
     async def aclose(self) -> None:
         """Delete what is left to delete (and, unless kept, this executor's functions and what
         abandoned durable calls left), then close."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from async_ca_exec import AsyncExecutor, ConfigError, Storage, StorageError
+from async_ca_exec import AsyncExecutor, ConfigError, FunctionExecutor, Storage, StorageError
 from async_ca_exec.config import load_config
 
 from conftest import AZURITE_KEY, Azurite, storage_config
@@ -104,6 +104,17 @@ async def test_keep_data_leaves_the_blobs_for_inspection(azurite: Azurite, conta
         assert len(await ex.submit(big_result, 1_000_000)) == 1_000_000
     names = await leftovers(azurite, container)
     assert len(names) == 1 and names[0].startswith("acx/jobs/") and names[0].endswith("/0.out")
+
+
+def test_the_facades_clean_deletes_what_keep_data_kept(azurite: Azurite, container: str) -> None:
+    cfg = storage_config(azurite, container, inline_limit=0.5, keep_data=True)
+    with FunctionExecutor(config=cfg) as fexec:
+        fexec.call_async(big_result, 1_000_000)
+        assert len(fexec.get_result()) == 1_000_000
+        kept = asyncio.run(leftovers(azurite, container))
+        assert len(kept) == 1 and kept[0].endswith("/0.out")
+        fexec.clean()
+        assert asyncio.run(leftovers(azurite, container)) == []
 
 
 async def test_a_big_function_is_uploaded_once_and_cached_by_the_replicas(azurite: Azurite, container: str) -> None:

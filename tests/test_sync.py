@@ -155,3 +155,21 @@ def test_backend_section_keys_as_keyword_arguments() -> None:
         assert f.get_result() == [8]
     with pytest.raises(acx.ConfigError, match="runtime_memroy"):
         FunctionExecutor(runtime_memroy=1024)
+
+
+def read_env(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+def test_extra_env_is_set_for_those_calls_only() -> None:
+    with acx.FunctionExecutor() as fexec:
+        fexec.map(read_env, ["ACX_TEST_COLOUR", "ACX_TEST_SIZE"], extra_env={"ACX_TEST_COLOUR": "blue", "ACX_TEST_SIZE": "9"})
+        assert fexec.get_result() == ["blue", "9"]
+        fexec.map(read_env, ["ACX_TEST_COLOUR"])  # the same workers, no extra_env: gone again
+        assert fexec.get_result() == [None]
+        fexec.map_reduce(read_env, ["ACX_TEST_COLOUR"], lambda xs: xs, extra_env={"ACX_TEST_COLOUR": "red"})
+        assert fexec.get_result() == ["red"]
+        with pytest.raises(TypeError, match="extra_env must be a dict of str to str"):
+            fexec.map(read_env, ["X"], extra_env={"X": 1})  # type: ignore[dict-item]
