@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import platform
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,9 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("update", "delete"):
         x = rsub.add_parser(action, parents=[common], help=f"{action} a runtime (default, NAME:TAG or all)")
         x.add_argument("name")
-    rsub.add_parser("list", parents=[common], help="list deployed runtimes")
+    lst = rsub.add_parser("list", parents=[common], help="list deployed runtimes")
+    lst.add_argument("--json", action="store_true", help="print JSON (a list of runtimes) instead of a table")
 
     sub.add_parser("clean", parents=[common], help="remove deployed runtimes, cached metadata, temporary blobs")
+
+    cf = sub.add_parser("config", parents=[common], help="the configuration reference")
+    csub = cf.add_subparsers(dest="action", metavar="ACTION")
+    csub.required = True
+    csub.add_parser("reference", parents=[common], help="print every section and key, with defaults (Markdown)")
 
     st = sub.add_parser("storage", parents=[common], help="put, get, list and delete blobs in Azure Blob storage")
     ssub = st.add_subparsers(dest="action", metavar="ACTION")
@@ -104,6 +113,11 @@ def _runtime(args: argparse.Namespace) -> int:
         return asyncio.run(_azure(args, cfg))
     if args.action == "list":
         replicas, workers = default_local_layout(cfg)
+        if args.json:
+            doc = {"runtime": "local", "python": platform.python_version(), "version": __version__,
+                   "replicas": replicas, "workers_per_replica": workers}  # fmt: skip
+            print(json.dumps([doc], indent=2))
+            return 0
         _table(
             ["RUNTIME", "PYTHON", "VERSION", "REPLICAS", "WORKERS/REPLICA"],
             [["local", platform.python_version(), __version__, str(replicas), str(workers)]],
@@ -113,6 +127,11 @@ def _runtime(args: argparse.Namespace) -> int:
         return asyncio.run(_azure(args, cfg))  # building an image needs no Azure backend settings
     print(f"the local backend needs no '{args.action}': its runtime starts and stops with each executor")
     return 0
+
+
+def _progress(message: str) -> None:
+    """A step of a long command: on stderr, so stdout carries only the result."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -135,11 +154,13 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     if command == "deploy" and args.memory is not None:
         memory_pair(args.memory)  # a bad size is refused before any Azure call
-    async with AzureApps(cfg, progress=print) as apps:
+    started = time.monotonic()
+    async with AzureApps(cfg, progress=_progress) as apps:
         if command == "deploy":
             info = await apps.deploy(
                 args.name, memory=args.memory, timeout=args.timeout, create_environment=args.create_environment
             )
+            _progress(f"ready in {time.monotonic() - started:.0f} s")
             print(f"deployed runtime {info.runtime} ({info.memory} MB) as {info.app}: https://{info.fqdn}")
         elif command == "update":
             done = await apps.update(args.name)
@@ -147,6 +168,8 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
         elif command == "delete":
             names = await apps.delete(args.name)
             print(f"deleted {len(names)} runtime(s): {', '.join(names) or 'none'}")
+        elif command == "list" and args.json:
+            print(json.dumps([dataclasses.asdict(i) for i in await apps.runtimes()], indent=2))
         elif command == "list":
             rows = [
                 [i.runtime, str(i.memory or "?"), i.version or "?", i.app, i.fqdn or "-", i.state or "?",
@@ -194,6 +217,14 @@ async def _storage(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error's first line; for a task group's error, its first inner error's."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # type: ignore[attr-defined]
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.debug:
@@ -206,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _runtime(args)
         if args.command == "storage":
             return asyncio.run(_storage(args, _load(args)))
+        if args.command == "config":
+            from .configdoc import render
+
+            sys.stdout.write(render())
+            return 0
         if args.command == "clean":
             cfg = _load(args)
             if cfg.backend == "azure":
@@ -218,8 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with --debug
         if args.debug:
             traceback.print_exc()
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"acx: error: {message}", file=sys.stderr)
+        print(f"acx: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 2  # pragma: no cover - argparse requires a command
 

@@ -467,7 +467,7 @@ def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path:
     seed = ["-b", "azure_containers", "-s", "azure_storage", "-c", cfg]
     r = _cli("runtime", "deploy", "default", *seed, tmp=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"deployed runtime {default_image(arm)} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stdout
+    assert f"deployed runtime {default_image(arm)} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stderr
     r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "--memory", "2048", "--timeout", "120", *seed,
              tmp=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from arm_endpoint import ArmEndpoint
+from test_azure import _cli, config, default_image
+
+from async_ca_exec import __version__ as acx_version
+from async_ca_exec import cli, configdoc
 
 
 def acx(*args: str, cwd: Path, module: bool = False) -> subprocess.CompletedProcess[str]:
@@ -52,3 +59,92 @@ def test_azure_commands_without_azure_settings_say_which_key_is_missing(tmp_path
 def test_version_and_help(tmp_path: Path) -> None:
     assert acx("--version", cwd=tmp_path).stdout.startswith("async_ca_exec ")
     assert "runtime" in acx("--help", cwd=tmp_path).stdout
+
+
+def test_runtime_list_json_on_the_local_backend(tmp_path: Path) -> None:
+    r = acx("runtime", "list", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (doc,) = json.loads(r.stdout)
+    assert doc["runtime"] == "local" and doc["replicas"] >= 1 and doc["workers_per_replica"] >= 1
+
+
+@pytest.mark.parametrize("module", [True, False], ids=["python -m async_ca_exec", "acx"])
+def test_config_reference_prints_the_generated_reference(tmp_path: Path, module: bool) -> None:
+    r = acx("config", "reference", cwd=tmp_path, module=module)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == configdoc.render()
+    assert "### `azure_containers`" in r.stdout and "| `runtime_memory` |" in r.stdout
+
+
+def test_a_task_group_error_is_reported_by_its_first_inner_error() -> None:
+    group = Exception("unhandled errors in a TaskGroup (2 sub-exceptions)")  # an ExceptionGroup, also on 3.10
+    group.exceptions = (ValueError("the real cause\nmore detail"), KeyError("x"))  # type: ignore[attr-defined]
+    assert cli._one_line(group) == "the real cause"
+    assert cli._one_line(RuntimeError()) == "RuntimeError"
+
+
+# -- against the ARM test double (tests/arm_endpoint.py) ---------------------------------------
+
+
+def test_deploy_shows_its_steps_on_stderr_and_list_prints_an_aligned_table(arm: ArmEndpoint, tmp_path: Path) -> None:
+    seed = ["-c", str(config(arm, tmp_path))]
+    r = _cli("runtime", "deploy", "default", *seed, tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    image = default_image(arm)
+    # stdout: the result only; stderr: one line per step, in order, then the time it took
+    assert r.stdout.splitlines() == [AnyStr(rf"deployed runtime {re.escape(image)} \(512 MB\) as acx-\S+: https://\S+")]
+    steps = r.stderr.splitlines()
+    expected = [
+        rf"checking that {re.escape(image)} is in its registry \.\.\.",
+        rf"creating Container App acx-\S+ for runtime {re.escape(image)} \(512 MB\) \.\.\.",
+        r"acx-\S+ is succeeded at https://\S+",
+        r"waiting for the first replica of acx-\S+ to answer \(up to 30 s, startup_timeout\) \.\.\.",
+        r"recorded runtime metadata in .*\.json",
+        r"recorded runtime metadata in blob .*\.json",
+        r"ready in \d+ s",
+    ]
+    assert steps == [AnyStr(p) for p in expected], r.stderr
+
+    r = _cli("runtime", "list", *seed, tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    columns = ["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "REPLICAS", "MAX"]
+    assert header.split() == columns and len(rows) == 1
+    starts = [header.index(c) for c in columns]
+    assert [rows[0][s - 1 : s] for s in starts[1:]] == [" "] * (len(columns) - 1)  # a gap before each column
+    cells = [rows[0][a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    assert cells[:3] == [image, "512", acx_version] and cells[3].startswith("acx-") and cells[5:] == ["Succeeded", "1", "100"]
+
+    r = _cli("runtime", "list", "--json", *seed, tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (doc,) = json.loads(r.stdout)
+    assert doc["runtime"] == image and doc["memory"] == 512 and doc["app"] == cells[3] and doc["replicas"] == 1
+    assert doc["fqdn"] == cells[4] and doc["max_replicas"] == 100
+
+    r = _cli("clean", *seed, tmp=tmp_path)
+    assert r.returncode == 0 and "deleted 1 runtime(s)" in r.stdout, r.stderr
+    assert f"deleting Container App {cells[3]} ..." in r.stderr.splitlines()
+    r = _cli("runtime", "list", *seed, tmp=tmp_path)
+    assert r.stdout.splitlines()[1] == "(no runtimes in resource group rg-acx)"
+    assert json.loads(_cli("runtime", "list", "--json", *seed, tmp=tmp_path).stdout) == []
+
+
+def test_an_azure_error_is_one_line_and_debug_adds_the_traceback(arm: ArmEndpoint, tmp_path: Path) -> None:
+    seed = ["-c", str(config(arm, tmp_path, azure_containers={"environment": "nowhere"}))]
+    r = _cli("runtime", "deploy", "default", *seed, tmp=tmp_path)
+    assert r.returncode == 1
+    *_steps, last = r.stderr.splitlines()
+    assert last.startswith("acx: error: Container Apps environment 'nowhere' does not exist in resource group 'rg-acx'")
+    assert "--create-environment" in last and "Traceback" not in r.stderr and r.stdout == ""
+    r = _cli("runtime", "deploy", "default", *seed, "--debug", tmp=tmp_path)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "ConfigError" in r.stderr
+    assert r.stderr.splitlines()[-1] == last
+
+
+class AnyStr(str):
+    """Equal to any string the regular expression matches in full (readable list comparisons)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and re.fullmatch(str(self), other) is not None
+
+    __hash__ = str.__hash__

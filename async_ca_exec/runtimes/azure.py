@@ -641,6 +641,7 @@ class AzureApps:
         """Build and push the default runtime image unless the registry has it already."""
         from .images import build_image, image_exists, registry_login, split_image
 
+        self._progress(f"checking that {image} is in its registry ...")
         login = registry_login(self.cfg, split_image(image)[0])
         if await image_exists(image, login=login, ssl=self.target.ssl_context()):
             return
@@ -722,6 +723,10 @@ class AzureApps:
             raise DeploymentError(f"Container App {name} has no ingress address; check it in the portal")
         self._progress(f"{name} is {str(info.state or 'deployed').lower()} at https://{info.fqdn}")
         if check:
+            self._progress(
+                f"waiting for the first replica of {name} to answer (up to {self.target.startup_timeout:g} s, "
+                "startup_timeout) ..."
+            )
             info = await self._wait_revision(info)
             await self.record(info, key.encode(), image, memory)
         return info
