@@ -89,7 +89,19 @@ class LithopsSection(_Section):
     retries: int = Field(
         4, ge=0, le=100, description="Delivery retries per request (network errors, 5xx, 429); user errors are never re-run."
     )
-    chunksize: int = Field(1, ge=1, description="Items per request for `map` when the call gives none.")
+    chunksize: int | Literal["auto"] = Field(
+        1,
+        description="Items per request for `map` when the call gives none: a number (at least 1), or auto "
+        "(sized from the measured call time).",
+    )
+
+    @field_validator("chunksize")
+    @classmethod
+    def _positive_chunksize(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"chunksize={v} must be at least 1 (or 'auto')")
+        return v
+
     log_level: str | None = Field(None, description="Level of the `async_ca_exec` logger (DEBUG, INFO, WARNING...).")
     progress: bool | None = Field(
         None,

@@ -36,6 +36,14 @@ Item = tuple[tuple[Any, ...], dict[str, Any]]
 #: Submitting yields to the event loop this often, so sending starts while a long input is read.
 _YIELD_EVERY = 256
 
+#: chunksize="auto": the largest batch; a batch carries about AUTO_TARGET seconds of work.
+AUTO_MAX = 1000
+AUTO_IMAP_MAX = 100
+AUTO_TARGET = 0.02
+#: Items sent one by one before sizing, and how long to wait for their first timing.
+AUTO_PROBE = 4
+AUTO_PROBE_WAIT = 0.25
+
 
 def _configure_logging(level: str | None) -> None:
     if not level:
@@ -293,22 +301,38 @@ class AsyncExecutor:
         args, kwargs = _lithops_item(data)
         return self.submit(fn, *args, **kwargs)
 
-    async def _iter_chunks(self, items: Iterable[Any] | AsyncIterable[Any], chunksize: int) -> AsyncGenerator[list[Any], None]:
+    async def _iter_chunks(
+        self, items: Iterable[Any] | AsyncIterable[Any], chunksize: int | str, job: Job | None = None, cap: int = AUTO_MAX
+    ) -> AsyncGenerator[list[Any], None]:
+        """``items`` in lists of ``chunksize`` (``"auto"``: sized from the job's measured call
+        time as it runs, at most ``cap``)."""
         if isinstance(items, (str, bytes)):
             raise TypeError("items is a string: pass a list of items (a string would be split into characters)")
+        size: Callable[[], Awaitable[int]]
+        if chunksize == "auto":
+            assert job is not None
+            size = _AutoBatch(job, _length(items), self.config.max_concurrency, cap).next_size
+        else:
+            fixed = int(chunksize)
+
+            async def size() -> int:
+                return fixed
+
         if hasattr(items, "__aiter__"):
             chunk: list[Any] = []
+            want = await size()
             async for x in items:  # type: ignore[union-attr]
                 chunk.append(x)
-                if len(chunk) >= chunksize:
+                if len(chunk) >= want:
                     yield chunk
                     chunk = []
+                    want = await size()
             if chunk:
                 yield chunk
             return
         it = iter(items)  # type: ignore[arg-type]
         while True:
-            chunk = list(itertools.islice(it, chunksize))
+            chunk = list(itertools.islice(it, await size()))
             if not chunk:
                 return
             yield chunk
@@ -318,14 +342,13 @@ class AsyncExecutor:
         job: Job,
         items: Iterable[Any] | AsyncIterable[Any],
         to_item: Callable[[Any], Item],
-        chunksize: int,
+        chunksize: int | str,
         submit: Callable[[Invoker, Job, list[Item]], Any],
     ) -> None:
-        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
-            raise ValueError(f"chunksize={chunksize!r} must be a positive integer")
+        _check_chunksize(chunksize)
         invoker = self._ensure_started()
         n = 0
-        async for chunk in self._iter_chunks(items, chunksize):
+        async for chunk in self._iter_chunks(items, chunksize, job):
             submit(invoker, job, [to_item(x) for x in chunk])
             n += len(chunk)
             if n >= _YIELD_EVERY:
@@ -340,7 +363,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         *,
         to_item: Callable[[Any], Item],
-        chunksize: int,
+        chunksize: int | str,
         timeout: float | None,
         kind: str = "M",
     ) -> list[CallFuture]:
@@ -392,7 +415,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         *,
         to_item: Callable[[Any], Item],
-        chunksize: int,
+        chunksize: int | str,
         timeout: float | None,
         return_exceptions: bool,
         kind: str = "M",
@@ -425,7 +448,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         *,
         return_exceptions: bool = False,
-        chunksize: int = 1,
+        chunksize: int | str = 1,
         timeout: float | None = None,
         progress: bool | None = None,
         obj_chunk_size: int | None = None,
@@ -455,7 +478,7 @@ class AsyncExecutor:
         items: Iterable[Iterable[Any]] | AsyncIterable[Iterable[Any]],
         *,
         return_exceptions: bool = False,
-        chunksize: int = 1,
+        chunksize: int | str = 1,
         timeout: float | None = None,
         progress: bool | None = None,
     ) -> list[T]:
@@ -479,7 +502,7 @@ class AsyncExecutor:
         *,
         ordered: bool = False,
         return_exceptions: bool = False,
-        chunksize: int = 1,
+        chunksize: int | str = 1,
         window: int | None = None,
         timeout: float | None = None,
         progress: bool | None = None,
@@ -490,11 +513,11 @@ class AsyncExecutor:
         in flight or waiting to be yielded, so memory does not grow with the input. Leaving the
         loop early cancels the calls still running.
         """
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize={chunksize!r} must be a positive integer")
+        _check_chunksize(chunksize)
         invoker = self._ensure_started()
-        window = window or 2 * self.config.max_concurrency * chunksize
-        if window < chunksize:
+        per_request = AUTO_IMAP_MAX if chunksize == "auto" else int(chunksize)
+        window = window or 2 * self.config.max_concurrency * per_request
+        if window < per_request:
             raise ValueError(f"window={window} must be at least chunksize={chunksize}")
         done: collections.deque[CallFuture] = collections.deque()
         wake: list[asyncio.Future[None] | None] = [None]
@@ -509,7 +532,8 @@ class AsyncExecutor:
         job = self._new_job(fn, timeout, "I", sink=sink)
         order: collections.deque[CallFuture] = collections.deque()
         live: set[CallFuture] = set()
-        chunks = self._iter_chunks(items, chunksize)
+        job_cap = max(1, min(per_request, window // max(1, self.config.max_concurrency)))
+        chunks = self._iter_chunks(items, chunksize, job, cap=job_cap)
         exhausted = False
         loop = asyncio.get_running_loop()
         total = _length(items)
@@ -565,7 +589,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         reduce_fn: Callable[[list[Any]], T],
         *,
-        chunksize: int = 1,
+        chunksize: int | str = 1,
         timeout: float | None = None,
         obj_chunk_size: int | None = None,
         obj_chunk_number: int | None = None,
@@ -772,6 +796,53 @@ def _lithops_item(data: Any) -> Item:
     if isinstance(data, dict):
         return ((), dict(data))
     return ((data,), {})
+
+
+def _check_chunksize(chunksize: Any) -> None:
+    if chunksize == "auto":
+        return
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+        raise ValueError(f"chunksize={chunksize!r} must be a positive integer or 'auto'")
+
+
+class _AutoBatch:
+    """Batch sizes for ``chunksize="auto"``: a few single calls first, to time the function on
+    a worker; then as many items per request as fill about ``AUTO_TARGET`` seconds of work
+    (re-measured as results come), but never so many that fewer requests than
+    ``max_concurrency`` remain to spread over the replicas. A function that takes longer than
+    the probe wait goes one call per request, where per-request overhead does not matter."""
+
+    def __init__(self, job: Job, total: int | None, concurrency: int, cap: int) -> None:
+        self.job = job
+        self.total = total
+        self.concurrency = concurrency
+        self.cap = cap
+        self.sent = 0
+        self.probed = False
+
+    async def next_size(self) -> int:
+        job = self.job
+        if self.sent < AUTO_PROBE:
+            self.sent += 1
+            return 1
+        if not self.probed:
+            self.probed = True
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + AUTO_PROBE_WAIT
+            # Polling two counters for at most AUTO_PROBE_WAIT: cheaper than an event per outcome.
+            while job.work_items == 0 and job.errors == 0 and job.failed is None and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
+        if job.work_items == 0:
+            size = 1
+        else:
+            per_call = job.work_seconds / job.work_items
+            size = int(AUTO_TARGET / max(per_call, 1e-6))
+        if self.total is not None:  # keep enough requests for every slot
+            left = self.total - self.sent
+            size = min(size, -(-left // self.concurrency))
+        size = max(1, min(size, self.cap))
+        self.sent += size
+        return size
 
 
 def _length(items: Any) -> int | None:

@@ -113,6 +113,9 @@ class Stats:
         self.last_received: float | None = None
         #: Per-call timing rows (bounded) for plot().
         self.rows = CallRows()
+        #: Adaptive concurrency: how often the window was halved, and its lowest size.
+        self.concurrency_cuts = 0
+        self.concurrency_low: int | None = None
 
     def submitting(self, n: int, now: float) -> None:
         self.submitted += n
@@ -200,6 +203,7 @@ class Stats:
             },
             "requests": self.requests,
             "retries": self.retries,
+            "concurrency": {"halvings": self.concurrency_cuts, "lowest": self.concurrency_low},
             "function_uploads": self.function_uploads,
             "recovered_from_storage": self.recovered,
             "wall_seconds": wall,
@@ -261,6 +265,8 @@ class Job:
         "sink",
         "stats",
         "timeout",
+        "work_items",
+        "work_seconds",
     )
 
     def __init__(
@@ -287,6 +293,9 @@ class Job:
         self.failed: tuple[int, BaseException] | None = None
         #: Calls that ended in an error so far (for progress bars).
         self.errors = 0
+        #: Calls timed by a worker, and their seconds there (for chunksize="auto").
+        self.work_items = 0
+        self.work_seconds = 0.0
         self.sink = sink
         self._waiter: asyncio.Future[None] | None = None
         self.next_index = 0
@@ -328,6 +337,10 @@ class Job:
             if exc is not None:
                 self.failed = (fut.index, exc)
         self._wake()
+
+    def note_work(self, t0: list[float], t1: list[float]) -> None:
+        self.work_items += len(t0)
+        self.work_seconds += sum(t1) - sum(t0)
 
     def slots_done(self, n: int, first_error: tuple[int, BaseException] | None, failed: int = 0) -> None:
         self.pending -= n

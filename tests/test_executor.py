@@ -375,3 +375,37 @@ def test_executor_needs_a_running_loop_for_submit() -> None:
     ex = AsyncExecutor()
     with pytest.raises(RuntimeError, match="FunctionExecutor"):
         ex.submit(add7, 1)
+
+
+# -- chunksize="auto" ----------------------------------------------------------------------
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def exit_on_13(x: int) -> int:
+    if x == 13:
+        os._exit(3)
+    return x
+
+
+async def test_auto_batching_packs_tiny_calls_and_spreads_slow_ones() -> None:
+    async with AsyncExecutor() as ex:
+        assert await ex.map(add7, range(3000), chunksize="auto") == [x + 7 for x in range(3000)]
+        tiny_requests = ex.job_summary()["requests"]
+        assert tiny_requests <= 3000 // 5, tiny_requests  # batched, once the first calls were timed
+        assert await ex.map(nap, [0.3] * 6, chunksize="auto") == [0.3] * 6
+        assert ex.job_summary()["requests"] - tiny_requests == 6  # slow calls: one per request
+        got = sorted([x async for x in ex.imap(add7, range(500), chunksize="auto")])
+        assert got == [x + 7 for x in range(500)]
+        with pytest.raises(ValueError, match="positive integer or 'auto'"):
+            await ex.map(add7, range(3), chunksize="big")  # type: ignore[arg-type]
+
+
+async def test_a_crash_inside_an_auto_batch_fails_only_that_call() -> None:
+    async with AsyncExecutor() as ex:
+        results = await ex.map(exit_on_13, range(400), chunksize="auto", return_exceptions=True)
+    assert isinstance(results[13], WorkerCrashedError)
+    assert [r for i, r in enumerate(results) if i != 13] == [i for i in range(400) if i != 13]
