@@ -199,6 +199,7 @@ class FutureRequest(Request):
         timed = bool(t0)
         if timed:
             self.job.stats.record_work(t0, t1, cpu)
+            self.job.note_work(t0, t1)
         meta = o.meta
         rss, pid, replica = int(meta.get("rss") or 0), int(meta.get("pid") or 0), str(meta.get("replica") or "")
         futures = self.futures
@@ -281,6 +282,7 @@ class SliceRequest(Request):
         t0, t1, cpu = _timing(o.timing, n)
         if t0:
             stats.record_work(t0, t1, cpu)
+            job.note_work(t0, t1)
         job.slots_done(fresh, first_error, failed)
 
     def fail(self, exc: BaseException, now: float) -> None:
@@ -319,6 +321,10 @@ def _unpickle_error(call_id: str, load_error: BaseException | None) -> Serializa
 
 class _SendFunction(Exception):
     """The replica lacks a function sent by reference: send the request again with it."""
+
+
+#: Seconds between two halvings of the concurrency window (a burst of refusals is one event).
+CONGESTION_GAP = 0.2
 
 
 class _Retry(Exception):
@@ -398,6 +404,12 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 class Invoker:
     def __init__(self, *, max_concurrency: int, retries: int, stats: Stats, max_frame: int = protocol.DEFAULT_MAX_FRAME) -> None:
         self._limit = max_concurrency
+        #: Adaptive concurrency: requests allowed in flight now (at most ``max_concurrency``).
+        #: Halved (at most every CONGESTION_GAP s) when the runtime says it is unavailable or
+        #: throttled (refused connection, 429, 503); one more per request delivered, so it
+        #: regains its size in a few round trips once replicas are there.
+        self._window = float(max_concurrency)
+        self._last_cut = 0.0
         self._retries = retries
         #: What to do with calls' output: "collect" (futures' logs), "stream" (also print it
         #: as it comes) or "off".
@@ -478,8 +490,30 @@ class Invoker:
         if self._closing:
             raise RuntimeError("the executor is closed")
         self._pending.append(req)
-        if len(self._lanes) < self._limit:
-            self._lanes.add(asyncio.get_running_loop().create_task(self._lane()))
+        self._add_lanes()
+
+    def _add_lanes(self) -> None:
+        if not self._pending:
+            return
+        want = min(int(self._window), len(self._lanes) + len(self._pending))
+        loop = asyncio.get_running_loop()
+        while len(self._lanes) < want:
+            self._lanes.add(loop.create_task(self._lane()))
+
+    def _congested(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cut < CONGESTION_GAP:
+            return
+        self._last_cut = now
+        self._window = max(1.0, self._window / 2)
+        stats = self._stats
+        stats.concurrency_cuts += 1
+        stats.concurrency_low = min(stats.concurrency_low or self._limit, int(self._window))
+
+    def _delivered(self) -> None:
+        if self._window < self._limit:
+            self._window = min(float(self._limit), self._window + 1)
+            self._add_lanes()
 
     @property
     def in_flight(self) -> int:
@@ -518,6 +552,8 @@ class Invoker:
             return
         pending = self._pending
         while pending:
+            if len(self._lanes) > int(self._window):  # the window shrank: this lane goes
+                return
             req = pending.popleft()
             if req.unresolved == 0 or req.cancelled:
                 req.release()
@@ -562,8 +598,11 @@ class Invoker:
                     req.with_fn = True
                     await self._attempt(req, attempt, ep)
                 self._unavailable_since = None  # the runtime answers
+                self._delivered()
                 return
             except _Retry as r:
+                if r.unavailable:
+                    self._congested()
                 if req.unresolved == 0:
                     return
                 last = r

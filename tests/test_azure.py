@@ -252,6 +252,9 @@ async def test_calls_meeting_a_cold_start_are_retried_honouring_retry_after(arm:
         arm.replicas[info.app].created = time.monotonic()
         assert await ex.map(add7, range(20)) == [i + 7 for i in range(20)]
         retries = ex.job_summary()["retries"]
+        concurrency = ex.job_summary()["concurrency"]
+    # Adaptive concurrency: the 503s halved the window (it grows back as calls get through).
+    assert concurrency["halvings"] >= 1 and concurrency["lowest"] < 1000, concurrency
     refused = [h for h in arm.ingress_hits if h.status == 503 and h.path == "/v1/invoke"]
     assert refused and retries >= len(refused)
     by_call: dict[str | None, list[float]] = {}
