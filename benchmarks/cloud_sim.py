@@ -1,0 +1,409 @@
+"""A "cloud in a box": the local runtime behind a proxy that behaves like the ACA ingress.
+
+    python benchmarks/cloud_sim.py [--calls 20000] [--concurrency 1000] [--latency 50 [30 80 ...]]
+                                   [--replicas 2] [--workers 1] [--cold-start 2] [--control-delay 1]
+                                   [--concurrent-requests W]
+
+Everything runs on 127.0.0.1. ``--replicas`` copies of the real server (the embedded local
+runtime, one replica of ``--workers`` worker processes each, on its own port, all sharing one
+signing key) stand behind a proxy, in its own (spawned) process so that its CPU is not the
+client's. The proxy stands in for the Container Apps ingress and its scaler:
+
+- every request waits ``--latency`` ms before it is forwarded and its response waits as long
+  again before it is passed back (streamed, chunk by chunk, so heartbeats still flow);
+- it starts with one active replica; when the requests in flight exceed
+  ``--concurrent-requests`` (default ``--workers``) x active replicas, one more replica is
+  activated ``--control-delay`` s later, up to ``--replicas``;
+- requests go round-robin over the active replicas. The first replica is started by the first
+  request (a cold start of ``--cold-start`` s, which every request routed to it waits for);
+  a scaled-out replica is started when the scaler decides and joins the rotation once its
+  cold start is over, as the ingress waits for a replica's readiness probe (with
+  ``--route-to-cold``, it joins at once and its first request starts it and waits).
+
+The client is an ``AsyncExecutor(max_concurrency=--concurrency)`` whose runtime is swapped for
+these replicas behind the proxy (an internal: ``create_runtime`` is patched for the run). Per
+latency it runs ``map(add7, range(--calls))`` at chunksize 1 and at chunksize "auto", each on
+a fresh executor and fresh (cold) replicas, and prints the job's wall time next to
+
+    ideal = cold start + ceil(calls / concurrency) x 2 x latency
+
+(the network floor: one cold start, then waves of ``concurrency`` calls, each wave one round
+trip; compute, scale-out and the local machine's limits cost nothing), and the client
+process's CPU time per call (``time.process_time()``; the proxy and the servers are other
+processes). Targets, on the chunksize 1 rows:
+
+    wall time / ideal          <= 1.3
+    client CPU per call        <= 100 us
+
+Exits non-zero if a target is missed (so `nox -s bench` fails loudly). Never run by tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import math
+import multiprocessing
+import os
+import resource
+import socket
+import sys
+import time
+import types
+from typing import Any
+from unittest import mock
+
+import aiohttp
+from aiohttp import web
+
+from async_ca_exec import AsyncExecutor
+from async_ca_exec import executor as executor_module
+from async_ca_exec.runtimes import create_runtime
+from async_ca_exec.runtimes import local as local_module
+
+
+def add7(x: int) -> int:
+    return x + 7
+
+
+# --- the ingress: a proxy process -------------------------------------------------------
+
+SIM = "/_sim"  # the proxy's own paths (reset, stats); everything else is forwarded
+_HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
+
+
+@dataclasses.dataclass
+class Settings:
+    upstreams: list[str]
+    latency: float
+    cold_start: float
+    control_delay: float
+    concurrent_requests: int
+    route_to_cold: bool
+
+
+class Ingress:
+    """Latency both ways, cold starts, and a scaler on requests in flight (in the proxy process)."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.session: aiohttp.ClientSession | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.monotonic()
+        self.active = 1
+        self.scaling = False
+        self.rr = 0
+        self.inflight = 0
+        self.peak_inflight = 0
+        self.ready: list[asyncio.Event | None] = [None] * len(self.s.upstreams)
+        self.routed = [0] * len(self.s.upstreams)
+        self.events: list[str] = []
+
+    def _note(self, what: str) -> None:
+        self.events.append(f"{time.monotonic() - self.t0:.2f}s {what}")
+
+    def _maybe_scale(self) -> None:
+        if self.scaling or self.active >= len(self.s.upstreams):
+            return
+        if self.inflight > self.s.concurrent_requests * self.active:
+            self.scaling = True
+            asyncio.get_running_loop().call_later(self.s.control_delay, self._scale_out)
+
+    def _scale_out(self) -> None:
+        i = self.active
+        self._note(f"replica {i} started ({self.inflight} requests in flight)")
+        if self.s.route_to_cold:  # routed to at once; its first request starts it and waits
+            self._join(i)
+            return
+        ev = self.ready[i] = asyncio.Event()  # started now, routed to once ready (a readiness probe)
+        ev.set()
+        asyncio.get_running_loop().call_later(self.s.cold_start, self._join, i)
+
+    def _join(self, i: int) -> None:
+        self.scaling = False
+        self.active = i + 1
+        self._note(f"replica {i} in rotation")
+        self._maybe_scale()
+
+    async def _route(self) -> int:
+        i = self.rr % self.active
+        self.rr += 1
+        self.routed[i] += 1
+        ev = self.ready[i]
+        if ev is None:
+            ev = self.ready[i] = asyncio.Event()
+            self._note(f"replica {i} cold start")
+            asyncio.get_running_loop().call_later(self.s.cold_start, ev.set)
+        if not ev.is_set():
+            await ev.wait()
+        return i
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == f"{SIM}/reset":
+            self.reset()
+            return web.json_response({})
+        if request.path == f"{SIM}/stats":
+            return web.json_response(
+                {"active": self.active, "routed": self.routed, "peak_inflight": self.peak_inflight, "events": self.events}
+            )
+        body = await request.read()
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            self._maybe_scale()
+            await asyncio.sleep(self.s.latency)  # the way in
+            i = await self._route()
+            return await self._forward(request, self.s.upstreams[i], body)
+        finally:
+            self.inflight -= 1
+
+    async def _forward(self, request: web.Request, upstream: str, body: bytes) -> web.StreamResponse:
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        loop = asyncio.get_running_loop()
+        async with self.session.request(request.method, upstream + request.path_qs, data=body, headers=headers) as up:
+            resp = web.StreamResponse(status=up.status)
+            for name, value in up.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    resp.headers[name] = value
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            prepared = False
+            while True:
+                # The way back: a chunk that had to be waited for has just arrived and waits the
+                # latency; one already buffered arrived during the previous wait (so it is late
+                # enough already and keeps its place behind the one before).
+                asked = loop.time()
+                chunk = await up.content.readany()
+                if not chunk:
+                    break
+                if not prepared or loop.time() - asked > 0.001:
+                    await asyncio.sleep(self.s.latency)
+                if not prepared:
+                    await resp.prepare(request)
+                    prepared = True
+                await resp.write(chunk)
+            if not prepared:
+                await asyncio.sleep(self.s.latency)
+                await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+
+
+def _proxy_main(settings: Settings, conn: Any) -> None:
+    async def main() -> None:
+        ingress = Ingress(settings)
+        ingress.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
+        )
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", ingress.handle)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock, backlog=4096).start()
+        conn.send(sock.getsockname()[1])
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+            await ingress.session.close()
+
+    _raise_nofile()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- the runtime the executor sees: replicas behind the proxy ----------------------------
+
+_PROXIES: list[Any] = []  # every proxy process started, so main() can stop them on any error
+
+
+class SimCloudRuntime:
+    """``replicas`` local runtimes of one replica each (one shared key), behind an Ingress process."""
+
+    name = "local"
+
+    def __init__(self, config: Any, sim: dict[str, Any], **kw: Any) -> None:
+        self.sim = sim
+        self.inner = []
+        for _ in range(sim["replicas"]):
+            rt = create_runtime(config, **kw)
+            rt.replicas = 1  # each on its own port, so the proxy can route to it
+            self.inner.append(rt)
+        self.proxy: Any = None
+        self.url = ""
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for rt in self.inner for pid in rt.pids]
+
+    async def start(self) -> Any:
+        key = os.urandom(24).hex()
+        try:
+            with mock.patch.object(local_module, "secrets", types.SimpleNamespace(token_urlsafe=lambda n=None: key)):
+                endpoints = [await rt.start() for rt in self.inner]
+            settings = Settings(
+                upstreams=[ep.url for ep in endpoints],
+                latency=self.sim["latency"],
+                cold_start=self.sim["cold_start"],
+                control_delay=self.sim["control_delay"],
+                concurrent_requests=self.sim["concurrent_requests"],
+                route_to_cold=self.sim["route_to_cold"],
+            )
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            self.proxy = ctx.Process(target=_proxy_main, args=(settings, child), daemon=True, name="cloud-sim-ingress")
+            self.proxy.start()
+            _PROXIES.append(self.proxy)
+            if not await asyncio.to_thread(parent.poll, 60):
+                raise RuntimeError("the ingress proxy did not start")
+            self.url = f"http://127.0.0.1:{parent.recv()}"
+        except BaseException:
+            await self.aclose()
+            raise
+        return dataclasses.replace(endpoints[0], url=self.url)
+
+    async def aclose(self) -> None:
+        if self.proxy is not None:
+            await asyncio.to_thread(_stop_process, self.proxy)
+        for rt in self.inner:
+            await rt.aclose()
+
+
+def _stop_process(proc: Any) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+
+
+# --- one row ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    latency_ms: float
+    chunksize: int | str
+    wall: float = math.nan
+    cpu_us: float = math.nan
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+async def run_row(a: argparse.Namespace, latency_ms: float, chunksize: int | str) -> Row:
+    row = Row(latency_ms, chunksize)
+    sim = {
+        "replicas": a.replicas,
+        "latency": latency_ms / 1000,
+        "cold_start": a.cold_start,
+        "control_delay": a.control_delay,
+        "concurrent_requests": a.concurrent_requests or a.workers,
+        "route_to_cold": a.route_to_cold,
+    }
+    config = {"localhost": {"replicas": a.replicas, "worker_processes": a.workers}}
+    factory = lambda config, **kw: SimCloudRuntime(config, sim, **kw)  # noqa: E731
+    with mock.patch.object(executor_module, "create_runtime", factory):
+        async with AsyncExecutor(config=config, max_concurrency=a.concurrency) as ex:
+            await ex.map(add7, range(1), chunksize=1)  # start the runtime (outside the timed job)
+            rt = ex.runtime
+            assert isinstance(rt, SimCloudRuntime)
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"{rt.url}{SIM}/reset") as r:
+                    r.raise_for_status()
+                cpu, t = time.process_time(), time.perf_counter()
+                try:
+                    results = await ex.map(add7, range(a.calls), chunksize=chunksize)
+                except (TypeError, ValueError) as exc:  # chunksize="auto" may not exist yet
+                    row.error = f"{type(exc).__name__}: {exc}"[:80]
+                    return row
+                row.wall = time.perf_counter() - t
+                row.cpu_us = (time.process_time() - cpu) / a.calls * 1e6
+                assert results == [i + 7 for i in range(a.calls)]
+                async with s.get(f"{rt.url}{SIM}/stats") as r:
+                    row.stats = await r.json()
+    return row
+
+
+def ideal_seconds(a: argparse.Namespace, latency_ms: float) -> float:
+    return a.cold_start + math.ceil(a.calls / a.concurrency) * 2 * latency_ms / 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=20_000)
+    p.add_argument("--concurrency", type=int, default=1000)
+    p.add_argument("--latency", type=float, nargs="+", default=[50.0], help="one-way latency, ms (several: one row each)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="worker processes per replica")
+    p.add_argument("--cold-start", type=float, default=2.0, help="seconds")
+    p.add_argument("--control-delay", type=float, default=1.0, help="seconds from a scale decision to the new replica")
+    p.add_argument("--concurrent-requests", type=int, default=0, help="scale rule per replica (default: --workers)")
+    p.add_argument(
+        "--route-to-cold",
+        action="store_true",
+        help="route to a scaled-out replica at once (its first request waits the cold start), not once it is ready",
+    )
+    a = p.parse_args(argv)
+    _raise_nofile()
+
+    print(
+        f"cloud in a box: map(add7, range({a.calls:,})), max_concurrency {a.concurrency:,}; {os.cpu_count()} CPUs, "
+        f"Python {sys.version.split()[0]}\n"
+        f"ingress proxy (own process): up to {a.replicas} replicas x {a.workers} workers, each replica its own "
+        f"local-runtime server and port; cold start {a.cold_start:g} s, scale out when in-flight > "
+        f"{a.concurrent_requests or a.workers} x active, {a.control_delay:g} s later; a new replica is routed to "
+        f"{'at once (its first request waits its cold start)' if a.route_to_cold else 'once its cold start is over'}\n"
+        f"ideal = cold start + ceil(calls / concurrency) x 2 x latency"
+    )
+    rows: list[Row] = []
+    try:
+        for latency in a.latency:
+            for cs in (1, "auto"):
+                row = asyncio.run(run_row(a, latency, cs))
+                rows.append(row)
+                if row.stats:
+                    print(f"  {latency:g} ms, chunksize {cs}: routed {row.stats['routed']}, peak in flight "
+                          f"{row.stats['peak_inflight']}; " + "; ".join(row.stats["events"]))  # fmt: skip
+    finally:
+        for proc in _PROXIES:
+            _stop_process(proc)
+
+    head = f"{'latency':>8}  {'chunksize':>9}  {'wall s':>7}  {'ideal s':>7}  {'ratio':>6}  {'calls/s':>8}  {'CPU us/call':>11}"
+    print(f"\n{head}  targets")
+    ok = True
+    for row in rows:
+        if row.error:
+            print(f"{row.latency_ms:>6g}ms  {row.chunksize!s:>9}  not available ({row.error})")
+            continue
+        ideal = ideal_seconds(a, row.latency_ms)
+        ratio = row.wall / ideal
+        line = (
+            f"{row.latency_ms:>6g}ms  {row.chunksize!s:>9}  {row.wall:>7.2f}  {ideal:>7.2f}  {ratio:>6.2f}  "
+            f"{a.calls / row.wall:>8,.0f}  {row.cpu_us:>11.0f}  "
+        )
+        if row.chunksize == 1:
+            r_ok, c_ok = ratio <= 1.3, row.cpu_us <= 100
+            ok &= r_ok and c_ok
+            line += f"ratio <= 1.3 {'ok' if r_ok else 'MISSED'}, CPU <= 100 us {'ok' if c_ok else 'MISSED'}"
+        else:
+            line += "(no target)"
+        print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
