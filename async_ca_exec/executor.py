@@ -18,7 +18,7 @@ from . import serialize
 from .config import Config, load_config, memory_pair
 from .errors import ConfigError, SerializationError
 from .futures import CallFuture
-from .invoker import Endpoint, FutureRequest, Invoker, Outcome, SliceRequest
+from .invoker import Endpoint, FutureRequest, Invoker, SliceRequest
 from .jobs import Job, Stats
 from .progress import Progress
 from .runtimes import Runtime, create_runtime
@@ -271,7 +271,7 @@ class AsyncExecutor:
             job.stats.record_outcome(n, n, 0.0, now)
             job.slots_done(n, (offset, exc), n)
             return
-        req = _TimedSliceRequest(call_id, job, offset, n, blob, now)
+        req = SliceRequest(call_id, job, offset, n, blob, now)
         job.requests.append(req)
         invoker.enqueue(req)
 
@@ -721,50 +721,6 @@ class AsyncExecutor:
         from .plot import write_plots
 
         return write_plots(self._stats, dest_dir, self.executor_id)
-
-
-class _TimedSliceRequest(SliceRequest):
-    """A ``map`` request that also files a timing row per answered call, for :meth:`AsyncExecutor.plot`
-    (``map``'s calls have no future to carry their times)."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self, call_id: str, job: Job, offset: int, n: int, items: bytes, submitted: float) -> None:
-        super().__init__(call_id, job, offset, n, items, submitted)
-        self.sent: float | None = None
-
-    def note_sent(self, now: float, attempt: int) -> None:
-        if self.sent is None:
-            self.sent = now
-        super().note_sent(now, attempt)
-
-    def apply(self, o: Outcome) -> None:
-        if self.cancelled:
-            return super().apply(o)
-        first, n = o.first, o.n
-        fresh: range | list[int] = (
-            range(n) if self.unresolved == self.n else [k for k in range(n) if not self.is_resolved(first + k)]
-        )
-        super().apply(o)
-        replica = str(o.meta.get("replica") or "")
-        self.job.stats.record_rows(self.submitted, self.sent, o.received, fresh, _started_finished(o.timing, n), replica)
-
-    def fail(self, exc: BaseException, now: float) -> None:
-        todo = 0 if self.cancelled else self.unresolved
-        super().fail(exc, now)
-        if todo:
-            self.job.stats.record_rows(self.submitted, self.sent, now, range(todo), None, "")
-
-
-def _started_finished(timing: Any, n: int) -> tuple[list[float], list[float]] | None:
-    """The (started, finished) lists of an outcome's timing, if it has them for all ``n`` calls."""
-    try:
-        t0, t1, _cpu = timing
-        if len(t0) == n and len(t1) == n:
-            return t0, t1
-    except (TypeError, ValueError):
-        pass
-    return None
 
 
 def _request_id(job: Job, first: int, n: int) -> str:

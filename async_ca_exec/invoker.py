@@ -198,8 +198,7 @@ class FutureRequest(Request):
         t0, t1, cpu = _timing(o.timing, n)
         timed = bool(t0)
         if timed:
-            self.job.stats.record_work(t0, t1, cpu)
-            self.job.note_work(t0, t1)
+            self.job.record_work(t0, t1, cpu)
         meta = o.meta
         rss, pid, replica = int(meta.get("rss") or 0), int(meta.get("pid") or 0), str(meta.get("replica") or "")
         futures = self.futures
@@ -238,12 +237,17 @@ class FutureRequest(Request):
 class SliceRequest(Request):
     """Calls whose outcomes go straight into the job's result list at ``offset`` (map)."""
 
-    __slots__ = ("offset", "submitted")
+    __slots__ = ("offset", "sent", "submitted")
 
     def __init__(self, call_id: str, job: Job, offset: int, n: int, items: bytes, submitted: float) -> None:
         super().__init__(call_id, job, n, items)
         self.offset = offset
         self.submitted = submitted
+        self.sent: float | None = None  # first sent (the calls have no futures to keep it)
+
+    def note_sent(self, now: float, attempt: int) -> None:
+        if self.sent is None:
+            self.sent = now
 
     def apply(self, o: Outcome) -> None:
         if self.cancelled:
@@ -281,8 +285,10 @@ class SliceRequest(Request):
         stats.record_outcome(fresh, failed, now - self.submitted, now)
         t0, t1, cpu = _timing(o.timing, n)
         if t0:
-            stats.record_work(t0, t1, cpu)
-            job.note_work(t0, t1)
+            job.record_work(t0, t1, cpu)
+        answered = range(n) if not already else [k for k in range(n) if first + k not in keep]
+        replica = str(o.meta.get("replica") or "")
+        stats.record_rows(self.submitted, self.sent, now, answered, (t0, t1) if t0 else None, replica)
         job.slots_done(fresh, first_error, failed)
 
     def fail(self, exc: BaseException, now: float) -> None:
@@ -296,6 +302,7 @@ class SliceRequest(Request):
             results[self.offset + k] = exc
         self.unresolved = 0
         job.stats.record_outcome(len(todo), len(todo), now - self.submitted, now)
+        job.stats.record_rows(self.submitted, self.sent, now, range(len(todo)), None, "")
         job.slots_done(len(todo), (self.offset + todo[0], exc) if todo else None, len(todo))
 
 

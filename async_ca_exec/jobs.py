@@ -145,8 +145,8 @@ class Stats:
         self.latencies.extend([latency] * n)
         self.last_received = received
 
-    def record_work(self, t0: list[float], t1: list[float], cpu: list[float]) -> None:
-        self.worker_seconds += sum(t1) - sum(t0)
+    def record_work(self, seconds: float, cpu: list[float]) -> None:
+        self.worker_seconds += seconds
         self.cpu_seconds += sum(cpu)
 
     def record_rows(
@@ -338,9 +338,13 @@ class Job:
                 self.failed = (fut.index, exc)
         self._wake()
 
-    def note_work(self, t0: list[float], t1: list[float]) -> None:
+    def record_work(self, t0: list[float], t1: list[float], cpu: list[float]) -> None:
+        """Worker times of calls answered now: the executor's totals and this job's (which
+        ``chunksize="auto"`` sizes batches from)."""
+        seconds = sum(t1) - sum(t0)
         self.work_items += len(t0)
-        self.work_seconds += sum(t1) - sum(t0)
+        self.work_seconds += seconds
+        self.stats.record_work(seconds, cpu)
 
     def slots_done(self, n: int, first_error: tuple[int, BaseException] | None, failed: int = 0) -> None:
         self.pending -= n

@@ -174,9 +174,11 @@ class ReplayGuard:
 
     def add(self, call_id: str, attempt: int) -> bool:
         """Remember a request; False if it was already there (a replay)."""
-        if self.seen(call_id, attempt):
+        self._rotate()
+        d = self._digest(call_id, attempt)
+        if any(d in g for g in self._generations):
             return False
-        self._generations[0].add(self._digest(call_id, attempt))
+        self._generations[0].add(d)
         if len(self._generations[0]) + len(self._generations[1]) + len(self._generations[2]) > self.max_entries:
             self._generations = [set(), *self._generations[:2]]  # the oldest go early
             now = time.monotonic()

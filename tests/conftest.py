@@ -301,11 +301,15 @@ def _no_leaked_processes() -> Iterator[None]:
 
 
 @pytest.fixture
-def arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str) -> Iterator[ArmEndpoint]:
+def arm(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str
+) -> Iterator[ArmEndpoint]:
     """The ARM test double (tests/arm_endpoint.py), paired with this test's Azurite container;
-    runtime metadata is cached in this test's directory."""
+    runtime metadata is cached in this test's directory. ``@pytest.mark.ingress_timeout(s)``:
+    its ingress cuts requests after ``s`` seconds, as Container Apps' does after 240."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    endpoint = ArmEndpoint(tmp_path).start()
+    cut = request.node.get_closest_marker("ingress_timeout")
+    endpoint = ArmEndpoint(tmp_path, ingress_timeout=cut.args[0] if cut else None).start()
     endpoint.storage = (azurite, container)
     try:
         yield endpoint

@@ -655,28 +655,21 @@ def slow_once(path: str, seconds: float) -> str:
     return "done"
 
 
-async def test_a_call_longer_than_the_ingress_cut_returns_its_result_exactly_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    arm = ArmEndpoint(tmp_path, ingress_timeout=3).start()
-    arm.storage = (azurite, container)
-    try:
-        cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 3})
-        async with apps_for(cfg) as apps:
-            await apps.deploy("default")
-        marker = tmp_path / "runs"
-        async with executor(cfg, timeout=60) as ex:
-            assert await ex.submit(slow_once, str(marker), 20) == "done"
-            summary = ex.job_summary()
-        assert arm.cuts >= 1  # the ingress did cut the call's stream
-        assert summary["recovered_from_storage"] == 1 and summary["retries"] == 0
-        assert marker.read_text() == "ran\n"  # it ran exactly once
-        async with Storage(load_config(cfg, env={})) as st:
-            left = [b.name for b in await st.list("acx/jobs/")]
-        assert left == []  # its outcome blob was removed once read
-    finally:
-        arm.stop()
+@pytest.mark.ingress_timeout(3)
+async def test_a_call_longer_than_the_ingress_cut_returns_its_result_exactly_once(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 3})
+    async with apps_for(cfg) as apps:
+        await apps.deploy("default")
+    marker = tmp_path / "runs"
+    async with executor(cfg, timeout=60) as ex:
+        assert await ex.submit(slow_once, str(marker), 20) == "done"
+        summary = ex.job_summary()
+    assert arm.cuts >= 1  # the ingress did cut the call's stream
+    assert summary["recovered_from_storage"] == 1 and summary["retries"] == 0
+    assert marker.read_text() == "ran\n"  # it ran exactly once
+    async with Storage(load_config(cfg, env={})) as st:
+        left = [b.name for b in await st.list("acx/jobs/")]
+    assert left == []  # its outcome blob was removed once read
 
 
 async def test_runtime_metadata_is_recorded_in_blob_and_clean_removes_everything(arm: ArmEndpoint, tmp_path: Path) -> None:
@@ -698,55 +691,45 @@ def big_or_slow(x: int) -> bytes:
     return b"done"
 
 
+@pytest.mark.ingress_timeout(3)
 async def test_durable_calls_leave_nothing_behind_and_keep_sas_out_of_every_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str, caplog: pytest.LogCaptureFixture
+    arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    arm = ArmEndpoint(tmp_path, ingress_timeout=3).start()
-    arm.storage = (azurite, container)
-    try:
-        cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 3})
-        async with apps_for(cfg) as apps:
-            await apps.deploy("default")
-        async with executor(cfg, log_level="DEBUG") as ex:
-            # Durable (the default timeout outlives the cut) but quick: nothing goes to Blob.
-            assert await ex.map(add7, range(5)) == [i + 7 for i in range(5)]
-            # A batch: item 0's big result is sent by reference before the cut, item 1 comes from
-            # the outcome blob the runtime writes after it.
-            results = await ex.map(big_or_slow, [0, 1], chunksize=2)
-            assert results == [b"r" * 6_000_000, b"done"] and ex.job_summary()["recovered_from_storage"] == 1
-        assert arm.cuts >= 1
-        async with Storage(load_config(cfg, env={})) as st:
-            assert [b.name for b in await st.list("acx/jobs/")] == []
-        replica_logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("replica-*.log"))
-        assert "POST /v1/invoke" in replica_logs  # the replicas logged at DEBUG, access log included
-        assert "sig=" not in caplog.text + replica_logs  # no SAS URL anywhere
-    finally:
-        arm.stop()
+    cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 3})
+    async with apps_for(cfg) as apps:
+        await apps.deploy("default")
+    async with executor(cfg, log_level="DEBUG") as ex:
+        # Durable (the default timeout outlives the cut) but quick: nothing goes to Blob.
+        assert await ex.map(add7, range(5)) == [i + 7 for i in range(5)]
+        # A batch: item 0's big result is sent by reference before the cut, item 1 comes from
+        # the outcome blob the runtime writes after it.
+        results = await ex.map(big_or_slow, [0, 1], chunksize=2)
+        assert results == [b"r" * 6_000_000, b"done"] and ex.job_summary()["recovered_from_storage"] == 1
+    assert arm.cuts >= 1
+    async with Storage(load_config(cfg, env={})) as st:
+        assert [b.name for b in await st.list("acx/jobs/")] == []
+    replica_logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("replica-*.log"))
+    assert "POST /v1/invoke" in replica_logs  # the replicas logged at DEBUG, access log included
+    assert "sig=" not in caplog.text + replica_logs  # no SAS URL anywhere
 
 
+@pytest.mark.ingress_timeout(2)
 async def test_a_replica_that_dies_during_a_durable_call_is_detected_and_the_call_sent_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, azurite: Azurite, container: str
+    arm: ArmEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from async_ca_exec import transfer
 
     monkeypatch.setattr(transfer, "ALIVE_INTERVAL", 0.5)
     monkeypatch.setattr(transfer, "ALIVE_GRACE", 2.0)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    arm = ArmEndpoint(tmp_path, ingress_timeout=2).start()
-    arm.storage = (azurite, container)
-    try:
-        cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 2})
-        async with apps_for(cfg) as apps:
-            info = await apps.deploy("default")
-        marker = tmp_path / "runs"
-        async with executor(cfg, timeout=60) as ex:
-            call = ex.submit(slow_once, str(marker), 5)
-            await asyncio.sleep(3)  # cut at 2 s: the runtime carries on and says it is alive
-            arm.crash_and_restart(info.app)
-            assert await asyncio.wait_for(call, 60) == "done"
-            assert ex.job_summary()["retries"] >= 1
-        assert marker.read_text() == "ran\nran\n"  # the first run died with its replica
-    finally:
-        arm.stop()
+    cfg = config(arm, tmp_path, azure_containers={"ingress_timeout": 2})
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    marker = tmp_path / "runs"
+    async with executor(cfg, timeout=60) as ex:
+        call = ex.submit(slow_once, str(marker), 5)
+        await asyncio.sleep(3)  # cut at 2 s: the runtime carries on and says it is alive
+        arm.crash_and_restart(info.app)
+        assert await asyncio.wait_for(call, 60) == "done"
+        assert ex.job_summary()["retries"] >= 1
+    assert marker.read_text() == "ran\nran\n"  # the first run died with its replica
