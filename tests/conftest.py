@@ -5,6 +5,7 @@ Everything a test starts binds 127.0.0.1 and is stopped by the fixture that star
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -315,3 +316,22 @@ def arm(
         yield endpoint
     finally:
         endpoint.stop()
+
+
+def nap_noting_replica(x: float, path: str) -> float:
+    """Note the replica serving this call (the worker's parent) as the call starts, then sleep."""
+    with open(path, "a") as f:
+        f.write(f"{os.getppid()}\n")
+    time.sleep(x)
+    return x
+
+
+async def replica_with_a_running_call(path: Path, pids: list[int]) -> int:
+    """A replica pid that is running a call now: the kernel spreads connections, so pids[0] may be idle."""
+    for _ in range(600):
+        noted = [int(line) for line in path.read_text().split()] if path.exists() else []
+        running = [pid for pid in noted if pid in pids]
+        if running:
+            return running[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no call started on any of the replicas {pids} within 30 s")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,7 @@ import pytest
 from async_ca_exec import AsyncExecutor, InvocationError, serialize
 from async_ca_exec.invoker import backoff
 
-
-def nap(x: float) -> float:
-    time.sleep(x)
-    return x
+from conftest import nap_noting_replica, replica_with_a_running_call
 
 
 def record_then_fail(path: str) -> None:
@@ -25,11 +22,11 @@ def record_then_fail(path: str) -> None:
     raise ValueError("user code failed")
 
 
-async def test_calls_on_a_killed_replica_are_retried_on_the_others() -> None:
+async def test_calls_on_a_killed_replica_are_retried_on_the_others(tmp_path: Path) -> None:
+    marker = tmp_path / "replicas"
     async with AsyncExecutor(config={"localhost": {"replicas": 2, "worker_processes": 2}}) as ex:
-        task = asyncio.ensure_future(ex.map(nap, [1.5] * 8))
-        await asyncio.sleep(0.5)
-        victim = ex.runtime.pids[0]  # type: ignore[union-attr]
+        task = asyncio.ensure_future(ex.map(functools.partial(nap_noting_replica, path=str(marker)), [1.5] * 8))
+        victim = await replica_with_a_running_call(marker, ex.runtime.pids)  # type: ignore[union-attr]
         os.kill(victim, signal.SIGKILL)
         results = await asyncio.wait_for(task, 120)
         assert results == [1.5] * 8

@@ -28,7 +28,7 @@ from async_ca_exec import executor as executor_module
 from async_ca_exec.invoker import BACKOFF_CAP
 from async_ca_exec.runtimes import create_runtime
 
-from conftest import children, wait_gone
+from conftest import children, nap_noting_replica, replica_with_a_running_call, wait_gone
 
 
 class ProxiedRuntime:
@@ -84,7 +84,8 @@ def square_and_record(x: int, path: str) -> int:
 
 
 def nap_and_record(x: float, path: str) -> float:
-    time.sleep(x)
+    """Note the serving replica in ``path``.started as the call starts, the worker in ``path`` as it ends."""
+    nap_noting_replica(x, path + ".started")
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     return x
@@ -166,8 +167,7 @@ async def test_a_replica_killed_mid_job_loses_nothing_and_its_calls_come_back_on
     marker = tmp_path / "runs"
     async with AsyncExecutor(config={"localhost": {"replicas": 2, "worker_processes": 2}}) as ex:
         task = asyncio.ensure_future(ex.map(functools.partial(nap_and_record, path=str(marker)), [1.0] * 12))
-        await asyncio.sleep(0.5)
-        victim = ex.runtime.pids[0]  # type: ignore[union-attr]
+        victim = await replica_with_a_running_call(marker.with_suffix(".started"), ex.runtime.pids)  # type: ignore[union-attr]
         os.kill(victim, signal.SIGKILL)
         results = await asyncio.wait_for(task, 120)
         proxy = proxy_of(ex)
