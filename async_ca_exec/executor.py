@@ -9,14 +9,14 @@ import itertools
 import logging
 import secrets
 import sys
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import partition as partitioning
 from . import serialize
 from .config import Config, load_config, memory_pair
-from .errors import ConfigError, SerializationError
+from .errors import ConfigError, RuntimeNotFoundError, SerializationError
 from .futures import CallFuture
 from .invoker import Endpoint, FutureRequest, Invoker, SliceRequest
 from .jobs import Job, Stats
@@ -43,6 +43,10 @@ AUTO_TARGET = 0.02
 #: Items sent one by one before sizing, and how long to wait for their first timing.
 AUTO_PROBE = 4
 AUTO_PROBE_WAIT = 0.25
+#: ``map(prewarm=True)``: seconds the raised minimum stays if this process dies before restoring it.
+PREWARM_LEASE = 3600.0
+#: ``hedge=True``: a request waiting longer than this percentile of its job's gets a backup.
+DEFAULT_HEDGE_PERCENTILE = 0.95
 
 
 def _configure_logging(level: str | None) -> None:
@@ -121,6 +125,10 @@ class AsyncExecutor:
         self._inline_limit = int(self.config.lithops.inline_limit * 1024 * 1024)
         self._prune_at = 1024
         self._last_call: str | None = None
+        #: Pre-warming: an explicit warm() in effect; calls holding a prewarm; background PATCH tasks.
+        self._warm_explicit = False
+        self._warm_holds = 0
+        self._warm_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -192,8 +200,10 @@ class AsyncExecutor:
             await self._invoker.aclose()
         if self._transfers is not None:
             await self._transfers.aclose()
+        if self._warm_tasks:  # a scale change under way ends first (they log their own failures)
+            await asyncio.gather(*self._warm_tasks, return_exceptions=True)
         if self._runtime is not None:
-            await self._runtime.aclose()
+            await self._runtime.aclose()  # restores what warm() raised
 
     @property
     def endpoint(self) -> Endpoint | None:
@@ -204,6 +214,128 @@ class AsyncExecutor:
     @property
     def runtime(self) -> Runtime | None:
         return self._runtime
+
+    # -- pre-warming -----------------------------------------------------------------
+
+    async def warm(self, replicas: int, *, lease: float = 3600.0) -> int:
+        """Keep at least ``replicas`` replicas running for a big job, so its calls do not meet
+        cold starts one scale-out at a time; returns the minimum replica count now in effect.
+
+        >>> async with AsyncExecutor(backend="azure") as ex:   # doctest: +SKIP
+        ...     await ex.warm(50)
+        ...     results = await ex.map(fn, items)             # aclose() restores minReplicas
+
+        On Azure it raises the Container App's ``minReplicas`` through ARM (never lowering it,
+        nor below ``azure_containers.min_workers``; above ``max_workers`` is a ConfigError) and
+        returns once ARM has applied it, without waiting for the replicas to be ready. The
+        change makes a new revision. :meth:`aclose` restores the original value, once however
+        often warm() was called. Idle warm replicas are billed: should this process die first,
+        the app keeps them for ``lease`` seconds, after which the next executor to start
+        restores it. Locally every replica is always warm: returns their number.
+        """
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ValueError(f"replicas={replicas!r} must be a whole number >= 0")
+        if not (isinstance(lease, (int, float)) and lease > 0):
+            raise ValueError(f"lease={lease!r} must be a positive number of seconds")
+        was = self._warm_explicit
+        self._warm_explicit = True  # at once: a map's restore starting meanwhile must not undo this warm()
+        try:
+            return await self._warm_runtime(replicas, float(lease))
+        except BaseException:
+            self._warm_explicit = was
+            raise
+
+    async def _started_runtime(self) -> Runtime:
+        """The runtime as soon as the start has made it (it may still be waiting for a replica)."""
+        self._ensure_started()
+        task = self._start_task
+        assert task is not None
+        while self._runtime is None and not task.done():  # noqa: ASYNC110 - one turn: the start task makes it first
+            await asyncio.sleep(0)
+        if self._runtime is None:
+            await asyncio.shield(task)  # raises why the start failed
+        assert self._runtime is not None
+        return self._runtime
+
+    async def _warm_runtime(self, replicas: int, lease: float) -> int:
+        runtime = await self._started_runtime()
+        try:
+            return await runtime.warm(replicas, lease=lease)
+        except RuntimeNotFoundError:
+            if self._start_task is None or self._start_task.done():
+                raise
+            await self.start()  # the default runtime is being deployed on first use: warm it once it is there
+            return await runtime.warm(replicas, lease=lease)
+
+    def _prewarm_begin(self, prewarm: bool, items: Any, chunksize: int | str) -> asyncio.Task[None] | None:
+        """``prewarm=True``: raise the minimum replicas for this call in the background, so their
+        cold starts overlap with submission, which does not wait for them. The call passes the
+        task to :meth:`_prewarm_end` when it finishes."""
+        if not prewarm:
+            return None
+        n = _length(items)
+        if n is not None and isinstance(chunksize, int) and chunksize > 1:
+            n = -(-n // chunksize)  # requests, not items
+        requests = self.config.max_concurrency if n is None else min(n, self.config.max_concurrency)
+        self._warm_holds += 1
+        return self._warm_task(self._prewarm(requests))
+
+    async def _prewarm(self, requests: int) -> None:
+        try:
+            runtime = await self._started_runtime()
+            replicas = runtime.replicas_for(requests)
+            if replicas > 0:
+                in_effect = await self._warm_runtime(replicas, PREWARM_LEASE)
+                log.debug("pre-warmed for %d concurrent requests: at least %d replicas", requests, in_effect)
+        except Exception as exc:  # noqa: BLE001 - a pre-warm only saves time: the job goes on without it
+            start = self._start_task
+            if start is not None and start.done() and not start.cancelled() and start.exception() is not None:
+                log.debug("no pre-warming: the runtime did not start (%s)", exc)  # the job itself reports that
+                return
+            log.warning("pre-warming failed, the job runs without it: %s", exc)
+
+    def _prewarm_end(self, task: asyncio.Task[None] | None) -> None:
+        """A pre-warming call has finished: unless another still holds the warmth or an explicit
+        warm() is in effect, restore in the background (after the pre-warm's own PATCH), so the
+        call's results are not held up by ARM; :meth:`aclose` waits for it."""
+        if task is None:
+            return
+        self._warm_holds -= 1
+        if self._warm_holds == 0 and not self._warm_explicit and not self._closed:
+            self._warm_task(self._cool_after(task))
+
+    def _prewarm_end_when_done(self, task: asyncio.Task[None] | None, futures: list[CallFuture]) -> None:
+        """:meth:`_prewarm_end` once every one of ``futures`` is done (the facade's map)."""
+        left = [f for f in futures if not f.done()]
+        if task is None or not left:
+            self._prewarm_end(task)
+            return
+        count = len(left)
+
+        def one_done(_f: Any) -> None:
+            nonlocal count
+            count -= 1
+            if count == 0:
+                self._prewarm_end(task)
+
+        for f in left:
+            f.add_done_callback(one_done)
+
+    async def _cool_after(self, task: asyncio.Task[None]) -> None:
+        await asyncio.wait([task])
+        if self._warm_holds == 0 and not self._warm_explicit and self._runtime is not None:
+            await self._runtime.cool()
+
+    @property
+    def _warm_pending(self) -> bool:
+        """Whether closing has a scale change to wait for or a pre-warm to restore (ARM takes a while)."""
+        return bool(self._warm_tasks) or bool(getattr(self._runtime, "leases", None))
+
+    def _warm_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._warm_tasks.add(task)
+        task.add_done_callback(self._warm_tasks.discard)
+        return task
 
     # -- submission ------------------------------------------------------------------
 
@@ -366,10 +498,12 @@ class AsyncExecutor:
         chunksize: int | str,
         timeout: float | None,
         kind: str = "M",
+        hedge: bool | float = False,
     ) -> list[CallFuture]:
         """Submit one call per item, each with a future (the Lithops facade's map)."""
+        percentile = _hedge_percentile(hedge)
         self._ensure_started()
-        job = self._new_job(fn, timeout, kind)
+        job = self._new_job(fn, timeout, kind, hedge=percentile)
         futures: list[CallFuture] = []
 
         def submit(invoker: Invoker, job: Job, chunk: list[Item]) -> None:
@@ -424,11 +558,15 @@ class AsyncExecutor:
         obj_newline: str = "\n",
         progress: bool | None = None,
         desc: str = "map",
+        hedge: bool | float = False,
+        prewarm: bool = False,
     ) -> list[Any]:
         """Submit one call per item and gather the results in input order."""
+        percentile = _hedge_percentile(hedge)
         self._ensure_started()
         items, to_item = await self._objects(fn, items, to_item, obj_chunk_size, obj_chunk_number, obj_newline)
-        job = self._new_job(fn, timeout, kind, fail_fast=not return_exceptions, collect=True)
+        job = self._new_job(fn, timeout, kind, fail_fast=not return_exceptions, collect=True, hedge=percentile)
+        warming = self._prewarm_begin(prewarm, items, chunksize)
         try:
             async with self._progress(desc, job, _length(items), progress):
                 await self._submit_all(job, items, to_item, chunksize, self._submit_slice)
@@ -436,6 +574,8 @@ class AsyncExecutor:
         except BaseException:
             job.cancel()
             raise
+        finally:
+            self._prewarm_end(warming)
         if job.failed is not None and not return_exceptions:
             job.cancel()
             raise job.failed[1]
@@ -454,6 +594,8 @@ class AsyncExecutor:
         obj_chunk_size: int | None = None,
         obj_chunk_number: int | None = None,
         obj_newline: str = "\n",
+        hedge: bool | float = False,
+        prewarm: bool = False,
     ) -> list[T]:
         """``[fn(x) for x in items]``, run remotely; results in input order.
 
@@ -465,11 +607,23 @@ class AsyncExecutor:
         http(s) URL, or a list of those) and ``obj_chunk_size`` bytes (or ``obj_chunk_number``
         parts per object): each call gets a :class:`~async_ca_exec.partition.CloudObject`,
         as ``obj=`` when ``fn`` has an ``obj`` parameter.
+
+        Straggler hedging, for idempotent functions only: ``hedge=True`` (or a latency
+        percentile such as ``0.9``; True means 0.95) sends a backup of a request that has waited
+        longer than that percentile of this job's answered requests; the first answer wins and
+        the other request is cut, so its replica drops the call. Counted in
+        ``job_summary()["hedges"]``.
+
+        ``prewarm=True`` (Azure): raise the app's minReplicas to what this map's concurrency
+        needs (its requests, at most ``max_concurrency``, over each replica's share of the HTTP
+        scale rule, at most ``max_workers``) while it is submitted, without waiting for them, and
+        restore it in the background when the map ends, unless :meth:`warm` is in effect. See
+        :meth:`warm`; a failed pre-warm is logged and the job runs without it.
         """
         return await self._map_list(
             fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=return_exceptions,
             obj_chunk_size=obj_chunk_size, obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
-            progress=progress,
+            progress=progress, hedge=hedge, prewarm=prewarm,
         )  # fmt: skip
 
     async def starmap(
@@ -481,6 +635,8 @@ class AsyncExecutor:
         chunksize: int | str = 1,
         timeout: float | None = None,
         progress: bool | None = None,
+        hedge: bool | float = False,
+        prewarm: bool = False,
     ) -> list[T]:
         """Like :meth:`map`, with each item unpacked as ``fn(*item)``."""
         return await self._map_list(
@@ -493,6 +649,8 @@ class AsyncExecutor:
             kind="S",
             progress=progress,
             desc="starmap",
+            hedge=hedge,
+            prewarm=prewarm,
         )
 
     async def imap(
@@ -506,14 +664,18 @@ class AsyncExecutor:
         window: int | None = None,
         timeout: float | None = None,
         progress: bool | None = None,
+        hedge: bool | float = False,
+        prewarm: bool = False,
     ) -> AsyncIterator[T]:
         """Results as calls complete (input order with ``ordered=True``), reading ``items`` lazily.
 
         At most ``window`` calls (default: twice ``max_concurrency`` times ``chunksize``) are
         in flight or waiting to be yielded, so memory does not grow with the input. Leaving the
-        loop early cancels the calls still running.
+        loop early cancels the calls still running. ``hedge``, ``prewarm``: as in :meth:`map`
+        (the warmth is restored when the iteration ends).
         """
         _check_chunksize(chunksize)
+        percentile = _hedge_percentile(hedge)
         invoker = self._ensure_started()
         per_request = AUTO_IMAP_MAX if chunksize == "auto" else int(chunksize)
         window = window or 2 * self.config.max_concurrency * per_request
@@ -529,7 +691,7 @@ class AsyncExecutor:
             if w is not None and not w.done():
                 w.set_result(None)
 
-        job = self._new_job(fn, timeout, "I", sink=sink)
+        job = self._new_job(fn, timeout, "I", sink=sink, hedge=percentile)
         order: collections.deque[CallFuture] = collections.deque()
         live: set[CallFuture] = set()
         job_cap = max(1, min(per_request, window // max(1, self.config.max_concurrency)))
@@ -539,6 +701,7 @@ class AsyncExecutor:
         total = _length(items)
         bar = self._progress("imap", job, total, progress, total=lambda: job.next_index if exhausted else total)
         await bar.__aenter__()
+        warming = self._prewarm_begin(prewarm, items, chunksize)
         try:
             while True:
                 while not exhausted and len(live) < window:
@@ -580,6 +743,7 @@ class AsyncExecutor:
         finally:
             _cancel_all(live)
             _mark_retrieved(live)
+            self._prewarm_end(warming)
             await chunks.aclose()
             await bar.__aexit__(None, None, None)
 
@@ -595,13 +759,16 @@ class AsyncExecutor:
         obj_chunk_number: int | None = None,
         obj_newline: str = "\n",
         progress: bool | None = None,
+        hedge: bool | float = False,
+        prewarm: bool = False,
     ) -> T:
         """``reduce_fn([map_fn(x) for x in items])`` with both steps run remotely (items may be
-        object references, partitioned as in :meth:`map`)."""
+        object references, partitioned as in :meth:`map`; ``hedge`` and ``prewarm`` apply to the
+        map step: the warmth is restored before the single reduce call)."""
         results = await self._map_list(
             map_fn, items, to_item=_single, chunksize=chunksize, timeout=timeout, return_exceptions=False,
             obj_chunk_size=obj_chunk_size, obj_chunk_number=obj_chunk_number, obj_newline=obj_newline,
-            progress=progress, desc="map_reduce",
+            progress=progress, desc="map_reduce", hedge=hedge, prewarm=prewarm,
         )  # fmt: skip
         invoker = self._ensure_started()
         job = self._new_job(reduce_fn, timeout, "R")
@@ -752,6 +919,20 @@ def _lithops_item(data: Any) -> Item:
     if isinstance(data, dict):
         return ((), dict(data))
     return ((data,), {})
+
+
+def _hedge_percentile(hedge: Any) -> float | None:
+    """``hedge`` as a latency percentile (None: no hedging)."""
+    if hedge is False or hedge is None:
+        return None
+    if hedge is True:
+        return DEFAULT_HEDGE_PERCENTILE
+    if isinstance(hedge, (int, float)) and 0.5 <= hedge < 1:
+        return float(hedge)
+    raise ValueError(
+        f"hedge={hedge!r} must be True, False or a latency percentile between 0.5 and 1 (such as 0.9): a request "
+        "that has waited longer than that share of its job's answered requests gets a backup"
+    )
 
 
 def _check_chunksize(chunksize: Any) -> None:

@@ -332,6 +332,13 @@ class _SendFunction(Exception):
 
 #: Seconds between two halvings of the concurrency window (a burst of refusals is one event).
 CONGESTION_GAP = 0.2
+#: Straggler hedging: how often a hedged request looks again while its job has no latency
+#: percentile yet, and the share of max_concurrency that backups may add in flight.
+HEDGE_POLL = 0.1
+HEDGE_SHARE = 0.25
+#: Backups per request at most: a backup may meet the same slow replica (the ingress picks),
+#: so a second one goes out if the first is as late.
+HEDGE_MAX_BACKUPS = 2
 
 
 class _Retry(Exception):
@@ -435,6 +442,9 @@ class Invoker:
         self._unavailable_since: float | None = None
         self._transfers: Transfers | None = None
         self._closing = False
+        #: Straggler hedging: backups in flight, and at most how many (beyond max_concurrency).
+        self._hedging = 0
+        self._hedge_limit = max(1, int(max_concurrency * HEDGE_SHARE))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -442,7 +452,7 @@ class Invoker:
         """The runtime is up: open the session and let the lanes go."""
         self._transfers = transfers
         connector = aiohttp.TCPConnector(
-            limit=self._limit,
+            limit=self.connection_limit,
             limit_per_host=0,
             ttl_dns_cache=300,
             keepalive_timeout=60,
@@ -523,6 +533,11 @@ class Invoker:
             self._add_lanes()
 
     @property
+    def connection_limit(self) -> int:
+        """Connections the session may open: one per request in flight, and room for backups."""
+        return self._limit + self._hedge_limit
+
+    @property
     def in_flight(self) -> int:
         return len(self._inflight)
 
@@ -599,11 +614,10 @@ class Invoker:
         attempt = 0
         while True:
             try:
-                try:
-                    await self._attempt(req, attempt, ep)
-                except _SendFunction:
-                    req.with_fn = True
-                    await self._attempt(req, attempt, ep)
+                if req.job.hedge is not None:
+                    await self._hedged(req, attempt, ep)
+                else:
+                    await self._send(req, attempt, ep)
                 self._unavailable_since = None  # the runtime answers
                 self._delivered()
                 return
@@ -653,6 +667,100 @@ class Invoker:
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         req.fail(exc, time.time())
+
+    async def _send(self, req: Request, attempt: int, ep: Endpoint) -> None:
+        """One attempt; sent again at once with the function if the runtime does not have it."""
+        try:
+            await self._attempt(req, attempt, ep)
+        except _SendFunction:
+            req.with_fn = True
+            await self._attempt(req, attempt, ep)
+
+    async def _hedged(self, req: Request, attempt: int, ep: Endpoint) -> None:
+        """Straggler hedging: one attempt and, if it outlasts the job's latency percentile, a
+        backup (signed as a new attempt, so a replica takes it as such), and a second one if
+        that is as late. The first to answer every call wins; the others are cut, which closes
+        their connections, so their runtimes drop the call (killing the worker running it). An
+        error counts only once every attempt has failed."""
+        job = req.job
+        loop = asyncio.get_running_loop()
+        attempts: set[asyncio.Future[None]] = set()
+        primary = asyncio.ensure_future(self._contend(req, attempt, ep, attempts, backup=False))
+        attempts.add(primary)
+        last_sent = loop.time()
+        backups = 0
+        error: BaseException | None = None
+        denied = False  # a backup was due but over budget: look again in HEDGE_POLL
+        try:
+            while attempts:
+                timeout = None
+                if backups < HEDGE_MAX_BACKUPS:
+                    after = job.hedge_after()
+                    if after is None or denied:
+                        timeout = HEDGE_POLL
+                    else:
+                        timeout = max(0.0, last_sent + after - loop.time())
+                done, _ = await asyncio.wait(attempts, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    attempts.discard(t)
+                    if t.cancelled():  # cut by the winner, whose own end is in ``done`` too
+                        continue
+                    exc = t.exception()
+                    if exc is None or req.unresolved == 0:
+                        return
+                    if error is None or t is primary:
+                        error = exc
+                if done or backups >= HEDGE_MAX_BACKUPS:
+                    continue
+                after = job.hedge_after()
+                now = loop.time()
+                if after is None or now - last_sent < after:
+                    continue
+                denied = not self._may_hedge(req)
+                if denied:
+                    continue
+                backups += 1
+                job.hedges += 1
+                self._stats.hedges += 1
+                self._hedging += 1
+                log.debug("call %s: no answer %.3f s after its last send: backup %d", req.call_id, now - last_sent, backups)
+                last_sent = now
+                backup = asyncio.ensure_future(self._contend(req, attempt + backups, ep, attempts, backup=True))
+                backup.add_done_callback(self._hedge_done)
+                attempts.add(backup)
+            assert error is not None
+            raise error
+        finally:
+            for t in attempts:
+                t.cancel()
+            if attempts:
+                await asyncio.gather(*attempts, return_exceptions=True)
+
+    async def _contend(
+        self, req: Request, attempt: int, ep: Endpoint, attempts: set[asyncio.Future[None]], *, backup: bool
+    ) -> None:
+        """One side of a hedged request. The winner cuts the others in the same step as its last
+        outcome lands, so the loser's replica hears of it before anyone awaits the results."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._send(req, attempt, ep)
+        req.job.note_latency(loop.time() - started)
+        if backup:
+            self._stats.hedges_won += 1
+        me = asyncio.current_task()
+        for t in attempts:
+            if t is not me:
+                t.cancel()
+
+    def _may_hedge(self, req: Request) -> bool:
+        if req.unresolved == 0 or req.cancelled or self._hedging >= self._hedge_limit:
+            return False
+        if req.durable:  # its outcome may come through Blob storage: one attempt at a time
+            return False
+        return req.job.may_hedge()
+
+    def _hedge_done(self, _fut: asyncio.Future[None]) -> None:
+        self._hedging -= 1
 
     def _timeout(self, ep: Endpoint) -> aiohttp.ClientTimeout:
         # No overall deadline: a call may wait in a replica's queue for a long time, and the

@@ -26,6 +26,14 @@ ROW_LIMIT = 100_000
 REPLICA_LIMIT = 1024
 OTHER_REPLICAS = "(other replicas)"
 _NAN = math.nan
+#: Straggler hedging: latencies kept per job, answers needed before the first backup, how
+#: often the threshold is recomputed, its floors (x the median; seconds) and the budget.
+HEDGE_SAMPLES = 512
+HEDGE_MIN_SAMPLES = 16
+HEDGE_EVERY = 16
+HEDGE_MEDIAN_FACTOR = 1.5
+HEDGE_FLOOR = 0.005
+HEDGE_BUDGET = 2.0
 
 
 class CallRows:
@@ -116,6 +124,9 @@ class Stats:
         #: Adaptive concurrency: how often the window was halved, and its lowest size.
         self.concurrency_cuts = 0
         self.concurrency_low: int | None = None
+        #: Straggler hedging: backup requests sent, and those that answered first.
+        self.hedges = 0
+        self.hedges_won = 0
 
     def submitting(self, n: int, now: float) -> None:
         self.submitted += n
@@ -204,6 +215,7 @@ class Stats:
             "requests": self.requests,
             "retries": self.retries,
             "concurrency": {"halvings": self.concurrency_cuts, "lowest": self.concurrency_low},
+            "hedges": {"sent": self.hedges, "won": self.hedges_won},
             "function_uploads": self.function_uploads,
             "recovered_from_storage": self.recovered,
             "wall_seconds": wall,
@@ -250,12 +262,17 @@ class Job:
     """
 
     __slots__ = (
+        "_hedge_after",
+        "_hedge_samples",
+        "_hedge_seen",
         "_waiter",
         "errors",
         "fail_fast",
         "failed",
         "fn",
         "fn_hash",
+        "hedge",
+        "hedges",
         "key",
         "next_index",
         "pending",
@@ -280,6 +297,7 @@ class Job:
         fail_fast: bool = False,
         sink: Callable[[CallFuture], None] | None = None,
         collect: bool = False,
+        hedge: float | None = None,
     ) -> None:
         self.key = key
         self.fn = fn
@@ -302,6 +320,39 @@ class Job:
         #: Result-list mode: results (or exceptions) by input position.
         self.results: list[Any] | None = [] if collect else None
         self.requests: list[Request] = []
+        #: Straggler hedging: the latency percentile after which a request gets a backup (None:
+        #: off), the last HEDGE_SAMPLES request latencies, and the threshold they give.
+        self.hedge = hedge
+        self.hedges = 0
+        self._hedge_samples = array("d")
+        self._hedge_seen = 0
+        self._hedge_after: float | None = None
+
+    def note_latency(self, seconds: float) -> None:
+        """A request of a hedged job was answered after ``seconds``: update the threshold now and
+        then (a sort of at most HEDGE_SAMPLES values every HEDGE_EVERY answers)."""
+        samples = self._hedge_samples
+        if len(samples) < HEDGE_SAMPLES:
+            samples.append(seconds)
+        else:
+            samples[self._hedge_seen % HEDGE_SAMPLES] = seconds
+        self._hedge_seen += 1
+        seen = self._hedge_seen
+        if seen >= HEDGE_MIN_SAMPLES and (seen == HEDGE_MIN_SAMPLES or seen % HEDGE_EVERY == 0):
+            ordered = sorted(samples)
+            assert self.hedge is not None
+            tail = ordered[min(len(ordered) - 1, int(self.hedge * len(ordered)))]
+            self._hedge_after = max(tail, HEDGE_MEDIAN_FACTOR * ordered[len(ordered) // 2], HEDGE_FLOOR)
+
+    def hedge_after(self) -> float | None:
+        """Seconds after which a request of this job gets a backup; None until enough answers."""
+        return self._hedge_after
+
+    def may_hedge(self) -> bool:
+        """Within the budget: backups stay below HEDGE_BUDGET x the tail share of the requests
+        answered so far (a percentile of 0.9 allows one backup per five answers)."""
+        assert self.hedge is not None
+        return self.hedges < max(1.0, HEDGE_BUDGET * (1.0 - self.hedge) * self._hedge_seen)
 
     def call_id(self, index: int) -> str:
         return f"{self.key}-{index:05d}"

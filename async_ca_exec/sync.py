@@ -84,8 +84,10 @@ class _LoopThread:
 def _shutdown(lt: _LoopThread, ex: AsyncExecutor) -> None:
     """Close the executor and stop the loop; run by close(), garbage collection or exit."""
     if lt.thread.is_alive() and not lt.loop.is_closed():
+        # Restoring a pre-warmed app is an ARM long-running operation: give it time (it costs money otherwise).
+        timeout = 300 if ex._warm_pending else 30
         try:
-            asyncio.run_coroutine_threadsafe(ex.aclose(), lt.loop).result(30)
+            asyncio.run_coroutine_threadsafe(ex.aclose(), lt.loop).result(timeout)
         except (concurrent.futures.TimeoutError, RuntimeError):
             pass
     lt.stop()
@@ -326,11 +328,17 @@ class FunctionExecutor:
         timeout: float | None = None,
         include_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
+        prewarm: bool = False,
+        hedge: bool | float = False,
     ) -> list[ResponseFuture]:
-        """One call per item; returns the futures (collect them with :meth:`get_result`)."""
+        """One call per item; returns the futures (collect them with :meth:`get_result`).
+
+        ``prewarm=True`` (Azure): as :meth:`AsyncExecutor.map`'s; the warmth is restored once
+        every one of these calls is done. ``hedge``: straggler hedging for idempotent
+        functions, as in :meth:`AsyncExecutor.map`."""
         futures = self._map(
             map_function, map_iterdata, extra_args, chunksize, timeout, extra_env, kind="M",
-            obj=(obj_chunk_size, obj_chunk_number, obj_newline),
+            obj=(obj_chunk_size, obj_chunk_number, obj_newline), prewarm=prewarm, hedge=hedge,
         )  # fmt: skip
         self.last_call = "map"
         return futures
@@ -346,6 +354,8 @@ class FunctionExecutor:
         *,
         kind: str,
         obj: tuple[int | None, int | None, str] = (None, None, "\n"),
+        prewarm: bool = False,
+        hedge: bool | float = False,
     ) -> list[ResponseFuture]:
         if isinstance(iterdata, (str, bytes, dict)):
             iterdata = [iterdata]
@@ -367,15 +377,19 @@ class FunctionExecutor:
             return args, kwargs
 
         async def submit() -> list[CallFuture]:
-            items, convert = await self._ex._objects(fn, iterdata, to_item, *obj)
-            return await self._ex._map_futures(
-                fn,
-                items,
-                to_item=convert,
-                chunksize=chunksize or self.config.lithops.chunksize,
-                timeout=timeout,
-                kind=kind,
-            )
+            ex = self._ex
+            items, convert = await ex._objects(fn, iterdata, to_item, *obj)
+            size = chunksize or self.config.lithops.chunksize
+            warming = ex._prewarm_begin(prewarm, items, size)
+            try:
+                futures = await ex._map_futures(
+                    fn, items, to_item=convert, chunksize=size, timeout=timeout, kind=kind, hedge=hedge
+                )
+            except BaseException:
+                ex._prewarm_end(warming)
+                raise
+            ex._prewarm_end_when_done(warming, futures)
+            return futures
 
         return self._wrap(self._run(submit()))
 
@@ -398,13 +412,15 @@ class FunctionExecutor:
         spawn_reducer: int = 20,
         include_modules: list[str] | None = None,
         exclude_modules: list[str] | None = None,
+        prewarm: bool = False,
     ) -> list[ResponseFuture]:
-        """Map, then one reducer called with the list of map results; get_result returns its value."""
+        """Map, then one reducer called with the list of map results; get_result returns its
+        value. ``prewarm``: as in :meth:`map` (for the map step)."""
         if obj_reduce_by_key:
             raise NotImplementedError("obj_reduce_by_key is not available in this release yet")
         map_futs = self._map(
             map_function, map_iterdata, extra_args, chunksize, timeout, extra_env, kind="M",
-            obj=(obj_chunk_size, obj_chunk_number, obj_newline),
+            obj=(obj_chunk_size, obj_chunk_number, obj_newline), prewarm=prewarm,
         )  # fmt: skip
         for f in map_futs:
             f._read = True
@@ -446,6 +462,13 @@ class FunctionExecutor:
         (red,) = self._wrap([self._run(spawn())])
         self.last_call = "map_reduce"
         return [*map_futs, red]
+
+    # -- pre-warming -----------------------------------------------------------------
+
+    def warm(self, replicas: int, *, lease: float = 3600.0) -> int:
+        """:meth:`AsyncExecutor.warm`: keep at least ``replicas`` replicas running until
+        :meth:`close` (Azure: the app's minReplicas); returns the minimum now in effect."""
+        return self._run(self._ex.warm(replicas, lease=lease))
 
     # -- waiting and results ---------------------------------------------------------
 

@@ -35,6 +35,11 @@ processes). Targets, on the chunksize 1 rows:
     wall time / ideal          <= 1.3
     client CPU per call        <= 100 us
 
+With ``--slow-replica MS`` (e.g. ``--replicas 10 --start-active 10 --cold-start 0 --calls 5000
+--concurrency 200 --slow-replica 2000``) replica 0 answers MS ms late, and the job runs at
+chunksize 1 without and with straggler hedging (``map(..., hedge=--hedge)``); the target is
+that with hedging no call waits for the slow replica (the slowest call takes less than MS).
+
 Exits non-zero if a target is missed (so `nox -s bench` fails loudly). Never run by tests.
 """
 
@@ -82,6 +87,8 @@ class Settings:
     control_delay: float
     concurrent_requests: int
     route_to_cold: bool
+    start_active: int = 1
+    slow: float = 0.0  # replica 0 answers this many seconds late (a slow replica)
 
 
 class Ingress:
@@ -94,7 +101,7 @@ class Ingress:
 
     def reset(self) -> None:
         self.t0 = time.monotonic()
-        self.active = 1
+        self.active = max(1, min(self.s.start_active, len(self.s.upstreams)))
         self.scaling = False
         self.rr = 0
         self.inflight = 0
@@ -157,11 +164,11 @@ class Ingress:
             self._maybe_scale()
             await asyncio.sleep(self.s.latency)  # the way in
             i = await self._route()
-            return await self._forward(request, self.s.upstreams[i], body)
+            return await self._forward(request, self.s.upstreams[i], body, self.s.slow if i == 0 else 0.0)
         finally:
             self.inflight -= 1
 
-    async def _forward(self, request: web.Request, upstream: str, body: bytes) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, upstream: str, body: bytes, slow: float) -> web.StreamResponse:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         loop = asyncio.get_running_loop()
@@ -182,13 +189,13 @@ class Ingress:
                 if not chunk:
                     break
                 if not prepared or loop.time() - asked > 0.001:
-                    await asyncio.sleep(self.s.latency)
+                    await asyncio.sleep(self.s.latency + (slow if not prepared else 0.0))
                 if not prepared:
                     await resp.prepare(request)
                     prepared = True
                 await resp.write(chunk)
             if not prepared:
-                await asyncio.sleep(self.s.latency)
+                await asyncio.sleep(self.s.latency + slow)
                 await resp.prepare(request)
             await resp.write_eof()
             return resp
@@ -261,6 +268,8 @@ class SimCloudRuntime:
                 control_delay=self.sim["control_delay"],
                 concurrent_requests=self.sim["concurrent_requests"],
                 route_to_cold=self.sim["route_to_cold"],
+                start_active=self.sim["start_active"],
+                slow=self.sim["slow"],
             )
             ctx = multiprocessing.get_context("spawn")
             parent, child = ctx.Pipe()
@@ -298,14 +307,18 @@ def _stop_process(proc: Any) -> None:
 class Row:
     latency_ms: float
     chunksize: int | str
+    hedge: float | bool = False
+    slow: bool = True
     wall: float = math.nan
     cpu_us: float = math.nan
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str = ""
 
 
-async def run_row(a: argparse.Namespace, latency_ms: float, chunksize: int | str) -> Row:
-    row = Row(latency_ms, chunksize)
+async def run_row(
+    a: argparse.Namespace, latency_ms: float, chunksize: int | str, hedge: float | bool = False, slow: bool = True
+) -> Row:
+    row = Row(latency_ms, chunksize, hedge, slow)
     sim = {
         "replicas": a.replicas,
         "latency": latency_ms / 1000,
@@ -313,6 +326,8 @@ async def run_row(a: argparse.Namespace, latency_ms: float, chunksize: int | str
         "control_delay": a.control_delay,
         "concurrent_requests": a.concurrent_requests or a.workers,
         "route_to_cold": a.route_to_cold,
+        "start_active": a.start_active,
+        "slow": a.slow_replica / 1000 if slow else 0.0,
     }
     config = {"localhost": {"replicas": a.replicas, "worker_processes": a.workers}}
     factory = lambda config, **kw: SimCloudRuntime(config, sim, **kw)  # noqa: E731
@@ -326,7 +341,7 @@ async def run_row(a: argparse.Namespace, latency_ms: float, chunksize: int | str
                     r.raise_for_status()
                 cpu, t = time.process_time(), time.perf_counter()
                 try:
-                    results = await ex.map(add7, range(a.calls), chunksize=chunksize)
+                    results = await ex.map(add7, range(a.calls), chunksize=chunksize, hedge=hedge)
                 except (TypeError, ValueError) as exc:  # chunksize="auto" may not exist yet
                     row.error = f"{type(exc).__name__}: {exc}"[:80]
                     return row
@@ -335,11 +350,58 @@ async def run_row(a: argparse.Namespace, latency_ms: float, chunksize: int | str
                 assert results == [i + 7 for i in range(a.calls)]
                 async with s.get(f"{rt.url}{SIM}/stats") as r:
                     row.stats = await r.json()
+                summary = ex.job_summary()
+                row.stats["latency"] = summary["latency_seconds"]
+                row.stats["hedges"] = summary["hedges"]
+                # Each call's time on the wire: from its request's first send to its answer.
+                calls = ex._stats.rows
+                wire = sorted(r - s for s, r in zip(calls.sent, calls.received, strict=True))
+                row.stats["wire"] = {"p50": wire[len(wire) // 2], "p99": wire[int(0.99 * len(wire))], "max": wire[-1]}
     return row
 
 
 def ideal_seconds(a: argparse.Namespace, latency_ms: float) -> float:
     return a.cold_start + math.ceil(a.calls / a.concurrency) * 2 * latency_ms / 1000
+
+
+def hedging(a: argparse.Namespace) -> int:
+    """One slow replica among ``--replicas``: the same job without and with hedging."""
+    print(
+        f"cloud in a box, one slow replica: map(add7, range({a.calls:,})), max_concurrency {a.concurrency:,}, "
+        f"{a.replicas} replicas x {a.workers} workers ({a.start_active} in rotation from the start), replica 0 answers "
+        f"{a.slow_replica:g} ms late; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    )
+    rows: list[Row] = []
+    try:
+        for latency in a.latency:
+            rows.append(asyncio.run(run_row(a, latency, 1, False, slow=False)))
+            for hedge in (False, a.hedge):
+                rows.append(asyncio.run(run_row(a, latency, 1, hedge)))
+    finally:
+        for proc in _PROXIES:
+            _stop_process(proc)
+    head = f"{'latency':>8}  {'slow':>4}  {'hedge':>5}  {'wall s':>7}  {'wire p50':>8}  {'p99':>6}  {'max':>6}"
+    head += f"  {'hedges sent/won':>15}"
+    print(f"\n{head}  routed")
+    ok = True
+    slow = a.slow_replica / 1000
+    for row in rows:
+        w, h = row.stats["wire"], row.stats["hedges"]
+        print(
+            f"{row.latency_ms:>6g}ms  {'yes' if row.slow else 'no':>4}  {row.hedge!s:>5}  {row.wall:>7.2f}  {w['p50']:>8.3f}  "
+            f"{w['p99']:>6.3f}  {w['max']:>6.3f}  {h['sent']:>7}/{h['won']:<7}  {row.stats['routed']}"
+        )
+    print("wire = a call's time from its request's first send to its answer, seconds")
+    for base, plain, hedged in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        tail_ok = hedged.stats["wire"]["p99"] < slow / 2 and plain.stats["wire"]["p99"] >= slow
+        ok &= tail_ok
+        print(
+            f"{base.latency_ms:g} ms: job {base.wall:.2f} s with no slow replica, {plain.wall:.2f} s with one, "
+            f"{hedged.wall:.2f} s with one and hedging ({plain.wall / hedged.wall:.1f}x faster); p99 time on the wire "
+            f"{plain.stats['wire']['p99']:.2f} s -> {hedged.stats['wire']['p99']:.2f} s: the slow replica no longer sets "
+            f"the tail (hedged p99 < half its delay): {'ok' if tail_ok else 'MISSED'}"
+        )
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,8 +419,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="route to a scaled-out replica at once (its first request waits the cold start), not once it is ready",
     )
+    p.add_argument("--start-active", type=int, default=1, help="replicas in rotation from the start")
+    p.add_argument(
+        "--slow-replica",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="replica 0 answers MS ms late: compare map at chunksize 1 without and with straggler hedging",
+    )
+    p.add_argument("--hedge", type=float, default=0.8, help="the hedging rows' latency percentile (with --slow-replica)")
     a = p.parse_args(argv)
     _raise_nofile()
+    if a.slow_replica:
+        return hedging(a)
 
     print(
         f"cloud in a box: map(add7, range({a.calls:,})), max_concurrency {a.concurrency:,}; {os.cpu_count()} CPUs, "

@@ -3,7 +3,8 @@
 HTTPS on 127.0.0.1 with a throwaway CA (trustme), the handful of Container Apps operations the
 SDK uses, and ARM's long-running-operation protocol: PUT answers 201 with an
 ``Azure-AsyncOperation`` URL polled until ``{"status": "Succeeded"}``, DELETE answers 202 with a
-``Location`` polled until 200. Creating an app starts a local replica of the real container
+``Location`` polled until 200, PATCH answers 202 with both (the SDK polls the first, then GETs
+the app). Creating an app starts a local replica of the real container
 server, configured from the app's template exactly as Container Apps would (environment
 variables, secrets by reference), behind an HTTPS "ingress" proxy whose address is returned as
 the app's FQDN; the proxy can answer 503 for the first seconds, like a cold start from zero.
@@ -57,6 +58,7 @@ class Recorded:
     path: str
     body: Any
     status: int = 0
+    at: float = field(default_factory=time.monotonic)  # arrival, comparable with IngressHit.at
 
 
 @dataclass
@@ -129,6 +131,11 @@ class ArmEndpoint:
         self.replicas: dict[str, Replica] = {}
         self.fail_next: dict[str, tuple[int, str]] = {}  # "PUT app" -> (status, code)
         self._ops: dict[str, int] = {}
+        #: What an operation's Location URL answers once done (a PATCH's: the app).
+        self._op_apps: dict[str, tuple[str, str]] = {}
+        #: While set, PATCH operations stay InProgress (polled every 50 ms), as a slow revision
+        #: would keep them: a test shows what does not wait for them.
+        self.hold_patches = False
         self._lock = threading.Lock()
         self.ca = trustme.CA()
         self.ca_pem = workdir / "arm-ca.pem"
@@ -316,6 +323,8 @@ class ArmEndpoint:
         left = self._ops.get(op)
         if left is None:
             return self._error(404, "NotFound", "no such operation")
+        if self.hold_patches and op in self._op_apps:
+            return web.json_response({"status": "InProgress"}, headers={"retry-after-ms": "50"})
         if left > 0:
             self._ops[op] = left - 1
             return web.json_response({"status": "InProgress"})
@@ -328,6 +337,9 @@ class ArmEndpoint:
         if left > 0:
             self._ops[op] = left - 1
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
+        key = self._op_apps.get(op)
+        if key is not None and key in self.state.apps:
+            return web.json_response(self._public(self.state.apps[key]))
         return web.Response(status=200)
 
     async def _environment(self, method: str, rg: str, name: str, body: Any) -> web.Response:
@@ -379,6 +391,8 @@ class ArmEndpoint:
             return web.json_response(
                 self._public(app), status=201, headers={"Azure-AsyncOperation": f"{self.url}/operations/{op}"}
             )
+        if method == "PATCH":
+            return await self._patch_app(rg, name, body)
         if method == "DELETE":
             if key not in self.state.apps:
                 return web.Response(status=204)
@@ -388,6 +402,67 @@ class ArmEndpoint:
             op = self._new_op()
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
         return self._error(405, "MethodNotAllowed", method)
+
+    async def _patch_app(self, rg: str, name: str, body: Any) -> web.Response:
+        """PATCH (``begin_update``), as Container Apps does it: ``tags`` replace the app's tags
+        as a whole (ARM's resource provider contract: that is how a tag is removed), a
+        ``template`` replaces the template as a whole (a partial one would lose the containers,
+        which validation then refuses), anything else is merged (JSON Merge Patch). A template
+        change is a revision-scope change: a new revision, whose replica is started anew only if
+        the containers changed (a scale change alone keeps the running one)."""
+        key = (rg, name)
+        if key not in self.state.apps:
+            return self._error(404, "ContainerAppNotFound", f"Container app '{name}' was not found.")
+        if not isinstance(body, dict):
+            return self._error(400, "InvalidRequestContent", "the request body must be a JSON object")
+        old = self.state.apps[key]
+        app = copy.deepcopy(old)
+        if "tags" in body:
+            app["tags"] = dict(body["tags"] or {})
+        props = dict(body.get("properties") or {})
+        template = props.pop("template", None)
+        _merge_patch(app["properties"], props)
+        if template is not None:
+            app["properties"]["template"] = copy.deepcopy(template)
+        problem = self._validate(app)
+        scale = app["properties"]["template"].get("scale") or {}
+        low, high = scale.get("minReplicas", 0), scale.get("maxReplicas", 10)
+        if problem is None and not (0 <= low <= high <= 1000):
+            problem = f"ContainerAppInvalidScaleSettings: need 0 <= minReplicas ({low}) <= maxReplicas ({high}) <= 1000"
+        if problem:
+            return self._error(400, "ContainerAppInvalidSchema", problem)
+        if app["properties"]["template"] != old["properties"]["template"]:
+            revision = f"{name}--{uuid.uuid4().hex[:7]}"
+            app["properties"]["latestRevisionName"] = app["properties"]["latestReadyRevisionName"] = revision
+            if app["properties"]["template"]["containers"] != old["properties"]["template"]["containers"]:
+                await self._swap_replica(rg, name, app)
+        self.state.apps[key] = app
+        op = self._new_op()
+        self._op_apps[op] = key
+        return web.Response(
+            status=202,
+            headers={
+                "Azure-AsyncOperation": f"{self.url}/operations/{op}",
+                "Location": f"{self.url}/operationResults/{op}",
+            },
+        )
+
+    async def _swap_replica(self, rg: str, name: str, app: dict[str, Any]) -> None:
+        """A new revision's replica behind the same ingress; the old one is stopped (it drains)."""
+        body = copy.deepcopy(app)
+        values = {s["name"]: s.get("value", "") for s in self.state.secrets.get((rg, name), [])}
+        for s in body["properties"]["configuration"].get("secrets") or []:
+            s["value"] = values.get(s["name"], "")
+        replica = self.replicas[name]
+        old = replica.proc
+        replica.proc, replica.upstream, replica.log = await self._spawn(name, body)
+        if old.poll() is None:
+            old.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, old.wait, 15)
+        except subprocess.TimeoutExpired:
+            old.kill()
+            old.wait()
 
     def _registry(self, request: web.Request) -> web.Response:
         """The Docker Registry API v2 (HEAD /v2/<repository>/manifests/<tag>) and its token service."""
@@ -642,6 +717,17 @@ class ArmEndpoint:
             return resp
         finally:
             await ctx.__aexit__(None, None, None)
+
+
+def _merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 JSON Merge Patch, in place: null removes a key, objects merge, the rest replaces."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge_patch(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
 
 
 def _version() -> str:

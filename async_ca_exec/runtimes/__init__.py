@@ -18,6 +18,19 @@ class Runtime(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def replicas_for(self, requests: int) -> int:
+        """Replicas that take ``requests`` concurrent requests."""
+        ...
+
+    async def warm(self, replicas: int, *, lease: float) -> int:
+        """Keep at least ``replicas`` replicas running (until cool(), or ``lease`` seconds if this
+        client dies); returns the minimum now in effect. Callable before start() has finished."""
+        ...
+
+    async def cool(self) -> None:
+        """Undo warm(): put back the minimum from before it; never raises but for cancellation."""
+        ...
+
 
 def create_runtime(config: Config, **options: Any) -> Runtime:
     if config.backend == "local":

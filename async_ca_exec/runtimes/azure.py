@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import secrets
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,15 @@ TAG_MANAGED_VALUE = "async_ca_exec"
 TAG_VERSION = "acx-version"
 TAG_RUNTIME = "acx-runtime"
 TAG_MEMORY = "acx-memory"
+#: A pre-warm lease (see ``plan_warm``): "<minReplicas to restore>:<lease end, epoch s>[:<maxReplicas to restore>]".
+#: While it is there, minReplicas was raised by ``AsyncExecutor.warm`` (or ``map(prewarm=True)``);
+#: the client that raised it puts it back, and should that client die, the next executor start
+#: after the lease's end (or ``acx runtime update``) does.
+TAG_WARM = "acx-warm"
+#: A lease is only extended by more than this many seconds: each extension is an ARM write.
+LEASE_SLACK = 60.0
+#: Container Apps' maxReplicas when a template does not say.
+DEFAULT_MAX_REPLICAS = 10
 #: Azure Container Apps allows at most this termination grace period (seconds).
 MAX_GRACE = 600
 #: Consumption-only environments stop at 2 vCPU / 4 GiB per replica.
@@ -445,6 +455,169 @@ def runtime_info(app: dict[str, Any]) -> RuntimeInfo:
     )
 
 
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+def concurrent_requests(app: dict[str, Any]) -> int | None:
+    """The app's HTTP scale rule's ``concurrentRequests``: the requests one replica takes."""
+    for rule in _get(app, "properties", "template", "scale", "rules") or []:
+        value = _get(rule, "http", "metadata", "concurrentRequests")
+        if value is not None and str(value).isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+# ------------------------------------------------------------------------------------
+# pre-warming: minReplicas raised for a while, under a lease kept in a tag
+
+
+@dataclass(frozen=True)
+class WarmLease:
+    """The scale to put back after a pre-warm, and until when the warming client holds it."""
+
+    restore_min: int
+    until: int  # epoch seconds
+    restore_max: int | None = None  # set when maxReplicas had to be raised too
+
+    @property
+    def tag(self) -> str:
+        extra = "" if self.restore_max is None else f":{self.restore_max}"
+        return f"{self.restore_min}:{self.until}{extra}"
+
+    @classmethod
+    def parse(cls, value: str) -> WarmLease | None:
+        parts = str(value).split(":")
+        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+            return None
+        return cls(int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
+
+
+def restore_command(name: str, resource_group: str, lease: WarmLease) -> str:
+    """The ``az`` command that does what restoring ``lease`` does, for when this client cannot."""
+    extra = "" if lease.restore_max is None else f" --max-replicas {lease.restore_max}"
+    return f"az containerapp update -n {name} -g {resource_group} --min-replicas {lease.restore_min}{extra}"
+
+
+def warm_lease(app: dict[str, Any], *, fallback_min: int = 0) -> WarmLease | None:
+    """The app's pre-warm lease, None without one. A tag someone edited into nonsense counts as
+    a lease that has ended, restoring ``fallback_min`` (the configured min_workers)."""
+    value = (app.get("tags") or {}).get(TAG_WARM)
+    if value is None:
+        return None
+    return WarmLease.parse(value) or WarmLease(fallback_min, 0)
+
+
+@dataclass(frozen=True)
+class ScaleChange:
+    """One PATCH of an app's scale and tags, and what it leaves in effect."""
+
+    body: dict[str, Any]
+    min_replicas: int
+    lease: WarmLease | None  # the lease the PATCH writes; None: it removes the tag
+    what: str  # for error messages: "raising minReplicas of Container App x to 3"
+
+
+def _scale(app: dict[str, Any]) -> tuple[int, int]:
+    scale = _get(app, "properties", "template", "scale") or {}
+    max_replicas = scale.get("maxReplicas")
+    return int(scale.get("minReplicas") or 0), int(DEFAULT_MAX_REPLICAS if max_replicas is None else max_replicas)
+
+
+def scale_patch(app: dict[str, Any], tags: dict[str, str], scale: dict[str, int]) -> dict[str, Any]:
+    """The PATCH body that sets ``tags`` and, if ``scale`` is not empty, those keys of
+    ``template.scale``.
+
+    Tags go as a whole: ARM's resource provider contract replaces a resource's tags on PATCH
+    rather than merging them (so this is also how one is removed). A scale change sends the
+    *whole* template as GET returned it, with only the scale keys changed: Container Apps may
+    replace the template's containers with a partial template's. It never sends the
+    configuration, so no secret travels (GET does not return their values anyway). A template
+    change is a revision-scope change: Container Apps creates a new revision, whose replicas
+    start while the old revision's drain (tags alone create none).
+    """
+    body: dict[str, Any] = {"tags": dict(tags)}
+    if scale:
+        template = copy.deepcopy(_get(app, "properties", "template") or {})
+        if template.get("revisionSuffix"):
+            del template["revisionSuffix"]  # a suffix an existing revision has would be refused
+        template.setdefault("scale", {}).update(scale)
+        body["properties"] = {"template": template}
+    return body
+
+
+def check_warm(replicas: int, max_workers: int) -> None:
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ValueError(f"replicas={replicas!r} must be a whole number >= 0")
+    if replicas > max_workers:
+        raise ConfigError(
+            f"cannot pre-warm {replicas} replicas: azure_containers.max_workers is {max_workers} (the app's maxReplicas "
+            "limit, at most 1,000); raise azure_containers.max_workers or warm fewer replicas"
+        )
+
+
+def plan_warm(
+    app: dict[str, Any], replicas: int, *, lease: float, min_workers: int, max_workers: int, now: float | None = None
+) -> tuple[int, ScaleChange | None]:
+    """(minReplicas in effect, the PATCH to send or None) to keep at least ``replicas``
+    replicas of ``app`` running until ``lease`` seconds from now.
+
+    minReplicas is never lowered, nor set below ``min_workers``; maxReplicas is raised with
+    it when needed (never above ``max_workers``). The lease records the scale to put back: the
+    one from before the first warm, when another lease (this client's or another's, ended or
+    not) is already there, so a warmed value is never taken for the original; its end is the
+    later of the two.
+    """
+    check_warm(replicas, max_workers)
+    now = time.time() if now is None else now
+    name = str(app.get("name"))
+    cur_min, cur_max = _scale(app)
+    held = warm_lease(app, fallback_min=min_workers)
+    want = max(replicas, min_workers, cur_min)
+    until = int(now + lease)
+    scale: dict[str, int] = {}
+    if want != cur_min:
+        scale["minReplicas"] = want
+    if want > cur_max:
+        scale["maxReplicas"] = want
+    if held is None:
+        if not scale:
+            return cur_min, None  # already that warm, and not by a lease: nothing to restore either
+        new = WarmLease(cur_min, until, cur_max if "maxReplicas" in scale else None)
+    else:
+        if not scale and until <= held.until + LEASE_SLACK:
+            return cur_min, None
+        restore_max = held.restore_max if held.restore_max is not None else (cur_max if "maxReplicas" in scale else None)
+        new = WarmLease(held.restore_min, max(until, held.until), restore_max)
+    tags = {**(app.get("tags") or {}), TAG_WARM: new.tag}
+    what = f"raising minReplicas of Container App {name} to {want}" if scale else f"extending the pre-warm lease of {name}"
+    return want, ScaleChange(scale_patch(app, tags, scale), want, new, what)
+
+
+def plan_restore(
+    app: dict[str, Any], *, leases: Collection[WarmLease] | None = None, expired_only: bool = False, min_workers: int = 0,
+    now: float | None = None,
+) -> ScaleChange | None:  # fmt: skip
+    """The PATCH that puts back the scale an app's lease recorded and removes the tag; None
+    when there is nothing to do: no lease, a lease none of ``leases`` (another client extended
+    it, and restores it in turn), or with ``expired_only`` a lease that has not ended."""
+    held = warm_lease(app, fallback_min=min_workers)
+    if held is None or (leases is not None and held.until not in {lease.until for lease in leases}):
+        return None
+    if expired_only and held.until > (time.time() if now is None else now):
+        return None
+    cur_min, cur_max = _scale(app)
+    scale: dict[str, int] = {}
+    if held.restore_min != cur_min:
+        scale["minReplicas"] = held.restore_min
+    if held.restore_max is not None and held.restore_max != cur_max:
+        scale["maxReplicas"] = held.restore_max
+    tags = {k: v for k, v in (app.get("tags") or {}).items() if k != TAG_WARM}
+    name = str(app.get("name"))
+    what = f"restoring minReplicas of Container App {name} to {held.restore_min}"
+    return ScaleChange(scale_patch(app, tags, scale), held.restore_min, None, what)
+
+
 @dataclass
 class Environment:
     id: str
@@ -613,6 +786,59 @@ class AzureApps:
                 info.replicas = len(replicas.get("value") or [])
         return infos
 
+    # -- pre-warming -------------------------------------------------------------------
+
+    async def _app_or_raise(self, name: str) -> dict[str, Any]:
+        app = await self.get_app(name)
+        if app is None:
+            raise RuntimeNotFoundError(
+                f"Container App {name} does not exist in resource group {self.target.resource_group}: deploy it with "
+                "`acx runtime deploy`"
+            )
+        return app
+
+    async def apply(self, name: str, change: ScaleChange) -> int:
+        """Send a scale PATCH (a long-running operation); returns the minReplicas in effect after it."""
+        t = self.target
+
+        def gone() -> BaseException:
+            return RuntimeNotFoundError(f"Container App {name} disappeared from resource group {t.resource_group}")
+
+        log.debug("%s (tag %s=%s)", change.what, TAG_WARM, change.lease.tag if change.lease else "removed")
+        async with arm_errors(t, change.what, not_found=gone):
+            poller = await self.client.container_apps.begin_update(t.resource_group, name, change.body)
+            app = _plain(await self._finish(poller))
+        return _scale(app)[0] if app else change.min_replicas
+
+    async def warm(
+        self, name: str, replicas: int, *, lease: float = 3600.0, before_patch: Callable[[WarmLease], None] | None = None
+    ) -> tuple[int, WarmLease | None]:
+        """Keep at least ``replicas`` replicas of app ``name`` running until :meth:`cool` (or
+        for ``lease`` seconds, after which the next executor start restores it); see
+        :func:`plan_warm`. Returns (minReplicas now in effect, the lease written or None when
+        nothing had to change); ``before_patch`` gets the lease before the PATCH is sent."""
+        t = self.target
+        check_warm(replicas, t.max_replicas)  # before any API call
+        app = await self._app_or_raise(name)
+        in_effect, change = plan_warm(app, replicas, lease=lease, min_workers=t.min_replicas, max_workers=t.max_replicas)
+        if change is None:
+            return in_effect, None
+        if before_patch is not None and change.lease is not None:
+            before_patch(change.lease)
+        return await self.apply(name, change), change.lease
+
+    async def cool(self, name: str, *, leases: Collection[WarmLease] | None = None, expired_only: bool = False) -> int | None:
+        """Put back the scale recorded by the app's pre-warm lease and remove it (see
+        :func:`plan_restore`); returns the minReplicas restored, None if nothing was done."""
+        app = await self.get_app(name)
+        if app is None:
+            return None
+        change = plan_restore(app, leases=leases, expired_only=expired_only, min_workers=self.target.min_replicas)
+        if change is None:
+            return None
+        await self.apply(name, change)
+        return change.min_replicas
+
     # -- deploying ---------------------------------------------------------------------
 
     async def deploy(
@@ -714,6 +940,13 @@ class AzureApps:
             deployed_at=f"{time.time():.0f}",
         )
         verb = "updating" if existing else "creating"
+        held = warm_lease(existing) if existing else None
+        if held is not None:
+            # The new body has the configured scale and no lease tag: the pre-warm ends here.
+            self._progress(
+                f"note: {name} was pre-warmed (minReplicas raised until {_when(held.until)}); the update sets it back to "
+                f"min_workers={self.target.min_replicas}"
+            )
         self._progress(f"{verb} Container App {name} for runtime {image} ({memory} MB) ...")
         async with arm_errors(self.target, f"{verb} Container App {name}"):
             poller = await self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body)
@@ -857,6 +1090,23 @@ class AzureRuntime:
         self.credential = credential
         self.target = AzureTarget.from_config(config)
         self.info: RuntimeInfo | None = None
+        ac = config.azure_containers
+        #: Requests one replica takes before Container Apps adds one (the HTTP scale rule).
+        self.per_replica = worker_processes(ac.runtime_memory, ac.worker_processes)
+        #: The leases this runtime's warm() wrote (or was writing when it failed or was
+        #: cancelled): cool() restores the app if its tag holds one of them.
+        self.leases: list[WarmLease] = []
+        #: One scale change at a time from this client (ARM refuses a second one under way, 409).
+        self._scale_lock = asyncio.Lock()
+
+    def app_name(self) -> str:
+        """The app this runtime uses: known from the config before start() has found it."""
+        if self.info is not None:
+            return self.info.app
+        ac = self.config.azure_containers
+        name, default = ac.runtime, default_image(ac.docker_server)
+        image = default if not name or name in ("default", default) else check_image(name)
+        return app_name(image, ac.runtime_memory)
 
     async def start(self) -> Endpoint:
         cfg = self.config
@@ -875,6 +1125,8 @@ class AzureRuntime:
                 info = await apps.deploy(image, memory=mem, check=False)
             else:
                 info = runtime_info(app)
+                self.per_replica = concurrent_requests(app) or self.per_replica
+                await self._restore_ended_lease(apps, app)
             if not info.fqdn:
                 raise DeploymentError(f"Container App {name} has no ingress address; redeploy it (acx runtime update)")
             key = await apps.hmac_key(name)
@@ -903,5 +1155,76 @@ class AzureRuntime:
             startup_timeout=self.target.startup_timeout,
         )
 
+    async def _restore_ended_lease(self, apps: AzureApps, app: dict[str, Any]) -> None:
+        """A pre-warm whose client never restored it (it died, or lost the network) costs money
+        until someone does: the first executor to start after the lease's end does."""
+        held = warm_lease(app, fallback_min=self.target.min_replicas)
+        name = str(app.get("name"))
+        if held is None or held.until > time.time():
+            return
+        try:
+            async with self._scale_lock:
+                restored = await apps.cool(name, expired_only=True)
+        except AsyncCAExecError as exc:
+            log.warning(
+                "Container App %s is still pre-warmed from a lease that ended %s, and restoring it failed (%s); "
+                "restore it with: %s",
+                name, _when(held.until), exc, restore_command(name, self.target.resource_group, held),
+            )  # fmt: skip
+            return
+        if restored is not None:
+            log.warning(
+                "Container App %s was left pre-warmed by a client that did not restore it (lease ended %s): "
+                "minReplicas is back to %d",
+                name, _when(held.until), restored,
+            )  # fmt: skip
+
+    def replicas_for(self, requests: int) -> int:
+        """Replicas that take ``requests`` concurrent requests (at most max_workers)."""
+        return min(self.target.max_replicas, -(-max(0, requests) // max(1, self.per_replica)))
+
+    async def warm(self, replicas: int, *, lease: float) -> int:
+        """Raise the app's minReplicas to ``replicas`` (see :meth:`AzureApps.warm`) under a
+        lease this runtime restores at :meth:`cool`; returns the minReplicas in effect. Works
+        while start() still waits for the first replica: then the others start meanwhile."""
+        check_warm(replicas, self.target.max_replicas)
+
+        def note(lease: WarmLease) -> None:
+            # Before the PATCH is sent: one that lands although this task was cancelled is restored too.
+            self.leases.append(lease)
+
+        async with self._scale_lock, AzureApps(self.config, credential=self.credential) as apps:
+            in_effect, _lease = await apps.warm(self.app_name(), replicas, lease=lease, before_patch=note)
+        return in_effect
+
+    async def cool(self) -> None:
+        """Put back the scale from before the first :meth:`warm`, once; never raises (but for
+        cancellation): a failure is logged with the command that fixes it, and the lease in the
+        app's tag lets the next executor start after its end restore it."""
+        async with self._scale_lock:
+            leases, self.leases = self.leases, []
+            if leases:
+                await self._cool(leases)
+
+    async def _cool(self, leases: list[WarmLease]) -> None:
+        name = self.app_name()
+        lease = leases[-1]
+        try:
+            async with AzureApps(self.config, credential=self.credential) as apps:
+                restored = await apps.cool(name, leases=leases)
+        except Exception as exc:  # noqa: BLE001 - logged with the fix; closing must not lose results
+            log.warning(
+                "could not restore minReplicas=%d of Container App %s after pre-warming (%s); it keeps its warm replicas "
+                "(and their cost) until an executor starting after %s restores it, or run: %s",
+                lease.restore_min, name, exc, _when(lease.until), restore_command(name, self.target.resource_group, lease),
+            )  # fmt: skip
+            return
+        if restored is None:
+            log.debug("Container App %s: its pre-warm lease was restored or taken over by another client", name)
+        else:
+            log.info("Container App %s: minReplicas restored to %d", name, restored)
+
     async def aclose(self) -> None:
-        """Nothing runs locally for this backend; the app scales itself down."""
+        """Restore what warm() raised; nothing else runs locally for this backend (the app
+        scales itself down)."""
+        await self.cool()

@@ -245,6 +245,17 @@ class LocalRuntime:
             if waiting:
                 await asyncio.sleep(0.01)
 
+    def replicas_for(self, requests: int) -> int:
+        return self.replicas
+
+    async def warm(self, replicas: int, *, lease: float) -> int:
+        """Nothing to do: every local replica runs from start to close. Returns their number."""
+        log.debug("warm(%d): the local runtime's %d replicas are always warm", replicas, self.replicas)
+        return self.replicas
+
+    async def cool(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         """Stop every server process (and so their workers); idempotent."""
         if self._finalizer is not None and self._finalizer.alive:
