@@ -1,4 +1,4 @@
-"""Delivers requests to a runtime: one aiohttp session, bounded concurrency, retries.
+"""Delivers requests to a runtime: one pool of keep-alive connections, bounded concurrency, retries.
 
 Requests wait in a FIFO; at most ``max_concurrency`` *lanes* (tasks) take them one at a
 time, so a million queued calls cost a million small objects, not a million tasks. A lane
@@ -20,9 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import aiohttp
-
-from . import protocol, serialize
+from . import protocol, serialize, wire
 from .errors import (
     AsyncCAExecError,
     AuthenticationError,
@@ -332,6 +330,8 @@ class _SendFunction(Exception):
 
 #: Seconds between two halvings of the concurrency window (a burst of refusals is one event).
 CONGESTION_GAP = 0.2
+#: Seconds to open a connection to the runtime before it counts as unavailable.
+CONNECT_TIMEOUT = 30.0
 #: Straggler hedging: how often a hedged request looks again while its job has no latency
 #: percentile yet, and the share of max_concurrency that backups may add in flight.
 HEDGE_POLL = 0.1
@@ -436,9 +436,10 @@ class Invoker:
         self._lanes: set[asyncio.Task[None]] = set()
         self._ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
         self._endpoint: Endpoint | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: wire.Pool | None = None
+        self._head = b""
         self._url = ""
-        self._read_timeout: aiohttp.ClientTimeout | None = None
+        self._read_timeout = 0.0
         self._unavailable_since: float | None = None
         self._transfers: Transfers | None = None
         self._closing = False
@@ -451,19 +452,16 @@ class Invoker:
     def attach(self, endpoint: Endpoint, transfers: Transfers | None = None) -> None:
         """The runtime is up: open the session and let the lanes go."""
         self._transfers = transfers
-        connector = aiohttp.TCPConnector(
-            limit=self.connection_limit,
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            keepalive_timeout=60,
-            ssl=endpoint.ssl,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
-            auto_decompress=False,
-            headers={"User-Agent": "async_ca_exec", "Content-Type": protocol.REQUEST_CONTENT_TYPE},
-        )
+        self._pool = wire.Pool(endpoint.url, ssl_context=endpoint.ssl, connect_timeout=CONNECT_TIMEOUT)
+        # The request head up to the per-request fields (length, signature headers).
+        self._head = (
+            f"POST {protocol.INVOKE_PATH} HTTP/1.1\r\nHost: {self._pool.authority}\r\nUser-Agent: async_ca_exec\r\n"
+            f"Content-Type: {protocol.REQUEST_CONTENT_TYPE}\r\n"
+        ).encode("latin-1")
+        # No overall deadline: a call may wait in a replica's queue for a long time, and the
+        # runtime enforces the call's own timeout. Liveness comes from heartbeats instead: no
+        # byte for three of them means the replica or the connection died.
+        self._read_timeout = 3 * endpoint.heartbeat + 5
         self._endpoint = endpoint
         self._url = endpoint.url.rstrip("/") + protocol.INVOKE_PATH
         if not self._ready.done():
@@ -487,9 +485,9 @@ class Invoker:
             await asyncio.gather(*self._lanes, return_exceptions=True)
         if not self._ready.done():
             self._ready.cancel()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     def _abandon(self, req: Request, exc: BaseException) -> None:
         """Settle a request nobody will deliver: futures are cancelled, a map's job fails."""
@@ -617,7 +615,11 @@ class Invoker:
                 if req.job.hedge is not None:
                     await self._hedged(req, attempt, ep)
                 else:
-                    await self._send(req, attempt, ep)
+                    try:
+                        await self._attempt(req, attempt, ep)
+                    except _SendFunction:
+                        req.with_fn = True
+                        await self._attempt(req, attempt, ep)
                 self._unavailable_since = None  # the runtime answers
                 self._delivered()
                 return
@@ -762,14 +764,6 @@ class Invoker:
     def _hedge_done(self, _fut: asyncio.Future[None]) -> None:
         self._hedging -= 1
 
-    def _timeout(self, ep: Endpoint) -> aiohttp.ClientTimeout:
-        # No overall deadline: a call may wait in a replica's queue for a long time, and the
-        # runtime enforces the call's own timeout. Liveness comes from heartbeats instead:
-        # no byte for three of them means the replica or the connection died.
-        if self._read_timeout is None:
-            self._read_timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=3 * ep.heartbeat + 5)
-        return self._read_timeout
-
     async def _attempt(self, req: Request, attempt: int, ep: Endpoint) -> None:
         t = self._transfers
         if t is not None:
@@ -789,31 +783,40 @@ class Invoker:
         req.note_sent(time.time(), attempt)
         if req.with_fn:
             self._stats.function_uploads += 1
-        assert self._session is not None
+        pool = self._pool
+        assert pool is not None
+        head = self._request_head(headers, len(body))
+        del headers
         try:
-            async with self._session.post(self._url, data=body, headers=headers, timeout=self._timeout(ep)) as resp:
-                if resp.status != 200:
-                    try:
-                        await self._refused(resp, req)
-                    except _Retry as r:
-                        if r.maybe_ran and req.durable:  # a gateway timeout: the call may run on
-                            return await self._recover(req, str(r))
-                        raise
-                if resp.content_length is not None:
-                    data = await resp.read()
-                    ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
-                else:
-                    ended = await self._stream(req, resp.content)
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            conn = await pool.acquire()
+        except wire.TLSError as exc:
             raise InvocationError(
                 f"TLS verification of {self._url} failed: {exc}; behind a proxy or with a private CA, "
                 "name its certificates with azure.ca_bundle"
             ) from None
-        except aiohttp.ClientConnectorError as exc:  # nothing was sent: the runtime is not there
+        except wire.ConnectError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
-        except (asyncio.TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            if isinstance(exc, asyncio.TimeoutError):
-                cause = f"no data from the runtime for {3 * ep.heartbeat + 5:.0f} s ({type(exc).__name__})"
+        reuse = False
+        try:
+            conn.send(head, body, self._read_timeout)
+            head = body = b""  # written: not kept while the call runs
+            resp = await conn.read_head()
+            if resp.status != 200:
+                try:
+                    await self._refused(resp, req)
+                except _Retry as r:
+                    if r.maybe_ran and req.durable:  # a gateway timeout: the call may run on
+                        return await self._recover(req, str(r))
+                    raise
+            if resp.content_length is not None:
+                data = await resp.read()
+                ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
+            else:
+                ended = await self._stream(req, resp)
+            reuse = ended and resp.keep_alive and await resp.drain()
+        except (wire.WireError, ConnectionError) as exc:
+            if isinstance(exc, wire.ReadTimeoutError):
+                cause = f"no data from the runtime for {self._read_timeout:.0f} s ({type(exc).__name__})"
             else:
                 cause = f"{type(exc).__name__}: {exc}"
             if req.durable:  # the call may be running on: its outcome comes through Blob storage
@@ -821,10 +824,16 @@ class Invoker:
             raise _Retry(cause) from None
         except protocol.ProtocolError as exc:
             raise _Retry(f"malformed response: {exc}") from None
+        finally:
+            pool.release(conn, reuse=reuse)
         if not ended:
             if req.durable:
                 return await self._recover(req, "the response ended early")
             raise _Retry("the response ended before all results arrived")
+
+    def _request_head(self, headers: dict[str, str], length: int) -> bytes:
+        fields = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        return b"%sContent-Length: %d\r\n%s\r\n" % (self._head, length, fields.encode("latin-1"))
 
     async def _recover(self, req: Request, cause: str) -> None:
         """A durable call's stream was cut: the runtime goes on with it, says it is alive in Blob
@@ -866,8 +875,8 @@ class Invoker:
             f"within its timeout; the runtime may have lost it"
         )
 
-    async def _refused(self, resp: aiohttp.ClientResponse, req: Request) -> None:
-        raw = await resp.content.read(4096)
+    async def _refused(self, resp: wire.Response, req: Request) -> None:
+        raw = await resp.read_upto(4096)
         try:
             doc = json.loads(raw)
             message, code = str(doc.get("error", "")), doc.get("code")
@@ -877,7 +886,7 @@ class Invoker:
         if status == 429 or status >= 500:
             raise _Retry(
                 f"HTTP {status}: {message}",
-                _retry_after(resp.headers.get("Retry-After")),
+                _retry_after(resp.headers.get("retry-after")),
                 # 503 and 429 mean the call never started (no replica yet, a draining one, or
                 # throttling); after a 502/504 it may have run, so those count as retries.
                 unavailable=status in (429, 503),
@@ -901,7 +910,7 @@ class Invoker:
             raise InvocationError(f"{self._url} answered 404: the endpoint is not an async_ca_exec runtime of this version")
         raise InvocationError(f"the runtime answered HTTP {status} to call {req.call_id}: {message}")
 
-    async def _stream(self, req: Request, reader: aiohttp.StreamReader) -> bool:
+    async def _stream(self, req: Request, reader: wire.Response) -> bool:
         max_frame = self._max_frame
         while True:
             hdr = await reader.readexactly(protocol.FRAME_HEADER)

@@ -56,12 +56,12 @@ async def test_the_function_is_pickled_once_per_map(monkeypatch: pytest.MonkeyPa
     async with AsyncExecutor() as ex:
         assert await ex.map(abs, range(-500, 0)) == list(range(500, 0, -1))
         assert calls == 1
-        session = ex._invoker._session  # type: ignore[union-attr]
+        pool = ex._invoker._pool  # type: ignore[union-attr]
         await ex.map(abs, range(10), chunksize=3)
-        assert calls == 2 and ex._invoker._session is session  # type: ignore[union-attr]
-        # One connection per request in flight, and room for hedged backups.
-        limit = session.connector.limit  # type: ignore[union-attr]
-        assert limit == ex._invoker.connection_limit  # type: ignore[union-attr]
+        assert calls == 2 and ex._invoker._pool is pool  # type: ignore[union-attr]
+        # Kept-alive connections: at most one per request in flight, and room for hedged backups.
+        limit = ex._invoker.connection_limit  # type: ignore[union-attr]
+        assert 0 < pool.open_connections <= limit and pool.opened == pool.open_connections  # type: ignore[union-attr]
         assert 0 < limit - ex.config.max_concurrency <= ex.config.max_concurrency // 4 + 1
 
 
