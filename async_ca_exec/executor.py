@@ -40,6 +40,8 @@ _YIELD_EVERY = 256
 AUTO_MAX = 1000
 AUTO_IMAP_MAX = 100
 AUTO_TARGET = 0.02
+#: ...and at least this many seconds of work per request when spreading over the slots.
+AUTO_MIN_WORK = 0.005
 #: Items sent one by one before sizing, and how long to wait for their first timing.
 AUTO_PROBE = 4
 AUTO_PROBE_WAIT = 0.25
@@ -894,8 +896,14 @@ def _request_id(job: Job, first: int, n: int) -> str:
     return job.call_id(first) if n == 1 else f"{job.call_id(first)}:{n}"
 
 
+#: The keyword arguments of an item that has none: one shared dict, never mutated (items are
+#: pickled at once), so a batch neither builds a dict per item nor pickles one (the pickle memo
+#: refers back to the first).
+_NO_KWARGS: dict[str, Any] = {}
+
+
 def _single(x: Any) -> Item:
-    return ((x,), {})
+    return ((x,), _NO_KWARGS)
 
 
 def _as_obj(x: Any) -> Item:
@@ -910,15 +918,15 @@ def _takes(fn: Callable[..., Any], name: str) -> bool:
 
 
 def _star(x: Any) -> Item:
-    return (tuple(x), {})
+    return (tuple(x), _NO_KWARGS)
 
 
 def _lithops_item(data: Any) -> Item:
     if isinstance(data, tuple):
-        return (data, {})
+        return (data, _NO_KWARGS)
     if isinstance(data, dict):
         return ((), dict(data))
-    return ((data,), {})
+    return ((data,), _NO_KWARGS)
 
 
 def _hedge_percentile(hedge: Any) -> float | None:
@@ -946,7 +954,8 @@ class _AutoBatch:
     """Batch sizes for ``chunksize="auto"``: a few single calls first, to time the function on
     a worker; then as many items per request as fill about ``AUTO_TARGET`` seconds of work
     (re-measured as results come), but never so many that fewer requests than
-    ``max_concurrency`` remain to spread over the replicas. A function that takes longer than
+    ``max_concurrency`` remain to spread over the replicas, unless that would leave less than
+    ``AUTO_MIN_WORK`` seconds of work per request. A function that takes longer than
     the probe wait goes one call per request, where per-request overhead does not matter."""
 
     def __init__(self, job: Job, total: int | None, concurrency: int, cap: int) -> None:
@@ -979,9 +988,12 @@ class _AutoBatch:
         else:
             per_call = job.work_seconds / job.work_items
             size = int(AUTO_TARGET / max(per_call, 1e-6))
-        if self.total is not None:  # keep enough requests for every slot
-            left = self.total - self.sent
-            size = min(size, -(-left // self.concurrency))
+            if self.total is not None:
+                # Enough requests for every slot, but none so small that its overhead outweighs
+                # its work: spreading a few milliseconds of work thinner gains nothing.
+                left = self.total - self.sent
+                floor = int(AUTO_MIN_WORK / max(per_call, 1e-6))
+                size = min(size, max(-(-left // self.concurrency), floor))
         size = max(1, min(size, self.cap))
         self.sent += size
         return size

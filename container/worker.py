@@ -296,8 +296,10 @@ class Worker:
             for pos, i in enumerate(todo):
                 t0 = clock()
                 set_progress(task_id, i, mono(), ipc.STATE_RUNNING)
-                out.new_call()
-                err.new_call()
+                if out.total != out.size:  # the last call wrote: count this one's output afresh
+                    out.new_call()
+                if err.total != err.size:
+                    err.new_call()
                 self.current = (task_id, i)
                 try:
                     args, kwargs = items[i]
