@@ -56,14 +56,24 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput beside its baselines and its peers; prints the tables and exits non-zero on a missed target."""
+    """Throughput beside its baselines and its peers, the cloud in a box (latency, cold starts, a slow replica) and
+    memory per call in flight; prints the tables and exits non-zero on a missed target."""
     session.install(".", "lithops>=3", "ray>=2.9", "dask[distributed]>=2024.1")
     missed = []
-    for script in ("benchmarks/fanout.py", "benchmarks/peers.py"):  # both run, whatever the first one says
+    hedging = ["--replicas", "10", "--start-active", "10", "--cold-start", "0", "--calls", "5000", "--concurrency", "200",
+               "--slow-replica", "2000"]  # fmt: skip
+    runs = [
+        ["benchmarks/fanout.py", *session.posargs],
+        ["benchmarks/peers.py", *session.posargs],
+        ["benchmarks/cloud_sim.py"],
+        ["benchmarks/cloud_sim.py", *hedging],
+        ["benchmarks/inflight.py"],
+    ]
+    for args in runs:  # every one runs, whatever the others say
         try:
-            session.run("python", script, *session.posargs)
+            session.run("python", *args)
         except nox.command.CommandFailed:
-            missed.append(script)
+            missed.append(" ".join(args))
     if missed:
         session.error(f"missed targets (or failed): {', '.join(missed)}")
 

@@ -66,16 +66,16 @@ class Progress:
                 fd = os.dup(tempfile.TemporaryFile().fileno())
             os.ftruncate(fd, mmap.PAGESIZE)
         self.fd = fd
-        self._mm = mmap.mmap(fd, mmap.PAGESIZE)
+        self.mm = mmap.mmap(fd, mmap.PAGESIZE)
 
     def set(self, task_id: int, index: int, started: float, state: int) -> None:
-        PROGRESS.pack_into(self._mm, 0, task_id, index, started, state)
+        PROGRESS.pack_into(self.mm, 0, task_id, index, started, state)
 
     def get(self) -> tuple[int, int, float, int]:
-        return PROGRESS.unpack_from(self._mm, 0)  # type: ignore[return-value]
+        return PROGRESS.unpack_from(self.mm, 0)  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._mm.close()
+        self.mm.close()
         try:
             os.close(self.fd)
         except OSError:

@@ -104,12 +104,15 @@ class _Capture(io.TextIOBase):
     a lock keeps every character in exactly one taken part.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, written: list[int] | None = None) -> None:
         self._parts: list[str] = []
         self.size = 0  # characters waiting to be taken
         self.total = 0  # characters written during the current call
         self.cut = False
         self._lock = threading.Lock()
+        #: Set to 1 on every write (shared by stdout's and stderr's captures), so the call loop
+        #: looks at the captures only after a call that printed.
+        self.written = written if written is not None else [0]
 
     def writable(self) -> bool:
         return True
@@ -119,6 +122,7 @@ class _Capture(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if not s:
             return 0
+        self.written[0] = 1
         with self._lock:
             if self.total < MAX_LOG_CHARS:
                 self._parts.append(s[: MAX_LOG_CHARS - self.total])
@@ -157,7 +161,7 @@ class Worker:
         self.pid = os.getpid()
         self.replica = os.environ.get("ACX_REPLICA_ID", "")
         self.out = _Capture()
-        self.err = _Capture()
+        self.err = _Capture(self.out.written)
         self._send_lock = threading.Lock()
         self._log_lock = threading.Lock()
         #: (task id, item) of the call running now, for the log flusher; None between calls.
@@ -288,17 +292,22 @@ class Worker:
         last_flush = clock()
         group_cpu = cpu_clock()
         set_progress = self.progress.set
+        # The per-item progress write, without a method call: on a batch of fast calls the
+        # loop's own cost is what counts.
+        pack_progress, progress_mm, running = ipc.PROGRESS.pack_into, self.progress.mm, ipc.STATE_RUNNING
         out, err = self.out, self.err
         real_out, real_err = sys.stdout, sys.stderr
         last_pos = len(todo) - 1
+        written = out.written
+        written[0] = 1  # output from before this task: counted afresh below
         sys.stdout, sys.stderr = out, err
         try:
             for pos, i in enumerate(todo):
                 t0 = clock()
-                set_progress(task_id, i, mono(), ipc.STATE_RUNNING)
-                if out.total != out.size:  # the last call wrote: count this one's output afresh
+                pack_progress(progress_mm, 0, task_id, i, mono(), running)
+                if written[0]:  # the last call (or a thread) wrote: count this one's output afresh
+                    written[0] = 0
                     out.new_call()
-                if err.total != err.size:
                     err.new_call()
                 self.current = (task_id, i)
                 try:
@@ -308,10 +317,13 @@ class Worker:
                     value = None
                     errors[i] = (_error_info(protocol.ERR_USER, exc), exc)
                 t1 = clock()
-                with self._log_lock:
+                if written[0]:  # the log flusher may be sending this call's lines: not in the middle
+                    with self._log_lock:
+                        self.current = None
+                else:  # nothing printed: the flusher has nothing of this call to send
                     self.current = None
                 items[i] = None  # let arguments go as soon as they are used
-                if out.size or err.size or out.cut or err.cut:
+                if written[0] and (out.size or err.size or out.cut or err.cut):
                     self._send_logs(task_id, i)
                 group.append(i)
                 values.append(value)
