@@ -62,11 +62,14 @@ def bench(session: nox.Session) -> None:
     missed = []
     hedging = ["--replicas", "10", "--start-active", "10", "--cold-start", "0", "--calls", "5000", "--concurrency", "200",
                "--slow-replica", "2000"]  # fmt: skip
+    prewarming = ["--replicas", "6", "--workers", "4", "--concurrent-requests", "4", "--work", "100", "--calls", "2000",
+                  "--concurrency", "48"]  # fmt: skip
     runs = [
         ["benchmarks/fanout.py", *session.posargs],
         ["benchmarks/peers.py", *session.posargs],
         ["benchmarks/cloud_sim.py"],
         ["benchmarks/cloud_sim.py", *hedging],
+        ["benchmarks/cloud_sim.py", *prewarming],
         ["benchmarks/inflight.py"],
     ]
     for args in runs:  # every one runs, whatever the others say

@@ -42,6 +42,10 @@ With ``--slow-replica MS`` (e.g. ``--replicas 10 --start-active 10 --cold-start 
 chunksize 1 without and with straggler hedging (``map(..., hedge=--hedge)``); the target is
 that with hedging no call waits for the slow replica (the slowest call takes less than MS).
 
+With ``--work MS`` (e.g. ``--replicas 6 --workers 4 --concurrent-requests 4 --work 100 --calls
+2000 --concurrency 48``) each call sleeps MS ms on its worker, so the job's pace is set by how
+many replicas are up; it runs at chunksize 1 without and with ``prewarm=True``.
+
 Exits non-zero if a target is missed (so `nox -s bench` fails loudly). Never run by tests.
 """
 
@@ -51,6 +55,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -72,6 +77,12 @@ from async_ca_exec.runtimes import local as local_module
 
 
 def add7(x: int) -> int:
+    return x + 7
+
+
+def slow_add7(x: int, seconds: float) -> int:
+    """A call that takes ``seconds`` of a worker (sleeping: the CPU stays free for the rest)."""
+    time.sleep(seconds)
     return x + 7
 
 
@@ -124,6 +135,9 @@ class Ingress:
 
     def _scale_out(self) -> None:
         i = self.active
+        if i >= len(self.s.upstreams) or self.ready[i] is not None:  # all there, or already starting (pre-warmed)
+            self.scaling = False
+            return
         self._note(f"replica {i} started ({self.inflight} requests in flight)")
         if self.s.route_to_cold:  # routed to at once; its first request starts it and waits
             self._join(i)
@@ -379,7 +393,8 @@ async def run_row(
                     r.raise_for_status()
                 cpu, t = time.process_time(), time.perf_counter()
                 try:
-                    results = await ex.map(add7, range(a.calls), chunksize=chunksize, hedge=hedge, prewarm=prewarm)
+                    fn = functools.partial(slow_add7, seconds=a.work / 1000) if a.work else add7
+                    results = await ex.map(fn, range(a.calls), chunksize=chunksize, hedge=hedge, prewarm=prewarm)
                 except (TypeError, ValueError) as exc:  # chunksize="auto" may not exist yet
                     row.error = f"{type(exc).__name__}: {exc}"[:80]
                     return row
@@ -442,6 +457,40 @@ def hedging(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def prewarming(a: argparse.Namespace) -> int:
+    """Calls that take a worker ``--work`` ms: capacity grows with replicas, so how soon they
+    are there decides the job time. Without pre-warming they come one scale-out at a time."""
+    print(
+        f"cloud in a box, pre-warming: map(sleep {a.work:g} ms, range({a.calls:,})), max_concurrency {a.concurrency:,}, "
+        f"up to {a.replicas} replicas x {a.workers} workers, scale out when in-flight > {a.concurrent_requests or a.workers}"
+        f" x active, {a.control_delay:g} s later, cold start {a.cold_start:g} s; {os.cpu_count()} CPUs"
+    )
+    rows: list[Row] = []
+    try:
+        for latency in a.latency:
+            for prewarm in (False, True):
+                row = asyncio.run(run_row(a, latency, 1, prewarm=prewarm))
+                rows.append(row)
+                print(f"  prewarm={prewarm}: " + "; ".join(row.stats["events"]))
+    finally:
+        for proc in _PROXIES:
+            _stop_process(proc)
+    capacity = a.replicas * a.workers / (a.work / 1000)
+    ideal = a.cold_start + a.calls / min(capacity, a.concurrency / (a.work / 1000 + 2 * a.latency[0] / 1000))
+    print(f"\n{'latency':>8}  {'prewarm':>7}  {'wall s':>7}  {'calls/s':>8}  routed")
+    for row in rows:
+        print(f"{row.latency_ms:>6g}ms  {row.prewarm!s:>7}  {row.wall:>7.2f}  {a.calls / row.wall:>8,.0f}  {row.stats['routed']}")
+    ok = True
+    for cold, warm in zip(rows[::2], rows[1::2], strict=True):
+        gain = cold.wall / warm.wall
+        ok &= gain > 1.0
+        print(
+            f"{cold.latency_ms:g} ms: prewarm=True cuts the job from {cold.wall:.2f} s to {warm.wall:.2f} s ({gain:.2f}x); "
+            f"with every replica warm from the first cold start it could take about {ideal:.2f} s"
+        )
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=20_000)
@@ -466,10 +515,19 @@ def main(argv: list[str] | None = None) -> int:
         help="replica 0 answers MS ms late: compare map at chunksize 1 without and with straggler hedging",
     )
     p.add_argument("--hedge", type=float, default=0.8, help="the hedging rows' latency percentile (with --slow-replica)")
+    p.add_argument(
+        "--work",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="each call sleeps MS ms on its worker: compare map at chunksize 1 without and with prewarm=True",
+    )
     a = p.parse_args(argv)
     _raise_nofile()
     if a.slow_replica:
         return hedging(a)
+    if a.work:
+        return prewarming(a)
 
     print(
         f"cloud in a box: map(add7, range({a.calls:,})), max_concurrency {a.concurrency:,}; {os.cpu_count()} CPUs, "
