@@ -92,6 +92,15 @@ def test_montecarlo_pi_example_is_close_to_pi(tmp_path: Path) -> None:
     assert re.fullmatch(r"41 calls \(the reduce included\) succeeded in \d+\.\d\d s", out[1]), out
 
 
+def test_stragglers_example_hedges_every_stalled_call(tmp_path: Path) -> None:
+    out = run("stragglers.py", tmp_path).splitlines()
+    assert re.fullmatch(r"200 results in \d+\.\d s \(8 calls stalled 5 s on their first attempt\)", out[0]), out
+    m = re.fullmatch(r"hedges: (\d+) backups sent, (\d+) answered first", out[1])
+    assert m, out
+    sent, won = int(m.group(1)), int(m.group(2))
+    assert won >= 8 and sent >= won  # each stalled call's backup answered first
+
+
 #: Every file in examples/ and the test that runs or checks it (notebooks: tests/test_notebooks.py).
 COVERED = {
     "quickstart.py": "test_examples.py::test_quickstart_prints_1000_results",
@@ -99,6 +108,7 @@ COVERED = {
     "async_patterns.py": "test_examples.py::test_async_patterns_example",
     "wordcount.py": "test_examples.py::test_wordcount_with_map_reduce_example",
     "montecarlo_pi.py": "test_examples.py::test_montecarlo_pi_example_is_close_to_pi",
+    "stragglers.py": "test_examples.py::test_stragglers_example_hedges_every_stalled_call",
     "wordcount_blob.py": "test_examples.py::test_wordcount_over_blob_storage_example",
     "custom_runtime/numpy_job.py": "test_examples.py::test_custom_runtime_example_runs_or_names_the_missing_package",
     # built by `acx runtime build` with a recording engine (never a real build here)
