@@ -56,6 +56,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import multiprocessing
 import os
@@ -68,9 +69,8 @@ from typing import Any
 from unittest import mock
 
 import aiohttp
-from aiohttp import web
 
-from async_ca_exec import AsyncExecutor
+from async_ca_exec import AsyncExecutor, wire
 from async_ca_exec import executor as executor_module
 from async_ca_exec.runtimes import create_runtime
 from async_ca_exec.runtimes import local as local_module
@@ -109,7 +109,7 @@ class Ingress:
 
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.session: aiohttp.ClientSession | None = None
+        self.pools: list[wire.Pool] = []
         self.reset()
 
     def reset(self) -> None:
@@ -178,80 +178,158 @@ class Ingress:
             await ev.wait()
         return i
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.path == f"{SIM}/reset":
-            self.reset()
-            return web.json_response({})
-        if request.path == f"{SIM}/warm":
-            self.warm(int((await request.json())["n"]))
-            return web.json_response({})
-        if request.path == f"{SIM}/stats":
-            return web.json_response(
-                {"active": self.active, "routed": self.routed, "peak_inflight": self.peak_inflight, "events": self.events}
-            )
-        body = await request.read()
+    async def serve(self, down: _Downstream, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> None:
+        path = target.decode("latin-1")
+        if path.startswith(SIM):
+            down.reply(200, json.dumps(self._sim(path, body)).encode())
+            return
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
             self._maybe_scale()
             await asyncio.sleep(self.s.latency)  # the way in
             i = await self._route()
-            return await self._forward(request, self.s.upstreams[i], body, self.s.slow if i == 0 else 0.0)
+            await self._forward(down, i, method, target, headers, body, self.s.slow if i == 0 else 0.0)
         finally:
             self.inflight -= 1
 
-    async def _forward(self, request: web.Request, upstream: str, body: bytes, slow: float) -> web.StreamResponse:
-        assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    def _sim(self, path: str, body: bytes) -> dict[str, Any]:
+        if path == f"{SIM}/reset":
+            self.reset()
+        elif path == f"{SIM}/warm":
+            self.warm(int(json.loads(body)["n"]))
+        elif path == f"{SIM}/stats":
+            return {"active": self.active, "routed": self.routed, "peak_inflight": self.peak_inflight, "events": self.events}
+        return {}
+
+    async def _forward(
+        self, down: _Downstream, i: int, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes, slow: float
+    ) -> None:
         loop = asyncio.get_running_loop()
-        async with self.session.request(request.method, upstream + request.path_qs, data=body, headers=headers) as up:
-            resp = web.StreamResponse(status=up.status)
-            for name, value in up.headers.items():
-                if name.lower() not in _HOP_BY_HOP:
-                    resp.headers[name] = value
+        pool = self.pools[i]
+        conn = await pool.acquire()
+        reuse = False
+        try:
+            fields = b"".join([k + b": " + v + b"\r\n" for k, v in headers.items() if k.decode() not in _HOP_BY_HOP])
+            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
+                method,
+                target,
+                pool.authority.encode(),
+                fields,
+                len(body),
+            )
+            conn.send(head, body, None)
+            up = await conn.read_head()
+            out = b"HTTP/1.1 %d X\r\n" % up.status + b"".join(
+                b"%s: %s\r\n" % (name.encode(), up.headers[name].encode())
+                for name in ("content-type", "x-acx-replica", "retry-after")
+                if name in up.headers
+            )
             if up.content_length is not None:
-                resp.content_length = up.content_length
-            prepared = False
-            while True:
-                # The way back: a chunk that had to be waited for has just arrived and waits the
-                # latency; one already buffered arrived during the previous wait (so it is late
-                # enough already and keeps its place behind the one before).
-                asked = loop.time()
-                chunk = await up.content.readany()
-                if not chunk:
-                    break
-                if not prepared or loop.time() - asked > 0.001:
-                    await asyncio.sleep(self.s.latency + (slow if not prepared else 0.0))
-                if not prepared:
-                    await resp.prepare(request)
-                    prepared = True
-                await resp.write(chunk)
-            if not prepared:
-                await asyncio.sleep(self.s.latency + slow)
-                await resp.prepare(request)
-            await resp.write_eof()
-            return resp
+                data = await up.read()
+                await asyncio.sleep(self.s.latency + slow)  # the way back
+                down.write(out + b"Content-Length: %d\r\n\r\n" % len(data) + data)
+            else:
+                first = True
+                while True:
+                    # A chunk that had to be waited for has just arrived and waits the latency;
+                    # one already buffered arrived during the previous wait (late enough already).
+                    asked = loop.time()
+                    chunk = await up.read_some(1 << 16)
+                    if not chunk:
+                        break
+                    if first or loop.time() - asked > 0.001:
+                        await asyncio.sleep(self.s.latency + (slow if first else 0.0))
+                    if first:
+                        down.write(out + b"Transfer-Encoding: chunked\r\n\r\n")
+                        first = False
+                    down.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                if first:
+                    await asyncio.sleep(self.s.latency + slow)
+                    down.write(out + b"Transfer-Encoding: chunked\r\n\r\n")
+                down.write(b"0\r\n\r\n")
+            reuse = up.keep_alive
+        except wire.WireError:
+            down.abort()  # the replica went away: so does the answer
+        finally:
+            pool.release(conn, reuse=reuse)
+
+
+class _Downstream(asyncio.Protocol):
+    """One client connection to the ingress: requests one at a time (as the SDK sends them),
+    each served by a task that is cancelled if the client goes (so is the upstream request)."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.task is None:
+            self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def _next(self) -> None:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        lines = bytes(buf[:end]).split(b"\r\n")
+        method, target, _version = lines[0].split(b" ", 2)
+        headers: dict[bytes, bytes] = {}
+        for raw in lines[1:]:
+            name, _, value = raw.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.pop(b"content-length", b"0"))
+        if len(buf) < end + 4 + length:
+            return
+        body = bytes(buf[end + 4 : end + 4 + length])
+        del buf[: end + 4 + length]
+        self.task = asyncio.get_running_loop().create_task(self.ingress.serve(self, method, target, headers, body))
+        self.task.add_done_callback(self._served)
+
+    def _served(self, _task: asyncio.Task[None]) -> None:
+        self.task = None
+        if not self.closed and self.buf:
+            self._next()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def reply(self, status: int, body: bytes) -> None:
+        self.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def _proxy_main(settings: Settings, conn: Any) -> None:
     async def main() -> None:
         ingress = Ingress(settings)
-        ingress.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
-        )
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", ingress.handle)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
+        ingress.pools = [wire.Pool(url) for url in settings.upstreams]
+        loop = asyncio.get_running_loop()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock, backlog=4096).start()
+        server = await loop.create_server(lambda: _Downstream(ingress), sock=sock, backlog=4096)
         conn.send(sock.getsockname()[1])
         try:
             await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
-            await ingress.session.close()
+            server.close()
+            for pool in ingress.pools:
+                await pool.aclose()
 
     _raise_nofile()
     with contextlib.suppress(KeyboardInterrupt):

@@ -207,31 +207,28 @@ class ConnectionGuard(asyncio.Protocol):
         self.busy = 0
         self.idle = False
         self.closed = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        #: When the connection is cut unless a request is being handled (None: not watched).
+        #: No timer per request: the server's sweeper looks at every guard a few times a second.
+        self._deadline: float | None = None
 
     def _arm(self, seconds: float, *, earlier_only: bool = False) -> None:
         if self.closed:  # a handler finishing after its client left: nothing to watch
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        if earlier_only and self._timer is not None and self._deadline <= deadline:
+        deadline = time.monotonic() + seconds
+        if earlier_only and self._deadline is not None and self._deadline <= deadline:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         self._deadline = deadline
-        self._timer = loop.call_at(deadline, self._expire)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
 
-    def _expire(self) -> None:
-        self._timer = None
-        if self.busy == 0 and self.transport is not None:
-            self.server.slow_clients_cut += 1
-            self.transport.abort()
+    def check(self, now: float) -> None:
+        """The sweeper's look: past its deadline with no request being handled, the connection goes."""
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            if self.busy == 0 and self.transport is not None:
+                self.server.slow_clients_cut += 1
+                self.transport.abort()
 
     def request_started(self) -> None:
         self.busy += 1
@@ -291,6 +288,7 @@ class Server:
         )
         self.runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._meta: bytes | None = None
         self.functions = FunctionCache(settings.fn_cache_bytes)
         self._http: aiohttp.ClientSession | None = None
@@ -408,7 +406,10 @@ class Server:
         if length > settings.max_body:
             return self._too_large(length)
         try:
-            body = await asyncio.wait_for(request.read(), settings.header_timeout + length / settings.min_body_rate)
+            if request.content.is_eof():  # all here already (a small body): no deadline to keep
+                body = await request.read()
+            else:
+                body = await asyncio.wait_for(request.read(), settings.header_timeout + length / settings.min_body_rate)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(None)
         except asyncio.TimeoutError:
@@ -631,6 +632,17 @@ class Server:
                     t.heartbeat_due = True
                     t.wake()
 
+    async def _sweep_connections(self) -> None:
+        """Cut the connections past their header or idle deadline (see ConnectionGuard), looking
+        often enough for the shorter of the two to be kept within a quarter of itself."""
+        s = self.settings
+        every = min(1.0, s.header_timeout / 4, s.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for guard in list(self.connections.values()):
+                guard.check(now)
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> list[Any]:
@@ -666,6 +678,7 @@ class Server:
                 for sock in probe_sockets
             ]
         self._ticker = loop.create_task(self._tick())
+        self._sweeper = loop.create_task(self._sweep_connections())
         log.info(
             "acx_server %s listening on %s with %d worker processes", self.settings.replica, addresses, self.settings.workers
         )
@@ -722,6 +735,8 @@ class Server:
                 log.warning("in-flight calls did not finish within the grace period")
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._background:  # durable calls finishing after their client was cut off
             await asyncio.wait(self._background, timeout=self._grace)
         await self.pool.close()
