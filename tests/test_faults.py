@@ -147,6 +147,32 @@ async def test_imap_through_faults_resolves_each_future_once(proxied: dict[str, 
     assert sorted(seen) == list(range(1, 2001))
 
 
+def stall_first_attempt(x: int, path: str) -> int:
+    """Every 100th item's first attempt stalls for a minute (a straggler); the rest answer at once."""
+    if x % 100 == 3:
+        try:
+            os.close(os.open(Path(path, str(x)), os.O_CREAT | os.O_EXCL))
+            time.sleep(60)
+        except FileExistsError:
+            pass
+    return -x
+
+
+async def test_hedged_calls_through_faults_give_each_result_once(proxied: dict[str, Any], tmp_path: Path) -> None:
+    """Backups and retries together: a backup may meet a fault too, a retried request may get a
+    backup; every call still ends with exactly one result, in order, and no straggler holds the job."""
+    proxied.update(latency=0.02, fault_rate=0.05, seed=11, faults=("reset", "reset-after", "truncate", "503", "502"))
+    config = {"localhost": {"replicas": 1, "worker_processes": 3}}
+    async with AsyncExecutor(config=config, retries=8, max_concurrency=16) as ex:
+        fn = functools.partial(stall_first_attempt, path=str(tmp_path))
+        results = await asyncio.wait_for(ex.map(fn, range(-1500, 0), hedge=0.9), 120)  # a stall left alone: 60 s
+        summary = ex.job_summary()
+        assert proxy_of(ex).total_injected > 20
+    assert results == list(range(1500, 0, -1))
+    assert summary["calls"]["succeeded"] == 1500 and summary["calls"]["failed"] == 0
+    assert summary["hedges"]["won"] >= 1 and summary["retries"] >= 1
+
+
 @pytest.mark.parametrize(("fault", "cause"), [("503", "HTTP 503: injected 503"), ("reset", "ServerDisconnectedError")])
 async def test_when_retries_run_out_the_error_names_the_call_and_the_last_cause(
     proxied: dict[str, Any], fault: str, cause: str
