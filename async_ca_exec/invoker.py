@@ -125,6 +125,8 @@ class Request:
     def _claim(self, first: int, n: int) -> list[int] | None:
         """Mark items resolved; return those that already were (None when none were)."""
         if self._resolved is None:
+            if self.unresolved == 0:  # answered in full already (by a hedged request's other attempt)
+                return list(range(first, first + n))
             if first == 0 and n == self.n and self.unresolved == self.n:
                 self.unresolved = 0
                 return None
@@ -741,8 +743,8 @@ class Invoker:
     async def _contend(
         self, req: Request, attempt: int, ep: Endpoint, attempts: set[asyncio.Future[None]], *, backup: bool
     ) -> None:
-        """One side of a hedged request. The winner cuts the others in the same step as its last
-        outcome lands, so the loser's replica hears of it before anyone awaits the results."""
+        """One side of a hedged request. The winner cuts the others as soon as its answer is
+        complete (an outcome the other side brings meanwhile is dropped: see ``_claim``)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         await self._send(req, attempt, ep)
@@ -797,6 +799,11 @@ class Invoker:
         except wire.ConnectError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
         reuse = False
+        #: A durable call whose answer was cut: why. Recovered from Blob storage only once the
+        #: connection is closed (in ``finally``), so the runtime sees the cut and sends the
+        #: outcome there instead of running on for a client that is not reading.
+        recover: str | None = None
+        ended = False
         try:
             conn.send(head, body, self._read_timeout)
             head = body = b""  # written: not kept while the call runs
@@ -805,31 +812,34 @@ class Invoker:
                 try:
                     await self._refused(resp, req)
                 except _Retry as r:
-                    if r.maybe_ran and req.durable:  # a gateway timeout: the call may run on
-                        return await self._recover(req, str(r))
-                    raise
-            if resp.content_length is not None:
-                data = await resp.read()
-                ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
-            else:
-                ended = await self._stream(req, resp)
-            reuse = ended and resp.keep_alive and await resp.drain()
+                    if not (r.maybe_ran and req.durable):
+                        raise
+                    recover = str(r)  # a gateway timeout: the call may run on
+            if recover is None:
+                if resp.content_length is not None:
+                    data = await resp.read()
+                    ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
+                else:
+                    ended = await self._stream(req, resp)
+                reuse = ended and resp.keep_alive and await resp.drain()
         except (wire.WireError, ConnectionError) as exc:
             if isinstance(exc, wire.ReadTimeoutError):
                 cause = f"no data from the runtime for {self._read_timeout:.0f} s ({type(exc).__name__})"
             else:
                 cause = f"{type(exc).__name__}: {exc}"
-            if req.durable:  # the call may be running on: its outcome comes through Blob storage
-                return await self._recover(req, cause)
-            raise _Retry(cause) from None
+            if not req.durable:
+                raise _Retry(cause) from None
+            recover = cause  # the call may be running on: its outcome comes through Blob storage
         except protocol.ProtocolError as exc:
             raise _Retry(f"malformed response: {exc}") from None
         finally:
             pool.release(conn, reuse=reuse)
-        if not ended:
-            if req.durable:
-                return await self._recover(req, "the response ended early")
-            raise _Retry("the response ended before all results arrived")
+        if recover is None and not ended:
+            if not req.durable:
+                raise _Retry("the response ended before all results arrived")
+            recover = "the response ended early"
+        if recover is not None:
+            await self._recover(req, recover)
 
     def _request_head(self, headers: dict[str, str], length: int) -> bytes:
         fields = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
@@ -958,7 +968,7 @@ class Invoker:
                 if self.logs == "stream":
                     self.log_printer.write(job_index, stream, text)
             elif ftype == protocol.F_END:
-                if req.unresolved:
+                if req.unresolved > 0:
                     raise protocol.ProtocolError(f"response ended with {req.unresolved} call(s) unanswered")
                 return True
         return False

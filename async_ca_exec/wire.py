@@ -32,6 +32,11 @@ MAX_DRAIN = 64 * 1024
 SWEEP_EVERY = 1.0
 
 
+def _digits(text: str | bytes, most: int) -> bool:
+    """ASCII digits only, at most ``most`` of them (``isdigit`` alone accepts "²")."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
 class WireError(Exception):
     """A transport failure on the invoke path."""
 
@@ -63,7 +68,7 @@ class Connection(asyncio.Protocol):
     fails a read that has had no byte for ``timeout`` seconds."""
 
     __slots__ = (
-        "_buf", "_closed", "_exc", "_loop", "_pos", "_waiter", "idle_since", "last_data", "timeout", "transport",
+        "_buf", "_closed", "_exc", "_loop", "_pos", "_waiter", "_wsize", "idle_since", "last_data", "timeout", "transport",
     )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -77,6 +82,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.last_data = 0.0
         self.timeout: float | None = None
+        self._wsize = 0  # request bytes not yet sent, at the sweeper's last look
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -114,7 +120,8 @@ class Connection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         """Open, nothing unread: fit for the next request."""
-        return not self._closed and self.transport is not None and not self.transport.is_closing() and not self._unread
+        t = self.transport
+        return not self._closed and t is not None and not t.is_closing() and not self._unread and not t.get_write_buffer_size()
 
     @property
     def _unread(self) -> int:
@@ -128,7 +135,15 @@ class Connection(asyncio.Protocol):
     def expire_if_silent(self, now: float) -> None:
         """The sweeper's look: a wait with no byte for ``timeout`` seconds fails."""
         w = self._waiter
-        if w is not None and self.timeout is not None and now - self.last_data >= self.timeout:
+        if w is None or self.timeout is None:
+            return
+        # A request still being sent (a big body on a slow uplink) is alive while it moves:
+        # the silence counts from the last byte in either direction.
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        if size and size != self._wsize:
+            self.last_data = now
+        self._wsize = size
+        if now - self.last_data >= self.timeout:
             self._waiter = None
             if not w.done():
                 w.set_exception(ReadTimeoutError(f"no data from the server for {self.timeout:g} s"))
@@ -200,7 +215,7 @@ class Connection(asyncio.Protocol):
         lines = bytes(buf[:i]).split(b"\r\n")
         self._pos = i + 4
         status_line = lines[0].split(b" ", 2)
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not status_line[1].isdigit():
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not _digits(status_line[1], 3):
             raise HttpProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
         headers: dict[str, str] = {}
         for raw in lines[1:]:
@@ -235,7 +250,7 @@ class Response:
         self.chunked = "chunked" in te
         cl = headers.get("content-length")
         if cl is not None and not self.chunked:
-            if not cl.isdigit():
+            if not _digits(cl, 18):
                 raise HttpProtocolError(f"a malformed Content-Length: {cl[:40]!r}")
             self.content_length: int | None = int(cl)
         else:

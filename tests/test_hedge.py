@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from async_ca_exec import AsyncExecutor, FunctionExecutor
+from async_ca_exec.invoker import Outcome, SliceRequest
+from async_ca_exec.jobs import Job, Stats
 
 from conftest import alive, wait_gone
 
@@ -105,3 +107,19 @@ def test_the_facade_map_hedges_too(tmp_path: Path) -> None:
         assert fexec.get_result() == [2 * x for x in range(30)]
         assert fexec.job_summary()["hedges"]["won"] >= 1
     assert runs_of(tmp_path, STRAGGLER).count("end") == 1
+
+
+def test_a_request_answered_in_full_twice_keeps_the_first_answer_and_counts_once() -> None:
+    """Both sides of a hedged request may bring every outcome before the loser is cut."""
+    stats = Stats()
+    job = Job("j", b"fn", "0" * 64, 60.0, stats, collect=True, hedge=0.9)
+    offset, now = job.new_slots(2)
+    req = SliceRequest("j-00000:2", job, offset, 2, b"", now)
+
+    def outcome(values: list[int]) -> Outcome:
+        return Outcome(0, 2, values, {}, None, {}, None, {}, time.time())
+
+    req.apply(outcome([1, 2]))
+    req.apply(outcome([10, 20]))  # the other attempt's answer, all of it
+    assert job.results == [1, 2] and req.unresolved == 0 and job.pending == 0
+    assert stats.succeeded == 2

@@ -162,12 +162,39 @@ async def test_a_slow_but_live_stream_is_not_timed_out(monkeypatch: pytest.Monke
         await pool.aclose()
 
 
+async def test_a_slow_upload_is_not_a_read_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The silence counts from the last byte either way: a 16 MB body read by the server at
+    about 4 MB/s outlasts the 2 s timeout, but moves all along."""
+    monkeypatch.setattr(wire, "SWEEP_EVERY", 0.05)
+    body = b"x" * (16 << 20)
+
+    async def slow_reader(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await r.readuntil(b"\r\n\r\n")
+        left = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while left:
+            left -= len(await r.readexactly(min(256 * 1024, left)))
+            await asyncio.sleep(0.0625)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await r.read()
+
+    async with serve(slow_reader) as (url, _):
+        pool = wire.Pool(url)
+        conn, resp = await post(pool, body, timeout=2.0)
+        assert await resp.read() == b"ok"
+        pool.release(conn, reuse=True)
+        await pool.aclose()
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         (b"SMTP ready\r\n\r\n", "not an HTTP/1.1 status line"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "a malformed header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", "a malformed Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"), "a malformed Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 40 + b"\r\n\r\n", "a malformed Content-Length"),
+        ("HTTP/1.1 \u00b2\u00b2\u00b2 OK\r\n\r\n".encode("latin-1"), "not an HTTP/1.1 status line"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "a malformed chunk size line"),
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (wire.MAX_HEAD + 10), "a response head of more than"),
     ],
