@@ -616,7 +616,7 @@ class Invoker:
             try:
                 if req.job.hedge is not None:
                     await self._hedged(req, attempt, ep)
-                else:
+                else:  # _send, inlined: one coroutine frame less per call in flight (inflight.py)
                     try:
                         await self._attempt(req, attempt, ep)
                     except _SendFunction:

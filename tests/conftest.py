@@ -335,3 +335,13 @@ async def replica_with_a_running_call(path: Path, pids: list[int]) -> int:
             return running[0]
         await asyncio.sleep(0.05)
     raise AssertionError(f"no call started on any of the replicas {pids} within 30 s")
+
+
+def first_run(path: str, name: str) -> bool:
+    """True for the first process to ask for ``name`` under ``path`` (an O_CREAT | O_EXCL marker):
+    lets a call behave differently on its first attempt (a straggler, say)."""
+    try:
+        os.close(os.open(Path(path, name), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True

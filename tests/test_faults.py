@@ -28,7 +28,7 @@ from async_ca_exec import executor as executor_module
 from async_ca_exec.invoker import BACKOFF_CAP
 from async_ca_exec.runtimes import create_runtime
 
-from conftest import children, nap_noting_replica, replica_with_a_running_call, wait_gone
+from conftest import children, first_run, nap_noting_replica, replica_with_a_running_call, wait_gone
 
 
 class ProxiedRuntime:
@@ -149,12 +149,8 @@ async def test_imap_through_faults_resolves_each_future_once(proxied: dict[str, 
 
 def stall_first_attempt(x: int, path: str) -> int:
     """Every 100th item's first attempt stalls for 10 s (a straggler); the rest answer at once."""
-    if x % 100 == 3:
-        try:
-            os.close(os.open(Path(path, str(x)), os.O_CREAT | os.O_EXCL))
-            time.sleep(10)
-        except FileExistsError:
-            pass
+    if x % 100 == 3 and first_run(path, str(x)):
+        time.sleep(10)
     return -x
 
 

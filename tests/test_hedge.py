@@ -15,7 +15,7 @@ from async_ca_exec import AsyncExecutor, FunctionExecutor
 from async_ca_exec.invoker import Outcome, SliceRequest
 from async_ca_exec.jobs import Job, Stats
 
-from conftest import alive, wait_gone
+from conftest import alive, first_run, wait_gone
 
 STRAGGLER = 7
 LAYOUT = {"localhost": {"replicas": 1, "worker_processes": 3}}
@@ -27,12 +27,8 @@ def straggle_once(x: int, path: str) -> int:
     log = Path(path, str(x))
     with open(log, "a") as f:
         f.write(f"start {os.getpid()}\n")
-    if x == STRAGGLER:
-        try:
-            os.close(os.open(Path(path, f"{x}.first"), os.O_CREAT | os.O_EXCL))
-            time.sleep(3600)
-        except FileExistsError:
-            pass
+    if x == STRAGGLER and first_run(path, f"{x}.first"):
+        time.sleep(3600)
     with open(log, "a") as f:
         f.write("end\n")
     return 2 * x
