@@ -436,6 +436,8 @@ class Row:
     prewarm: bool = False
     wall: float = math.nan
     cpu_us: float = math.nan
+    #: CPU per call of the other processes on this machine: replica servers, their workers, the proxy.
+    others_us: dict[str, float] = dataclasses.field(default_factory=dict)
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str = ""
 
@@ -469,6 +471,8 @@ async def run_row(
             async with aiohttp.ClientSession() as s:
                 async with s.post(f"{rt.url}{SIM}/reset") as r:
                     r.raise_for_status()
+                procs = _process_groups(rt)
+                before = {k: sum(map(_cpu_seconds, pids)) for k, pids in procs.items()}
                 cpu, t = time.process_time(), time.perf_counter()
                 try:
                     fn = functools.partial(slow_add7, seconds=a.work / 1000) if a.work else add7
@@ -478,6 +482,7 @@ async def run_row(
                     return row
                 row.wall = time.perf_counter() - t
                 row.cpu_us = (time.process_time() - cpu) / a.calls * 1e6
+                row.others_us = {k: (sum(map(_cpu_seconds, pids)) - before[k]) / a.calls * 1e6 for k, pids in procs.items()}
                 assert results == [i + 7 for i in range(a.calls)]
                 async with s.get(f"{rt.url}{SIM}/stats") as r:
                     row.stats = await r.json()
@@ -489,6 +494,37 @@ async def run_row(
                 wire = sorted(r - s for s, r in zip(calls.sent, calls.received, strict=True))
                 row.stats["wire"] = {"p50": wire[len(wire) // 2], "p99": wire[int(0.99 * len(wire))], "max": wire[-1]}
     return row
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's CPU time (user + system), from /proc; NaN where there is no /proc (or it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _process_groups(rt: SimCloudRuntime) -> dict[str, list[int]]:
+    """The machine's other processes in a run: replica servers, their worker processes, the proxy.
+
+    Taken after the first call (every replica is started then; the scaler only routes to them).
+    A worker replaced during the job is not counted (none is, for add7)."""
+    servers = rt.pids
+    return {
+        "servers": servers,
+        "workers": [c for pid in servers for c in _children(pid)],
+        "proxy": [rt.proxy.pid] if rt.proxy is not None else [],
+    }
 
 
 def ideal_seconds(a: argparse.Namespace, latency_ms: float) -> float:
@@ -630,6 +666,13 @@ def main(argv: list[str] | None = None) -> int:
             _stop_process(proc)
 
     head = f"{'latency':>8}  {'chunksize':>9}  {'wall s':>7}  {'ideal s':>7}  {'ratio':>6}  {'calls/s':>8}  {'CPU us/call':>11}"
+    print("\nCPU us per call of every process on the machine (client = the SDK; the others stand in for Azure):")
+    for row in rows:
+        if row.others_us:
+            cs_label = f"{row.chunksize}{'+warm' if row.prewarm else ''}"
+            total = row.cpu_us + sum(row.others_us.values())
+            print(f"  {row.latency_ms:g} ms, chunksize {cs_label}: client {row.cpu_us:.0f}, "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in row.others_us.items()) + f"; total {total:.0f}")  # fmt: skip
     print(f"\n{head}  targets")
     ok = True
     for row in rows:
