@@ -1,4 +1,4 @@
-"""The replica's HTTP server: raw ``aiohttp.web``, three routes, nothing on top.
+"""The replica's server: three routes on a lean HTTP/1.1 protocol (http11.py), nothing on top.
 
 ``POST /v1/invoke`` checks the timestamp before reading the body, the HMAC signature before
 looking at the envelope, and the envelope's structure before handing it to a worker; it never
@@ -31,10 +31,10 @@ import urllib.parse
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from async_ca_exec import protocol
 
+from .http11 import HttpConnection, Request, Response, json_response
 from .pool import Task, WorkerPool, _outcome_frame
 from .settings import Settings, available_cpus, available_memory
 
@@ -192,86 +192,6 @@ class ReplayGuard:
         return sum(len(g) for g in self._generations)
 
 
-class ConnectionGuard(asyncio.Protocol):
-    """Wraps aiohttp's per-connection protocol to cut slow clients (slow-loris).
-
-    A connection must bring a request's headers within ``header_timeout`` of opening, or of
-    its first byte after an idle spell; idle between requests, it may stay ``idle_timeout``.
-    While a request is handled, the handler keeps its own deadlines (reading the body).
-    """
-
-    def __init__(self, inner: Any, server: Server) -> None:
-        self.inner = inner
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.busy = 0
-        self.idle = False
-        self.closed = False
-        #: When the connection is cut unless a request is being handled (None: not watched).
-        #: No timer per request: the server's sweeper looks at every guard a few times a second.
-        self._deadline: float | None = None
-
-    def _arm(self, seconds: float, *, earlier_only: bool = False) -> None:
-        if self.closed:  # a handler finishing after its client left: nothing to watch
-            return
-        deadline = time.monotonic() + seconds
-        if earlier_only and self._deadline is not None and self._deadline <= deadline:
-            return
-        self._deadline = deadline
-
-    def _disarm(self) -> None:
-        self._deadline = None
-
-    def check(self, now: float) -> None:
-        """The sweeper's look: past its deadline with no request being handled, the connection goes."""
-        if self._deadline is not None and now >= self._deadline:
-            self._deadline = None
-            if self.busy == 0 and self.transport is not None:
-                self.server.slow_clients_cut += 1
-                self.transport.abort()
-
-    def request_started(self) -> None:
-        self.busy += 1
-        self.idle = False
-        self._disarm()
-
-    def request_finished(self) -> None:
-        self.busy -= 1
-        if self.busy == 0:
-            self.idle = True
-            self._arm(self.server.settings.idle_timeout)
-
-    # -- asyncio.Protocol, passed on to aiohttp's handler --
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.server.connections[transport] = self
-        self._arm(self.server.settings.header_timeout)
-        self.inner.connection_made(transport)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.closed = True
-        self._disarm()
-        if self.transport is not None:
-            self.server.connections.pop(self.transport, None)
-        self.inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self.idle:  # a new request begins: its headers have header_timeout to arrive
-            self.idle = False
-            self._arm(self.server.settings.header_timeout, earlier_only=True)
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()  # type: ignore[no-any-return]
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -286,7 +206,6 @@ class Server:
         self.pool = WorkerPool(
             settings.workers, replica=settings.replica, env=env, cwd=self._workdir, memory_limit=settings.worker_memory
         )
-        self.runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._meta: bytes | None = None
@@ -294,7 +213,7 @@ class Server:
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.replays = ReplayGuard(settings.signature_window)
-        self.connections: dict[asyncio.BaseTransport, ConnectionGuard] = {}
+        self.connections: dict[asyncio.BaseTransport, HttpConnection] = {}
         self._sockets: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
         #: Requests refused (bad signature, replay), and those waiting out the delay now.
@@ -306,31 +225,39 @@ class Server:
 
     # -- routes ----------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body, middlewares=[self._track])
-        app.router.add_post(protocol.INVOKE_PATH, self.invoke)
-        app.router.add_get(protocol.HEALTH_PATH, self.health)
-        app.router.add_get(protocol.META_PATH, self.meta)
-        return app
+    @property
+    def header_timeout(self) -> float:
+        return self.settings.header_timeout
 
-    @web.middleware
-    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Tell the connection's guard a request is being handled (its own deadlines apply)."""
-        guard = self.connections.get(request.transport) if request.transport is not None else None
-        if guard is None:
-            return await handler(request)  # type: ignore[no-any-return]
-        guard.request_started()
-        try:
-            return await handler(request)  # type: ignore[no-any-return]
-        finally:
-            guard.request_finished()
+    @property
+    def idle_timeout(self) -> float:
+        return self.settings.idle_timeout
 
-    async def _unauthenticated(self, exc: protocol.ProtocolError, request: web.Request) -> web.Response:
+    @property
+    def access_log(self) -> bool:
+        return self.settings.log_level == "DEBUG"
+
+    async def dispatch(self, request: Request, conn: HttpConnection) -> Response | None:
+        path, method = request.path, request.method
+        if path == protocol.INVOKE_PATH:
+            if method == "POST":
+                return await self.invoke(request, conn)
+            allowed = "POST"
+        elif path == protocol.HEALTH_PATH or path == protocol.META_PATH:
+            if method == "GET" or method == "HEAD":
+                return await (self.health() if path == protocol.HEALTH_PATH else self.meta(request))
+            allowed = "GET, HEAD"
+        else:
+            return self.error(404, f"no such path: {path[:100]!r} (the paths are {protocol.INVOKE_PATH}, "
+                                   f"{protocol.HEALTH_PATH} and {protocol.META_PATH})")  # fmt: skip
+        return self._error(405, f"method {method} is not allowed for {path} (only {allowed})", Allow=allowed)
+
+    async def _unauthenticated(self, exc: protocol.ProtocolError, request: Request) -> Response:
         """401 for a request whose signature failed."""
         call_id = request.headers.get(protocol.H_CALL_ID, "-")[:80]
         return await self._refuse(self._error(exc.status, str(exc)), f"{request.method} {request.path} {call_id!r}: {exc}")
 
-    async def _refuse(self, resp: web.Response, what: str) -> web.Response:
+    async def _refuse(self, resp: Response, what: str) -> Response:
         """Answer a refused request after ``auth_delay``, on a closed connection (a tarpit).
 
         A flooder's connections are held rather than turned over, so a flood costs it a
@@ -356,40 +283,42 @@ class Server:
                 if self._delayed < settings.refusal_slots and not self._accepting.is_set():
                     log.info("accepting connections again (%d refused requests held)", self._delayed)
                     self._accepting.set()
-        resp.force_close()
+        resp.close = True
         return resp
 
-    def _error(self, status: int, message: str, code: str | None = None, **headers: str) -> web.Response:
+    def _error(self, status: int, message: str, code: str | None = None, **headers: str) -> Response:
         doc = {"error": message, "replica": self.settings.replica}
         if code:
             doc["code"] = code
-        body = json.dumps(doc).encode()
-        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+        return json_response(status, doc, headers=headers or None)
 
-    async def health(self, request: web.Request) -> web.Response:
+    def error(self, status: int, message: str) -> Response:
+        """An error answer in this server's JSON form (for the HTTP layer's own refusals)."""
+        return self._error(status, message)
+
+    async def health(self) -> Response:
         ready = self.pool.ready_workers
         if self.draining:
             return self._error(503, "shutting down", **{"Retry-After": "1"})
         if self.pool.broken:
             return self._error(503, self.pool.broken)
-        body = json.dumps({"status": "ok" if ready else "starting", "ready_workers": ready}).encode()
-        return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
+        return json_response(200 if ready else 503, {"status": "ok" if ready else "starting", "ready_workers": ready})
 
-    async def meta(self, request: web.Request) -> web.Response:
+    async def meta(self, request: Request) -> Response:
         try:
             protocol.verify(self._key, "GET", protocol.META_PATH, request.headers, b"", window=self.settings.signature_window)
         except protocol.ProtocolError as exc:
             return await self._unauthenticated(exc, request)
         if self._meta is None:
             self._meta = json.dumps(runtime_meta(self.settings)).encode()
-        return web.Response(body=self._meta, content_type="application/json")
+        return Response(200, self._meta, "application/json")
 
-    async def invoke(self, request: web.Request) -> web.StreamResponse:
+    async def invoke(self, request: Request, conn: HttpConnection) -> Response | None:
         settings = self.settings
         if self.draining:
             # Closing the connection sends the retry to another replica (this one stopped listening).
             resp = self._error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
-            resp.force_close()
+            resp.close = True
             return resp
         headers = request.headers
         length = request.content_length
@@ -405,19 +334,16 @@ class Server:
             return await self._replayed(headers[protocol.H_CALL_ID], attempt)
         if length > settings.max_body:
             return self._too_large(length)
-        try:
-            if request.content.is_eof():  # all here already (a small body): no deadline to keep
-                body = await request.read()
-            else:
+        body = request.body  # all here already (a small body): no deadline to keep
+        if body is None:
+            try:
                 body = await asyncio.wait_for(request.read(), settings.header_timeout + length / settings.min_body_rate)
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large(None)
-        except asyncio.TimeoutError:
-            self.slow_clients_cut += 1
-            resp = self._error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
-                                    f"{settings.min_body_rate / 1024:.0f} KiB/s)")  # fmt: skip
-            resp.force_close()
-            return resp
+            except asyncio.TimeoutError:
+                self.slow_clients_cut += 1
+                resp = self._error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
+                                        f"{settings.min_body_rate / 1024:.0f} KiB/s)")  # fmt: skip
+                resp.close = True
+                return resp
         try:
             call_id = protocol.verify(self._key, "POST", protocol.INVOKE_PATH, headers, body, window=settings.signature_window)
         except protocol.ProtocolError as exc:
@@ -455,21 +381,21 @@ class Server:
             # The blob is only as trustworthy as the container: its digest is in the signed header.
             if hashlib.sha256(items).hexdigest() != header.get("items_sha256"):
                 return self._error(400, "the arguments blob does not match header field 'items_sha256'")
-        return await self._run(request, Task(self.pool.new_task_id(), inv, fn, items))
+        return await self._run(conn, Task(self.pool.new_task_id(), inv, fn, items))
 
-    async def _replayed(self, call_id: str, attempt: int) -> web.Response:
+    async def _replayed(self, call_id: str, attempt: int) -> Response:
         return await self._refuse(self._error(
             409, f"call {call_id} attempt {attempt} was already received: a request is run once (a retry is signed "
             "as a new attempt)", code=protocol.REPLAYED,
         ), f"{call_id!r} attempt {attempt}: a replay")  # fmt: skip
 
-    def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
+    def _failed(self, inv: protocol.Invocation, message: str) -> Response:
         """Every item of a request fails with a storage error (a 200 with error frames: the
         request itself was fine, and sending it again as it is would not help)."""
         frames = _storage_failure(0, inv.n, message, self.settings.replica, skip=inv.skip)
-        return web.Response(body=frames + protocol.END_FRAME, content_type=protocol.RESPONSE_CONTENT_TYPE)
+        return Response(200, frames + protocol.END_FRAME, protocol.RESPONSE_CONTENT_TYPE)
 
-    def _too_large(self, length: int | None) -> web.Response:
+    def _too_large(self, length: int | None) -> Response:
         size = f" of {length} bytes" if length is not None else ""
         return self._error(
             413,
@@ -477,7 +403,7 @@ class Server:
             "pass large data through blob storage or raise the runtime's ACX_MAX_BODY_BYTES",
         )
 
-    async def _run(self, request: web.Request, task: Task) -> web.StreamResponse:
+    async def _run(self, conn: HttpConnection, task: Task) -> Response | None:
         loop = asyncio.get_running_loop()
         self.active.add(task)
         delivered = False
@@ -490,19 +416,15 @@ class Server:
             if task.finished:
                 frames = await self._take(task)
                 frames.append(protocol.END_FRAME)
-                body = b"".join(frames)
+                resp = Response(200, b"".join(frames), protocol.RESPONSE_CONTENT_TYPE, hdrs)
                 if not task.durable:
-                    return web.Response(body=body, content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
+                    return resp
                 # Durable: write it here, so a cut is seen (and the outcome goes to Blob instead).
-                quick = web.Response(body=body, content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
-                await quick.prepare(request)
-                await quick.write_eof()
+                conn.write_now(resp)
                 delivered = True
-                return quick
+                return None
             # A slow call: stream, so the client sees heartbeats and knows the replica lives.
-            resp = web.StreamResponse(headers=hdrs)
-            resp.content_type = protocol.RESPONSE_CONTENT_TYPE
-            await resp.prepare(request)
+            conn.start_stream(200, protocol.RESPONSE_CONTENT_TYPE, hdrs)
             task.streaming = True
             while True:
                 frames = await self._take(task)
@@ -510,16 +432,16 @@ class Server:
                     task.heartbeat_due = False
                     frames.append(protocol.HEARTBEAT_FRAME)
                 if frames:
-                    await resp.write(b"".join(frames))
+                    await conn.write(b"".join(frames))
                     task.last_write = time.monotonic()
                 if task.finished:
                     break
                 task.waiter = loop.create_future()
                 await task.waiter
-            await resp.write(protocol.END_FRAME)
-            await resp.write_eof()
+            await conn.write(protocol.END_FRAME)
+            conn.end_stream()
             delivered = True
-            return resp
+            return None
         except (asyncio.CancelledError, ConnectionError):
             if task.durable and not delivered:
                 # The connection was cut (an ingress limit, most likely) before the outcome got
@@ -633,15 +555,15 @@ class Server:
                     t.wake()
 
     async def _sweep_connections(self) -> None:
-        """Cut the connections past their header or idle deadline (see ConnectionGuard), looking
+        """Cut the connections past their header or idle deadline (see HttpConnection), looking
         often enough for the shorter of the two to be kept within a quarter of itself."""
         s = self.settings
         every = min(1.0, s.header_timeout / 4, s.idle_timeout / 4)
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
-            for guard in list(self.connections.values()):
-                guard.check(now)
+            for conn in list(self.connections.values()):
+                conn.check(now)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -650,23 +572,11 @@ class Server:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300), auto_decompress=False
         )
-        self.runner = web.AppRunner(
-            self.app(),
-            handler_cancellation=True,
-            access_log=log if self.settings.log_level == "DEBUG" else None,
-            shutdown_timeout=self.settings.shutdown_grace,
-            keepalive_timeout=self.settings.idle_timeout + 5,  # the guard cuts idle connections first
-        )
-        await self.runner.setup()
-        handlers = self.runner.server
-        assert handlers is not None
         loop = asyncio.get_running_loop()
-        # Our own listener rather than a TCPSite: each connection goes through a ConnectionGuard,
-        # and accepting pauses while the refusal tarpit is full.
+        # Our own accept loop rather than loop.create_server: accepting pauses while the
+        # refusal tarpit is full.
         self._sockets = _listening_sockets(self.settings.host, self.settings.port, self.settings.reuse_port)
-        self._acceptors = [
-            loop.create_task(self._accept(sock, lambda: ConnectionGuard(handlers(), self))) for sock in self._sockets
-        ]
+        self._acceptors = [loop.create_task(self._accept(sock, lambda: HttpConnection(self))) for sock in self._sockets]
         addresses = [sock.getsockname() for sock in self._sockets]
         if self.settings.health_port:
             # Health probes get a port of their own, never paused by the tarpit and not behind
@@ -674,8 +584,7 @@ class Server:
             probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
             self._sockets += probe_sockets
             self._acceptors += [
-                loop.create_task(self._accept(sock, lambda: ConnectionGuard(handlers(), self), pausable=False))
-                for sock in probe_sockets
+                loop.create_task(self._accept(sock, lambda: HttpConnection(self), pausable=False)) for sock in probe_sockets
             ]
         self._ticker = loop.create_task(self._tick())
         self._sweeper = loop.create_task(self._sweep_connections())
@@ -727,12 +636,20 @@ class Server:
         self.draining = True
         log.info("acx_server %s shutting down (grace %.0f s)", self.settings.replica, self._grace)
         await self._stop_listening()  # no new connections: the client's retries go to other replicas
-        if self.runner is not None:
-            self.runner.server.shutdown_timeout = self._grace  # type: ignore[union-attr]
-            try:
-                await asyncio.wait_for(self.runner.cleanup(), self._grace + 5)
-            except asyncio.TimeoutError:
-                log.warning("in-flight calls did not finish within the grace period")
+        conns = list(self.connections.values())
+        for conn in conns:  # idle ones close now, the others once their answer is written
+            conn.close_when_idle()
+        handling = [conn.task for conn in conns if conn.task is not None]
+        if handling:
+            _done, late = await asyncio.wait(handling, timeout=self._grace)
+            if late:
+                log.warning("%d in-flight calls did not finish within the grace period", len(late))
+                for t in late:
+                    t.cancel()
+                await asyncio.wait(late, timeout=5)
+        for conn in list(self.connections.values()):
+            if conn.transport is not None:
+                conn.transport.abort()
         if self._ticker is not None:
             self._ticker.cancel()
         if self._sweeper is not None:

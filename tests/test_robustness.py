@@ -125,7 +125,7 @@ async def test_chunked_uploads_without_a_length_are_refused(server: ServerProces
     import aiohttp
 
     async with aiohttp.ClientSession() as s, s.post(server.url + protocol.INVOKE_PATH, data=gen(), headers=headers) as r:
-        assert r.status == 401 and "Content-Length" in (await r.json())["error"]
+        assert r.status == 411 and "Content-Length" in (await r.json())["error"]
 
 
 # -- the pool's cancel decision, on real Task objects and a stand-in worker -----------------
