@@ -24,9 +24,10 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +68,10 @@ DEFAULT_SIGNATURE_WINDOW = 300.0
 #: Seconds between heartbeat frames while a call runs.
 DEFAULT_HEARTBEAT = 5.0
 
-_HEX = frozenset("0123456789abcdef")
 _CALL_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+# Regular expressions test a str faster than a set of its characters does.
+_CALL_ID_MATCH = re.compile("[a-zA-Z0-9_.:-]*").fullmatch  # _CALL_ID_CHARS
+_HEX_MATCH = re.compile("[0-9a-f]*").fullmatch
 
 # --------------------------------------------------------------------------------------
 # errors
@@ -95,28 +98,60 @@ class PayloadTooLarge(ProtocolError):
 
 
 def body_digest(body: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(body).hexdigest()
+    return _sha256(body).hexdigest()
 
 
-def _attempt_line(method: str, attempt: int) -> str:
-    """Calls (POST) sign their attempt; GETs are signed as in protocol 1, so a client can always
-    read /v1/meta, learn a runtime's protocol version and say it differs (not "wrong key")."""
-    return "" if method.upper() == "GET" else f"{attempt}\n"
+_sha256 = hashlib.sha256
+_TRANS_5C = bytes(x ^ 0x5C for x in range(256))
+_TRANS_36 = bytes(x ^ 0x36 for x in range(256))
+#: Per key, SHA-256 states that have hashed its inner and outer HMAC pads (RFC 2104): copying
+#: them costs less than keying an HMAC for every request. A handful of keys at most.
+_HMAC_PADS: dict[bytes, tuple[Any, Any]] = {}
+
+
+def _hmac_sha256_hex(key: bytes, msg: bytes) -> str:
+    """``hmac.new(key, msg, hashlib.sha256).hexdigest()``, from precomputed pad states."""
+    pads = _HMAC_PADS.get(key) if type(key) is bytes else None
+    if pads is None:
+        if type(key) is not bytes:  # bytearray, memoryview: as hmac.new takes them, uncached
+            return hmac.new(key, msg, _sha256).hexdigest()
+        padded = (_sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")  # 64: SHA-256's block size
+        pads = (_sha256(padded.translate(_TRANS_36)), _sha256(padded.translate(_TRANS_5C)))
+        if len(_HMAC_PADS) >= 16:
+            _HMAC_PADS.clear()
+        _HMAC_PADS[key] = pads
+    inner = pads[0].copy()
+    inner.update(msg)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return outer.hexdigest()  # type: ignore[no-any-return]
 
 
 def sign(
     key: bytes, method: str, path: str, timestamp: str, call_id: str, body: bytes | bytearray | memoryview,
     attempt: int = 0,
 ) -> str:  # fmt: skip
-    """HMAC-SHA256 over method, path, timestamp, call id, attempt and the body's SHA-256, as hex."""
-    msg = f"{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{_attempt_line(method, attempt)}{body_digest(body)}".encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+    """HMAC-SHA256 over method, path, timestamp, call id, attempt and the body's SHA-256, as hex.
+
+    Calls (POST) sign their attempt; GETs are signed as in protocol 1, so a client can always
+    read /v1/meta, learn a runtime's protocol version and say it differs (not "wrong key").
+    """
+    m = method.upper()
+    if m == "GET":  # no attempt line
+        msg = f"{m}\n{path}\n{timestamp}\n{call_id}\n{_sha256(body).hexdigest()}".encode()
+    else:
+        msg = f"{m}\n{path}\n{timestamp}\n{call_id}\n{attempt}\n{_sha256(body).hexdigest()}".encode()
+    return _hmac_sha256_hex(key, msg)
 
 
 def sign_head(key: bytes, method: str, path: str, timestamp: str, call_id: str, length: int, attempt: int = 0) -> str:
     """HMAC-SHA256 over what is known before the body is read (its length, not its digest)."""
-    msg = f"acx-head\n{method.upper()}\n{path}\n{timestamp}\n{call_id}\n{_attempt_line(method, attempt)}{length}".encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+    m = method.upper()
+    if m == "GET":  # no attempt line (see sign())
+        msg = f"acx-head\n{m}\n{path}\n{timestamp}\n{call_id}\n{length}".encode()
+    else:
+        msg = f"acx-head\n{m}\n{path}\n{timestamp}\n{call_id}\n{attempt}\n{length}".encode()
+    return _hmac_sha256_hex(key, msg)
 
 
 def signed_headers(
@@ -142,7 +177,9 @@ def signed_headers(
 
 def attempt_of(headers: Any) -> int:
     """The signed attempt number of a request (0 when the header is absent)."""
-    raw = headers.get(H_ATTEMPT) or "0"
+    raw = headers.get(H_ATTEMPT)
+    if not raw or raw == "0":  # the first send
+        return 0
     if len(raw) > 6 or not raw.isdigit() or not raw.isascii():
         raise SignatureError(f"header {H_ATTEMPT} must be a small non-negative integer")
     return int(raw)
@@ -168,13 +205,23 @@ def verify_head(
     if length is None:
         raise SignatureError("a signed request needs a Content-Length (chunked bodies are not accepted)")
     expected = sign_head(key, method, path, ts, call_id, length, attempt_of(headers))
-    if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
+    if type(sig) is str and sig.isascii():  # compare_digest takes an ASCII str as it takes bytes
+        same = hmac.compare_digest(expected, sig)
+    else:
+        same = hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace"))
+    if not same:
         raise SignatureError("signature mismatch: the request was signed with another key or changed in transit")
 
 
 def check_call_id(call_id: str) -> None:
-    if not call_id or len(call_id) > MAX_CALL_ID or not _CALL_ID_CHARS.issuperset(call_id):
-        raise ProtocolError(f"call id must be 1..{MAX_CALL_ID} characters from [A-Za-z0-9-_.:], got {call_id[:40]!r}")
+    if call_id and len(call_id) <= MAX_CALL_ID:
+        try:
+            if _CALL_ID_MATCH(call_id):
+                return
+        except TypeError:  # not a str
+            if _CALL_ID_CHARS.issuperset(call_id):
+                return
+    raise ProtocolError(f"call id must be 1..{MAX_CALL_ID} characters from [A-Za-z0-9-_.:], got {call_id[:40]!r}")
 
 
 def check_fresh(timestamp: str | None, *, window: float = DEFAULT_SIGNATURE_WINDOW, now: float | None = None) -> None:
@@ -216,7 +263,11 @@ def verify(
     if not call_id or not sig:
         raise SignatureError(f"unsigned request: headers {H_CALL_ID} and {H_SIGNATURE} are required")
     expected = sign(key, method, path, ts, call_id, body, attempt_of(headers))
-    if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
+    if type(sig) is str and sig.isascii():  # compare_digest takes an ASCII str as it takes bytes
+        same = hmac.compare_digest(expected, sig)
+    else:
+        same = hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace"))
+    if not same:
         raise SignatureError("signature mismatch: the request was signed with another key or changed in transit")
     try:
         check_call_id(call_id)
@@ -249,22 +300,78 @@ class Invocation:
     header: dict[str, Any]
 
 
+def _invocation(
+    call_id: str, n: int, fn_hash: str, fn: memoryview, items: memoryview, timeout: float, skip: tuple[int, ...],
+    header: dict[str, Any],
+) -> Invocation:  # fmt: skip
+    """``Invocation(...)`` in a third of the time: a frozen dataclass's ``__init__`` sets each
+    field through ``object.__setattr__``."""
+    inv = _object_new(Invocation)
+    d = inv.__dict__
+    d["call_id"] = call_id
+    d["n"] = n
+    d["fn_hash"] = fn_hash
+    d["fn"] = fn
+    d["items"] = items
+    d["timeout"] = timeout
+    d["skip"] = skip
+    d["header"] = header
+    return inv
+
+
+_object_new = object.__new__
+#: json.dumps(obj, separators=(",", ":")) builds an encoder per call; this one is built once.
+_JSON_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_json_string = json.encoder.encode_basestring_ascii  # how that encoder writes a str (ensure_ascii)
+#: What json.loads runs (JSONDecoder.decode, less its checks around it).
+_json_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_INF = math.inf
+_finite = math.isfinite
+
+
+def _json_object(data: bytes | bytearray | memoryview) -> dict[str, Any] | None:
+    """The JSON object ``data`` holds, as ``json.loads(bytes(data))`` gives it, when ``data`` is
+    plain UTF-8 starting with ``{`` and without trailing whitespace (what this module writes);
+    None for anything else (also for anything json.loads refuses): the caller then takes
+    json.loads's path, so odd bytes get exactly its answer or its error."""
+    try:
+        s = str(data, "utf-8", "surrogatepass")
+        obj, end = _json_scan(s, 0)
+    except (ValueError, StopIteration):
+        return None
+    # s starts with a value (not a BOM or whitespace), so json.loads would read it as UTF-8 too
+    return obj if end == len(s) and type(obj) is dict else None
+
+
 def encode_invocation(
     *, call_id: str, n: int, fn: bytes, fn_hash: str, items: bytes, timeout: float, extra: dict[str, Any] | None = None
 ) -> bytes:
     """Build a request body. ``fn_hash`` is ``sha256(fn).hexdigest()``, computed once per job."""
-    header: dict[str, Any] = {"id": call_id, "n": n, "fn": fn_hash, "timeout": timeout}
-    if extra:
-        header.update(extra)
-    hj = json.dumps(header, separators=(",", ":")).encode()
+    if (
+        not extra
+        and type(call_id) is str
+        and type(fn_hash) is str
+        and type(n) is int
+        and type(timeout) is float
+        and _finite(timeout)
+    ):
+        # The usual header, byte for byte as the encoder below writes it: a str through
+        # encode_basestring_ascii, an int or a finite float as its repr.
+        hj = f'{{"id":{_json_string(call_id)},"n":{n!r},"fn":{_json_string(fn_hash)},"timeout":{timeout!r}}}'.encode()
+    else:
+        header: dict[str, Any] = {"id": call_id, "n": n, "fn": fn_hash, "timeout": timeout}
+        if extra:
+            header.update(extra)
+        hj = _JSON_COMPACT.encode(header).encode()
     return b"".join((_ENVELOPE.pack(_MAGIC, PROTOCOL_VERSION, 0, 0, len(hj), len(fn), len(items)), hj, fn, items))
 
 
 def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: float | None = None) -> Invocation:
     """Parse a verified request body, checking every length and field; never unpickles."""
     mv = memoryview(body)
-    if len(mv) < ENVELOPE_FIXED:
-        raise ProtocolError(f"envelope truncated: {len(mv)} bytes, the fixed header alone is {ENVELOPE_FIXED}")
+    size = len(mv)
+    if size < ENVELOPE_FIXED:
+        raise ProtocolError(f"envelope truncated: {size} bytes, the fixed header alone is {ENVELOPE_FIXED}")
     magic, version, _flags, _res, hlen, flen, ilen = _ENVELOPE.unpack_from(mv)
     if magic != _MAGIC:
         raise ProtocolError("not an async_ca_exec envelope (bad magic bytes)")
@@ -275,41 +382,62 @@ def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: floa
         )
     if hlen > MAX_JSON_HEADER:
         raise ProtocolError(f"JSON header of {hlen} bytes exceeds the limit of {MAX_JSON_HEADER}")
-    if ENVELOPE_FIXED + hlen + flen + ilen != len(mv):
-        raise ProtocolError(f"envelope lengths ({ENVELOPE_FIXED}+{hlen}+{flen}+{ilen}) do not add up to the body size {len(mv)}")
-    off = ENVELOPE_FIXED
-    try:
-        header = json.loads(bytes(mv[off : off + hlen]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"JSON header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("JSON header must be an object")
+    if ENVELOPE_FIXED + hlen + flen + ilen != size:
+        raise ProtocolError(f"envelope lengths ({ENVELOPE_FIXED}+{hlen}+{flen}+{ilen}) do not add up to the body size {size}")
+    off = ENVELOPE_FIXED + hlen
+    header = _json_object(mv[ENVELOPE_FIXED:off])
+    if header is None:
+        try:
+            header = json.loads(bytes(mv[ENVELOPE_FIXED:off]))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"JSON header is not valid JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("JSON header must be an object")
+    # Values come from JSON: exact types (the only int subclass JSON gives is bool)
     call_id = header.get("id")
     n = header.get("n")
     fn_hash = header.get("fn")
     timeout = header.get("timeout")
-    if not isinstance(call_id, str):
+    if type(call_id) is not str:
         raise ProtocolError("header field 'id' must be a string")
     check_call_id(call_id)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_BATCH:
+    if type(n) is not int or not 1 <= n <= MAX_BATCH:
         raise ProtocolError(f"header field 'n' must be an integer in 1..{MAX_BATCH}")
-    if not isinstance(fn_hash, str) or len(fn_hash) != 64 or not _HEX.issuperset(fn_hash):
+    if type(fn_hash) is not str or len(fn_hash) != 64 or not _HEX_MATCH(fn_hash):
         raise ProtocolError("header field 'fn' must be a SHA-256 hex digest")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not (0 < timeout < math.inf):
+    if (type(timeout) is not float and type(timeout) is not int) or not (0 < timeout < _INF):
         raise ProtocolError("header field 'timeout' must be a positive number of seconds")
     if max_timeout is not None and timeout > max_timeout:
         raise ProtocolError(
             f"timeout {timeout:g} s exceeds this runtime's maximum of {max_timeout:g} s; "
             "lower the call timeout or redeploy the runtime with a larger runtime_timeout"
         )
-    skip = header.get("skip", ())
-    if not isinstance(skip, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in skip
-    ):
-        raise ProtocolError("header field 'skip' must be a list of item indices")
-    skip = tuple(sorted(set(skip)))
-    if len(skip) >= n:
-        raise ProtocolError("header field 'skip' leaves no item to run")
+    if len(header) == 4:  # id, n, fn and timeout (all checked present) and nothing else: no options to check
+        skip: tuple[int, ...] = ()
+        if not ilen:
+            raise ProtocolError("the envelope carries no items and no items_url")
+    else:
+        skip = _skip_and_options(header, n, ilen)
+    fn = mv[off : off + flen]
+    off += flen
+    items = mv[off : off + ilen]
+    if flen and _sha256(fn).hexdigest() != fn_hash:
+        raise ProtocolError("function bytes do not match header field 'fn' (their SHA-256)")
+    return _invocation(call_id, n, fn_hash, fn, items, float(timeout), skip, header)
+
+
+def _skip_and_options(header: dict[str, Any], n: int, ilen: int) -> tuple[int, ...]:
+    """Check an envelope header's optional fields; return its items to skip, sorted."""
+    skip: tuple[int, ...] = ()
+    if "skip" in header:
+        indices = header["skip"]
+        if not isinstance(indices, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in indices
+        ):
+            raise ProtocolError("header field 'skip' must be a list of item indices")
+        skip = tuple(sorted(set(indices)))
+        if len(skip) >= n:
+            raise ProtocolError("header field 'skip' leaves no item to run")
     # flen == 0: the function by reference (its hash), for a replica that has it cached
     items_url = header.get("items_url")
     if ilen == 0 and not items_url:
@@ -324,13 +452,7 @@ def decode_invocation(body: bytes | bytearray | memoryview, *, max_timeout: floa
             raise ProtocolError(f"header field {name!r} must be a non-negative integer")
     if header.get("out_url") and not isinstance(header.get("out_prefix"), str):
         raise ProtocolError("header field 'out_prefix' must name where results go")
-    off += hlen
-    fn = mv[off : off + flen]
-    off += flen
-    items = mv[off : off + ilen]
-    if flen and hashlib.sha256(fn).hexdigest() != fn_hash:
-        raise ProtocolError("function bytes do not match header field 'fn' (their SHA-256)")
-    return Invocation(call_id, n, fn_hash, fn, items, float(timeout), skip, header)
+    return skip
 
 
 # --------------------------------------------------------------------------------------
@@ -382,7 +504,9 @@ def iter_frames(buf: bytes | bytearray | memoryview, *, max_frame: int = DEFAULT
     while off < end:
         if end - off < FRAME_HEADER:
             raise ProtocolError(f"truncated frame header at byte {off}")
-        ftype, length = parse_frame_header(mv[off : off + FRAME_HEADER], max_frame=max_frame)
+        ftype, length = _FRAME.unpack_from(mv, off)
+        if ftype not in FRAME_TYPES or length > max_frame:
+            parse_frame_header(mv[off : off + FRAME_HEADER], max_frame=max_frame)  # raises the error
         off += FRAME_HEADER
         if end - off < length:
             raise ProtocolError(f"truncated frame at byte {off}: {length} bytes announced, {end - off} present")
@@ -410,7 +534,7 @@ def decode_log(payload: memoryview) -> tuple[int, int, str]:
 
 
 def encode_outcome_payload(meta: dict[str, Any], blob: bytes) -> bytes:
-    mj = json.dumps(meta, separators=(",", ":")).encode()
+    mj = _JSON_COMPACT.encode(meta).encode()
     return _U32.pack(len(mj)) + mj + blob
 
 
@@ -420,12 +544,14 @@ def decode_outcome_payload(payload: memoryview) -> tuple[dict[str, Any], memoryv
     (mlen,) = _U32.unpack_from(payload)
     if 4 + mlen > len(payload):
         raise ProtocolError("outcome frame meta overruns the frame")
-    try:
-        meta = json.loads(bytes(payload[4 : 4 + mlen]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"outcome meta is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ProtocolError("outcome meta must be an object")
+    meta = _json_object(payload[4 : 4 + mlen])
+    if meta is None:
+        try:
+            meta = json.loads(bytes(payload[4 : 4 + mlen]))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"outcome meta is not valid JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError("outcome meta must be an object")
     first, n = meta.get("first"), meta.get("n")
     if not isinstance(first, int) or not isinstance(n, int) or first < 0 or n < 1:
         raise ProtocolError("outcome meta needs integer 'first' >= 0 and 'n' >= 1")
@@ -444,7 +570,7 @@ ERROR_KINDS = frozenset((ERR_USER, ERR_TIMEOUT, ERR_CRASHED, ERR_SERIALIZATION, 
 
 def encode_ref(first: int, n: int, blob: str, size: int, sha256: str) -> bytes:
     doc = {"first": first, "n": n, "blob": blob, "size": size, "sha256": sha256}
-    return frame(F_REF, json.dumps(doc, separators=(",", ":")).encode())
+    return frame(F_REF, _JSON_COMPACT.encode(doc).encode())
 
 
 def decode_ref(payload: memoryview) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import time
 
@@ -229,3 +230,119 @@ def test_gets_are_signed_as_in_protocol_1_so_any_runtime_tells_its_version() -> 
         p.signed_headers(KEY, "POST", p.INVOKE_PATH, "job-00001", body, now=1000.0)[p.H_SIGNATURE]
         != p.signed_headers(KEY, "POST", p.INVOKE_PATH, "job-00001", body, now=1000.0, attempt=1)[p.H_SIGNATURE]
     )
+
+
+# The fast paths (precomputed HMAC pads, the usual header written by hand, JSON read without
+# json.loads's checks around it) must give exactly what the plain library calls give.
+
+
+@pytest.mark.parametrize("key", [b"", b"k", KEY, b"x" * 64, b"y" * 65, bytes(range(200)), bytearray(b"z" * 32)])
+def test_signatures_are_hmac_sha256_of_the_documented_messages(key: bytes) -> None:
+    import hmac
+
+    body = envelope()
+    digest = hashlib.sha256(body).hexdigest()
+    h = p.signed_headers(key, "POST", p.INVOKE_PATH, "job-00001", body, now=1000.0, attempt=3)
+    full = f"POST\n{p.INVOKE_PATH}\n1000.000\njob-00001\n3\n{digest}".encode()
+    head = f"acx-head\nPOST\n{p.INVOKE_PATH}\n1000.000\njob-00001\n3\n{len(body)}".encode()
+    assert h[p.H_SIGNATURE] == hmac.new(key, full, hashlib.sha256).hexdigest()
+    assert h[p.H_HEAD_SIGNATURE] == hmac.new(key, head, hashlib.sha256).hexdigest()
+    assert p.sign(key, "get", p.META_PATH, "1.5", "m", b"", attempt=7) == (
+        hmac.new(key, f"GET\n{p.META_PATH}\n1.5\nm\n{hashlib.sha256(b'').hexdigest()}".encode(), hashlib.sha256).hexdigest()
+    )
+
+
+def test_signatures_stay_right_for_many_keys() -> None:
+    import hmac
+
+    for i in range(60):  # more keys than are kept precomputed
+        key = i.to_bytes(2, "big") * (i + 1)
+        assert (
+            p.sign_head(key, "POST", "/", "1", "c", 5)
+            == hmac.new(key, b"acx-head\nPOST\n/\n1\nc\n0\n5", hashlib.sha256).hexdigest()
+        )
+
+
+def test_a_signature_header_that_is_not_ascii_is_a_mismatch() -> None:
+    body = envelope()
+    headers = p.signed_headers(KEY, "POST", p.INVOKE_PATH, "job-00001", body)
+    headers[p.H_SIGNATURE] = "é" * 64
+    headers[p.H_HEAD_SIGNATURE] = "é" * 64
+    with pytest.raises(p.SignatureError, match="mismatch"):
+        p.verify(KEY, "POST", p.INVOKE_PATH, headers, body)
+    with pytest.raises(p.SignatureError, match="mismatch"):
+        p.verify_head(KEY, "POST", p.INVOKE_PATH, headers, len(body))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=30),
+    st.one_of(st.integers(), st.booleans(), st.floats()),
+    st.one_of(st.floats(), st.integers(), st.booleans()),
+    st.sampled_from([None, {}, {"skip": [1]}, {"x": "é"}]),
+)
+def test_the_request_header_is_what_json_dumps_writes(call_id: str, n: object, timeout: object, extra: object) -> None:
+    import json
+
+    header: dict[str, object] = {"id": call_id, "n": n, "fn": FN_HASH, "timeout": timeout, **(extra or {})}  # type: ignore[dict-item]
+    body = p.encode_invocation(call_id=call_id, n=n, fn=FN, fn_hash=FN_HASH, items=b"items", timeout=timeout, extra=extra)  # type: ignore[arg-type]
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    assert body == struct.pack("<4sBBHIII", b"ACXQ", p.PROTOCOL_VERSION, 0, 0, len(hj), len(FN), 5) + hj + FN + b"items"
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda h: json_dumps(h).encode(),
+        lambda h: (" " + json_dumps(h) + "\n").encode(),
+        lambda h: json_dumps(h).encode("utf-8-sig"),
+        lambda h: json_dumps(h).encode("utf-16"),
+        lambda h: json_dumps(h).encode("utf-32-le"),
+        lambda h: json_dumps(h).encode()[:-1],
+        lambda h: json_dumps(h).encode() + b"}",
+        lambda h: json_dumps([h]).encode(),
+        lambda h: b"\xff" + json_dumps(h).encode(),
+        lambda h: b"",
+    ],
+)
+def test_json_in_envelopes_and_frames_reads_as_json_loads_reads_it(encode: object) -> None:
+    import json
+
+    fields = {"id": "job-00001", "n": 1, "fn": FN_HASH, "timeout": 5.0, "x": "é", "first": 0}
+    hj = encode(fields)  # type: ignore[operator]
+    body = struct.pack("<4sBBHIII", b"ACXQ", p.PROTOCOL_VERSION, 0, 0, len(hj), len(FN), 5) + hj + FN + b"items"
+    payload = memoryview(struct.pack("<I", len(hj)) + hj + b"blob")
+    try:
+        expected = json.loads(hj)
+    except ValueError as exc:
+        with pytest.raises(p.ProtocolError, match=f"^JSON header is not valid JSON: {re.escape(str(exc))}$"):
+            p.decode_invocation(body)
+        with pytest.raises(p.ProtocolError, match=f"^outcome meta is not valid JSON: {re.escape(str(exc))}$"):
+            p.decode_outcome_payload(payload)
+        return
+    if not isinstance(expected, dict):
+        with pytest.raises(p.ProtocolError, match="must be an object"):
+            p.decode_invocation(body)
+        with pytest.raises(p.ProtocolError, match="must be an object"):
+            p.decode_outcome_payload(payload)
+        return
+    inv = p.decode_invocation(body)
+    assert inv == p.Invocation("job-00001", 1, FN_HASH, memoryview(FN), memoryview(b"items"), 5.0, (), expected)
+    meta, blob = p.decode_outcome_payload(payload)
+    assert meta == expected and bytes(blob) == b"blob"
+
+
+def json_dumps(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def test_a_decoded_invocation_is_the_dataclass_with_every_field() -> None:
+    import dataclasses
+
+    inv = p.decode_invocation(envelope(n=2))
+    assert list(vars(inv)) == [f.name for f in dataclasses.fields(p.Invocation)]
+    assert inv == p.Invocation("job-00001", 2, FN_HASH, memoryview(FN), memoryview(b"items"), 5.0, (), inv.header)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inv.n = 3  # type: ignore[misc]
