@@ -346,3 +346,41 @@ def test_a_decoded_invocation_is_the_dataclass_with_every_field() -> None:
     assert inv == p.Invocation("job-00001", 2, FN_HASH, memoryview(FN), memoryview(b"items"), 5.0, (), inv.header)
     with pytest.raises(dataclasses.FrozenInstanceError):
         inv.n = 3  # type: ignore[misc]
+
+
+# -- argument pickling ---------------------------------------------------------------------
+
+
+class _Point:  # a class of the test module: cloudpickle may pickle it by value
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [((5,), {})],
+        [((1, 2.5, "s", b"b", None, True, 3j), {"k": (1, "x"), "l": [1.0, None]})],
+        [((i,), {}) for i in range(100)],
+        [(([1] * 17,), {})],  # a long list: cloudpickle's path
+        [((_Point(3),), {})],  # a user's object: cloudpickle's path
+        [((lambda: 1,), {})],  # only cloudpickle can
+    ],
+)
+def test_arguments_pickle_to_the_same_bytes_either_way(items: list[tuple[tuple[object, ...], dict[str, object]]]) -> None:
+    from async_ca_exec import serialize
+
+    data = serialize.dumps_items(items, "call-1")
+    assert data == serialize.dumps(items)  # the C pickler's bytes for plain values are cloudpickle's
+    back = serialize.loads(data)
+    assert len(back) == len(items) and type(back[0][0][0]) is type(items[0][0][0])
+
+
+def test_an_unpicklable_argument_still_names_itself() -> None:
+    import threading
+
+    from async_ca_exec import serialize
+    from async_ca_exec.errors import SerializationError
+
+    with pytest.raises(SerializationError, match=r"positional argument 1 of call call-2 is a _thread\.lock"):
+        serialize.dumps_items([((1, threading.Lock()), {})], "call-2")
