@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -65,13 +66,15 @@ import socket
 import sys
 import time
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 from unittest import mock
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from async_ca_exec import AsyncExecutor, wire
 from async_ca_exec import executor as executor_module
+from async_ca_exec.executor import AsyncExecutor
 from async_ca_exec.runtimes import create_runtime
 from async_ca_exec.runtimes import local as local_module
 
@@ -87,9 +90,141 @@ def slow_add7(x: int, seconds: float) -> int:
 
 
 # --- the ingress: a proxy process -------------------------------------------------------
+#
+# The proxy shares the machine's cores with the client and the servers, so it is built to cost
+# little CPU per request: asyncio protocols and callbacks (no task, coroutine or asyncio.sleep
+# per request); a request is forwarded as the bytes that came, and so is the replica's answer,
+# of which only the framing (Content-Length or chunked) is followed, to know where it ends; and
+# the latency is a delay line: one fixed delay keeps what goes in in time order, so a queue
+# with one timer serves every request and answer piece (and keeps their order, which asyncio's
+# timer heap does not do for equal deadlines).
 
 SIM = "/_sim"  # the proxy's own paths (reset, stats); everything else is forwarded
-_HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
+_SIM = SIM.encode()
+#: An idle connection to a replica is not reused after this long (as wire.Pool; replicas cut at 75 s).
+_UPSTREAM_IDLE = 60.0
+#: asyncio runs a timer when the clock is within this of its time: pieces due that soon go with it.
+_CLOCK = time.get_clock_info("monotonic").resolution
+
+# How a piece of an answer ends, as it is passed back to the client (see _Downstream.back).
+_MORE = 0  # more of the answer follows
+_END = 1  # the answer is complete: the client's connection takes its next request
+_CLOSE = 2  # complete, and the client's connection closes (an answer with no framing ends at EOF)
+_CUT = 3  # the replica's connection broke before the answer was complete: so does the client's
+
+# Header fields looked up in a lower-cased head (the request or status line comes first, so a
+# field always follows a CRLF).
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_TRANSFER_ENCODING = b"\r\ntransfer-encoding:"
+_CONNECTION = b"\r\nconnection:"
+
+_T = TypeVar("_T")
+_Piece = tuple[bytes, int]  # answer bytes and how they end (_MORE, _END, _CLOSE or _CUT)
+
+
+def _header(lower: bytes, key: bytes) -> bytes | None:
+    """A field's value in a lower-cased head (without its blank line); ``key`` is b"\\r\\nname:"."""
+    i = lower.find(key)
+    if i < 0:
+        return None
+    i += len(key)
+    j = lower.find(b"\r\n", i)
+    return lower[i : j if j >= 0 else len(lower)].strip()
+
+
+def _length(value: bytes) -> int:
+    """A Content-Length value; ValueError if it is not one."""
+    if not value.isdigit():
+        raise ValueError(f"not a length: {value[:40]!r}")
+    return int(value)
+
+
+class _Chunks:
+    """Where a chunked body ends, fed its bytes as they come: size lines, chunk data, the last
+    (empty) chunk, then trailer lines up to a blank one (the replicas send none)."""
+
+    __slots__ = ("last", "left", "line")
+
+    def __init__(self) -> None:
+        self.left = 0  # bytes of the current chunk, and its CRLF, still to come
+        self.line = b""  # the start of a size or trailer line, from an earlier piece
+        self.last = False  # the last chunk has come: trailer lines follow
+
+    def feed(self, data: bytes | bytearray, pos: int) -> int:
+        """Follows ``data[pos:]``: the offset just past the body's end, or -1 if it goes on.
+        Raises ValueError on a malformed size line."""
+        n = len(data)
+        while pos < n:
+            if self.left:
+                step = min(self.left, n - pos)
+                self.left -= step
+                pos += step
+                continue
+            eol = data.find(b"\n", pos)
+            if eol < 0:
+                self.line += data[pos:]
+                return -1
+            line = (self.line + data[pos:eol]).strip()
+            self.line = b""
+            pos = eol + 1
+            if self.last:
+                if not line:  # the blank line after the trailers: the end
+                    return pos
+            else:
+                size = int(line.split(b";", 1)[0], 16)  # a size, then perhaps extensions
+                if size:
+                    self.left = size + 2
+                else:
+                    self.last = True
+        return -1
+
+
+class _DelayLine:
+    """A one-way trip of ``delay`` seconds: ``put(fn, arg)`` runs ``fn(arg)`` that much later.
+
+    The delay is the same for everything put in, so the queue is in time order: one timer, for
+    its head, serves it all, and things put in one after the other come out in that order."""
+
+    __slots__ = ("delay", "loop", "queue", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self.loop = loop
+        self.delay = delay
+        self.queue: collections.deque[tuple[float, Callable[[Any], None], Any]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, fn: Callable[[_T], None], arg: _T) -> None:
+        self.queue.append((self.loop.time() + self.delay, fn, arg))
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.queue[0][0], self._run)
+
+    def _run(self) -> None:
+        self.timer = None
+        queue = self.queue
+        until = self.loop.time() + _CLOCK
+        try:
+            while queue and queue[0][0] <= until:
+                _, fn, arg = queue.popleft()
+                fn(arg)
+        finally:  # (an error in one is the loop's to report; the line goes on)
+            if queue and self.timer is None:
+                self.timer = self.loop.call_at(queue[0][0], self._run)
+
+
+class _Ready:
+    """A replica's readiness (its cold start over), and the requests routed to it that wait for it, in order."""
+
+    __slots__ = ("is_set", "waiters")
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self.waiters: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        self.is_set = True
+        waiters, self.waiters = self.waiters, []
+        for send in waiters:
+            send()
 
 
 @dataclasses.dataclass
@@ -105,11 +240,21 @@ class Settings:
 
 
 class Ingress:
-    """Latency both ways, cold starts, and a scaler on requests in flight (in the proxy process)."""
+    """Latency both ways, cold starts, and a scaler on requests in flight (in the proxy process).
 
-    def __init__(self, s: Settings) -> None:
+    A request is in flight from its arrival (all of it) until its answer is passed back in full,
+    or cut, or its client goes."""
+
+    def __init__(self, s: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.s = s
-        self.pools: list[wire.Pool] = []
+        self.loop = loop
+        self.addresses = [(parts.hostname or "127.0.0.1", parts.port or 80) for parts in map(urlsplit, s.upstreams)]
+        #: Each replica's kept-alive connections with no request, the most recently used last.
+        self.idle: list[list[_Upstream]] = [[] for _ in s.upstreams]
+        self.connecting: set[asyncio.Task[Any]] = set()
+        self.line = _DelayLine(loop, s.latency)  # the network, either way
+        #: The slow replica's first answer bytes (the rest of its answer follows them).
+        self.slow_line = _DelayLine(loop, s.latency + s.slow) if s.slow else None
         self.reset()
 
     def reset(self) -> None:
@@ -119,7 +264,7 @@ class Ingress:
         self.rr = 0
         self.inflight = 0
         self.peak_inflight = 0
-        self.ready: list[asyncio.Event | None] = [None] * len(self.s.upstreams)
+        self.ready: list[_Ready | None] = [None] * len(self.s.upstreams)
         self.routed = [0] * len(self.s.upstreams)
         self.events: list[str] = []
 
@@ -131,7 +276,7 @@ class Ingress:
             return
         if self.inflight > self.s.concurrent_requests * self.active:
             self.scaling = True
-            asyncio.get_running_loop().call_later(self.s.control_delay, self._scale_out)
+            self.loop.call_later(self.s.control_delay, self._scale_out)
 
     def _scale_out(self) -> None:
         i = self.active
@@ -142,20 +287,19 @@ class Ingress:
         if self.s.route_to_cold:  # routed to at once; its first request starts it and waits
             self._join(i)
             return
-        ev = self.ready[i] = asyncio.Event()  # started now, routed to once ready (a readiness probe)
-        ev.set()
-        asyncio.get_running_loop().call_later(self.s.cold_start, self._join, i)
+        ready = self.ready[i] = _Ready()  # started now, routed to once ready (a readiness probe)
+        ready.set()
+        self.loop.call_later(self.s.cold_start, self._join, i)
 
     def warm(self, n: int) -> None:
         """Pre-warming (minReplicas raised): start the cold starts of replicas up to ``n`` at once."""
-        loop = asyncio.get_running_loop()
         self._note(f"warm to {n} replicas")
         for i in range(min(n, len(self.s.upstreams))):
             if self.ready[i] is None:
-                ev = self.ready[i] = asyncio.Event()
-                loop.call_later(self.s.cold_start, ev.set)
+                ready = self.ready[i] = _Ready()
+                self.loop.call_later(self.s.cold_start, ready.set)
                 if i >= self.active:
-                    loop.call_later(self.s.cold_start, self._join, i)
+                    self.loop.call_later(self.s.cold_start, self._join, i)
 
     def _join(self, i: int) -> None:
         self.scaling = False
@@ -165,35 +309,8 @@ class Ingress:
         self._note(f"replica {i} in rotation")
         self._maybe_scale()
 
-    async def _route(self) -> int:
-        i = self.rr % self.active
-        self.rr += 1
-        self.routed[i] += 1
-        ev = self.ready[i]
-        if ev is None:
-            ev = self.ready[i] = asyncio.Event()
-            self._note(f"replica {i} cold start")
-            asyncio.get_running_loop().call_later(self.s.cold_start, ev.set)
-        if not ev.is_set():
-            await ev.wait()
-        return i
-
-    async def serve(self, down: _Downstream, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> None:
-        path = target.decode("latin-1")
-        if path.startswith(SIM):
-            down.reply(200, json.dumps(self._sim(path, body)).encode())
-            return
-        self.inflight += 1
-        self.peak_inflight = max(self.peak_inflight, self.inflight)
-        try:
-            self._maybe_scale()
-            await asyncio.sleep(self.s.latency)  # the way in
-            i = await self._route()
-            await self._forward(down, i, method, target, headers, body, self.s.slow if i == 0 else 0.0)
-        finally:
-            self.inflight -= 1
-
-    def _sim(self, path: str, body: bytes) -> dict[str, Any]:
+    def sim(self, path: str, body: bytes) -> dict[str, Any]:
+        """The proxy's own endpoints (answered at once, not counted in flight)."""
         if path == f"{SIM}/reset":
             self.reset()
         elif path == f"{SIM}/warm":
@@ -202,124 +319,360 @@ class Ingress:
             return {"active": self.active, "routed": self.routed, "peak_inflight": self.peak_inflight, "events": self.events}
         return {}
 
-    async def _forward(
-        self, down: _Downstream, i: int, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes, slow: float
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        pool = self.pools[i]
-        conn = await pool.acquire()
-        reuse = False
-        try:
-            fields = b"".join([k + b": " + v + b"\r\n" for k, v in headers.items() if k.decode() not in _HOP_BY_HOP])
-            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
-                method,
-                target,
-                pool.authority.encode(),
-                fields,
-                len(body),
-            )
-            conn.send(head, body, None)
-            up = await conn.read_head()
-            out = b"HTTP/1.1 %d X\r\n" % up.status + b"".join(
-                b"%s: %s\r\n" % (name.encode(), up.headers[name].encode())
-                for name in ("content-type", "x-acx-replica", "retry-after")
-                if name in up.headers
-            )
-            if up.content_length is not None:
-                data = await up.read()
-                await asyncio.sleep(self.s.latency + slow)  # the way back
-                down.write(out + b"Content-Length: %d\r\n\r\n" % len(data) + data)
-            else:
-                first = True
-                while True:
-                    # A chunk that had to be waited for has just arrived and waits the latency;
-                    # one already buffered arrived during the previous wait (late enough already).
-                    asked = loop.time()
-                    chunk = await up.read_some(1 << 16)
-                    if not chunk:
-                        break
-                    if first or loop.time() - asked > 0.001:
-                        await asyncio.sleep(self.s.latency + (slow if first else 0.0))
-                    if first:
-                        down.write(out + b"Transfer-Encoding: chunked\r\n\r\n")
-                        first = False
-                    down.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                if first:
-                    await asyncio.sleep(self.s.latency + slow)
-                    down.write(out + b"Transfer-Encoding: chunked\r\n\r\n")
-                down.write(b"0\r\n\r\n")
-            reuse = up.keep_alive
-        except wire.WireError:
-            down.abort()  # the replica went away: so does the answer
-        finally:
-            pool.release(conn, reuse=reuse)
+    # -- a request's way: in (latency), routed (waiting out a cold start), to a replica --
+
+    def arrived(self, down: _Downstream) -> None:
+        """A client's request has arrived in full: it is in flight, and crosses the way in."""
+        self.inflight += 1
+        if self.inflight > self.peak_inflight:
+            self.peak_inflight = self.inflight
+        self._maybe_scale()
+        self.line.put(self._route, down)
+
+    def _route(self, down: _Downstream) -> None:
+        """Round-robin over the active replicas; a replica not ready yet is waited for (a cold
+        start, begun by the first request routed to a replica no one has started)."""
+        if down.closed:  # the client went on the way
+            return
+        i = self.rr % self.active
+        self.rr += 1
+        self.routed[i] += 1
+        ready = self.ready[i]
+        if ready is None:
+            ready = self.ready[i] = _Ready()
+            self._note(f"replica {i} cold start")
+            self.loop.call_later(self.s.cold_start, ready.set)
+        if ready.is_set:
+            self._send(i, down)
+        else:
+            ready.waiters.append(functools.partial(self._send, i, down))
+
+    def _send(self, i: int, down: _Downstream) -> None:
+        """Writes ``down``'s request to replica ``i``: on its last used idle connection, else a new one."""
+        if down.closed:
+            return
+        idle = self.idle[i]
+        now = self.loop.time()
+        while idle:
+            up = idle.pop()
+            if now - up.idle_since < _UPSTREAM_IDLE:
+                up.send(down)
+                return
+            up.close()
+        up = _Upstream(self, i)
+        up.take(down)  # written once connected (a task per new connection, not per request)
+        task = self.loop.create_task(self.loop.create_connection(lambda: up, *self.addresses[i]))
+        self.connecting.add(task)
+        task.add_done_callback(functools.partial(self._connected, up))
+
+    def _connected(self, up: _Upstream, task: asyncio.Task[Any]) -> None:
+        self.connecting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            up.lost()  # its request's client sees a cut, as when the replica goes mid-answer
+
+    def close(self) -> None:
+        for task in self.connecting:
+            task.cancel()
+        for idle in self.idle:
+            for up in list(idle):
+                up.close()
+
+
+class _Upstream(asyncio.Protocol):
+    """A kept-alive connection to one replica, carrying one request at a time. The answer's bytes
+    are passed back as they come; its framing is followed to know where it ends, so that the
+    connection can carry the next request (back among the idle ones at once, while the answer is
+    still on its way back)."""
+
+    def __init__(self, ingress: Ingress, replica: int) -> None:
+        self.ingress = ingress
+        self.replica = replica
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.down: _Downstream | None = None  # the client whose request this connection carries
+        # The answer being read:
+        self.head = b""  # its head as far as it has come, while incomplete
+        self.in_head = True
+        self.first = True  # none of it passed back yet
+        self.left = 0  # bytes of the body still to come, by its Content-Length (-1: chunked, or up to EOF)
+        self.chunks: _Chunks | None = None  # the chunked body's framing
+        self.keep_alive = True
+
+    def take(self, down: _Downstream) -> None:
+        """Carries ``down``'s request (written by the caller, or once connected)."""
+        self.down = down
+        down.up = self
+        self.head, self.in_head, self.first = b"", True, True
+
+    def send(self, down: _Downstream) -> None:
+        self.take(down)
+        assert self.transport is not None
+        self.transport.write(down.request)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        if self.down is not None:
+            t.write(self.down.request)
+        else:  # its client went while it connected: nothing was sent, it can carry another
+            self._idle()
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes of the answer: passed back as they come, up to its end."""
+        down = self.down
+        if down is None:  # bytes no request asked for: not a connection to use again
+            self.close()
+            return
+        pos = 0
+        while self.in_head:
+            if self.head:
+                data, self.head = self.head + data, b""
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                self.head = data[pos:]  # the head is passed back whole, once all of it has come
+                if pos:
+                    self._back(down, data[:pos], _MORE)
+                return
+            head = data[pos:end]
+            try:
+                interim, hop = self._framing(head, down)
+            except ValueError:  # not an answer this proxy can follow
+                self.lost()
+                return
+            if hop:  # a Connection field: the replica's own connection's (the client's stays open)
+                head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:"))
+                data = data[:pos] + head + data[end:]
+                end = pos + len(head)
+            pos = end + 4
+            self.in_head = interim  # a 1xx answer (100 Continue): the real one follows
+        if self.chunks is not None:
+            try:
+                stop = self.chunks.feed(data, pos)
+            except ValueError:
+                self.lost()
+                return
+        elif self.left >= 0:
+            stop = pos + self.left
+            if stop > len(data):
+                self.left = stop - len(data)
+                stop = -1
+        else:  # the body ends at EOF
+            stop = -1
+        if stop < 0:
+            self._back(down, data, _MORE)
+            return
+        # The answer is complete: the connection is free for the next request.
+        self.down = None
+        down.up = None
+        if stop < len(data):  # more bytes than the answer: framing that cannot be trusted
+            data = data[:stop]
+            self.keep_alive = False
+        if self.keep_alive:
+            self._idle()
+        else:
+            self.close()
+        self._back(down, data, _END)
+
+    def _framing(self, head: bytes, down: _Downstream) -> tuple[bool, bool]:
+        """Reads how the answer's body is framed from its head: whether it is an interim (1xx)
+        answer (the real one follows), and whether it has a Connection field (hop by hop)."""
+        lower = head.lower()
+        status = int(lower[9:12])
+        connection = _header(lower, _CONNECTION)
+        self.keep_alive = lower.startswith(b"http/1.1 ") and (connection is None or b"close" not in connection)
+        self.chunks = None
+        if 100 <= status < 200:
+            return True, connection is not None
+        te = _header(lower, _TRANSFER_ENCODING)
+        length = _header(lower, _CONTENT_LENGTH)
+        if down.head_only or status in (204, 304):
+            self.left = 0
+        elif te is not None and b"chunked" in te:
+            self.left = -1
+            self.chunks = _Chunks()
+        elif length is not None:
+            self.left = _length(length)
+        else:  # up to EOF
+            self.left = -1
+            self.keep_alive = False
+        return False, connection is not None
+
+    def _back(self, down: _Downstream, data: bytes, end: int) -> None:
+        first, self.first = self.first, False
+        down.back(data, end, late=first and self.replica == 0)
+
+    def eof_received(self) -> bool | None:
+        self.lost()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost()
+
+    def lost(self) -> None:
+        """The connection is gone (or never came, or broke the protocol): an answer it was carrying
+        is cut, unless its body was to end at EOF."""
+        if self.closed:
+            return
+        self.close()
+        down, self.down = self.down, None
+        if down is not None:
+            down.up = None
+            complete = not self.in_head and self.chunks is None and self.left < 0
+            self._back(down, b"", _CLOSE if complete else _CUT)
+
+    def cut(self) -> None:
+        """Its client went mid-request: the replica sees the connection cut (and cancels the call)."""
+        self.down = None
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+        # (Still connecting: nothing was sent, so once connected it is an idle connection.)
+
+    def _idle(self) -> None:
+        self.idle_since = self.ingress.loop.time()
+        self.ingress.idle[self.replica].append(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(ValueError):
+                self.ingress.idle[self.replica].remove(self)
+            if self.transport is not None:
+                self.transport.close()
 
 
 class _Downstream(asyncio.Protocol):
-    """One client connection to the ingress: requests one at a time (as the SDK sends them),
-    each served by a task that is cancelled if the client goes (so is the upstream request)."""
+    """One client connection to the ingress, its requests one at a time (as the SDK sends them;
+    bytes that come early wait in the buffer). A request crosses the way in, is routed and
+    written to a replica, and the answer's bytes cross the way back as they come (so heartbeats
+    still flow). If the client goes mid-request, its request to the replica is cut too."""
 
     def __init__(self, ingress: Ingress) -> None:
         self.ingress = ingress
-        self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.buf = bytearray()
         self.closed = False
+        self.busy = False  # a request of this connection is in flight
+        self.request = b""  # that request, as it came (head and body)
+        self.head_only = False  # it is a HEAD request: its answer has no body
+        self.up: _Upstream | None = None  # the replica connection carrying it, until its answer has come
+        self.held: list[_Piece] | None = None  # answer pieces waiting behind the slow replica's first
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.task is None:
+        if not self.busy:
             self._next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.task is not None:
-            self.task.cancel()
+        if self.up is not None:
+            self.up.cut()
+            self.up = None
+        self._done()
 
     def _next(self) -> None:
+        """Takes the complete requests from the buffer: the proxy's own are answered at once; the
+        first other one is sent on its way (the rest wait until it is answered)."""
         buf = self.buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
+        while buf and not self.closed:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end])
+            lower = head.lower()
+            start = end + 4
+            try:
+                te = _header(lower, _TRANSFER_ENCODING)
+                if te is not None and b"chunked" in te:  # (not sent by the SDK: followed from the start each time)
+                    stop = _Chunks().feed(buf, start)
+                    if stop < 0:
+                        return
+                else:
+                    stop = start + _length(_header(lower, _CONTENT_LENGTH) or b"0")
+                    if len(buf) < stop:
+                        return
+                method, target, _version = head.split(b" ", 2)
+            except ValueError:  # not a request this proxy can follow
+                self.abort()
+                return
+            request = bytes(buf) if stop == len(buf) else bytes(buf[:stop])
+            del buf[:stop]
+            if target.startswith(_SIM):
+                self.reply(200, json.dumps(self.ingress.sim(target.decode("latin-1"), request[start:])).encode())
+                continue
+            self.busy = True
+            self.request = request
+            self.head_only = method == b"HEAD"
+            self.ingress.arrived(self)
             return
-        lines = bytes(buf[:end]).split(b"\r\n")
-        method, target, _version = lines[0].split(b" ", 2)
-        headers: dict[bytes, bytes] = {}
-        for raw in lines[1:]:
-            name, _, value = raw.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.pop(b"content-length", b"0"))
-        if len(buf) < end + 4 + length:
-            return
-        body = bytes(buf[end + 4 : end + 4 + length])
-        del buf[: end + 4 + length]
-        self.task = asyncio.get_running_loop().create_task(self.ingress.serve(self, method, target, headers, body))
-        self.task.add_done_callback(self._served)
 
-    def _served(self, _task: asyncio.Task[None]) -> None:
-        self.task = None
-        if not self.closed and self.buf:
+    def _done(self) -> None:
+        """The request in flight is over: answered in full, cut, or its client gone."""
+        if self.busy:
+            self.busy = False
+            self.request = b""
+            self.ingress.inflight -= 1
+
+    # -- the answer's way back ----------------------------------------------------------
+
+    def back(self, data: bytes, end: int, *, late: bool) -> None:
+        """A piece of the answer, from the replica, sent on its way back; ``late``: the first piece
+        of the slow replica's answer, which waits its delay too (the pieces after it wait for it)."""
+        ingress = self.ingress
+        if late and ingress.slow_line is not None:
+            self.held = []
+            ingress.slow_line.put(self._late_piece, (data, end))
+        else:
+            ingress.line.put(self._piece, (data, end))
+
+    def _piece(self, piece: _Piece) -> None:
+        if self.held is not None:
+            self.held.append(piece)
+        else:
+            self._deliver(piece)
+
+    def _late_piece(self, piece: _Piece) -> None:
+        held, self.held = self.held or [], None
+        self._deliver(piece)
+        for p in held:
+            self._deliver(p)
+
+    def _deliver(self, piece: _Piece) -> None:
+        data, end = piece
+        if self.closed or self.transport is None:
+            return
+        if data:
+            self.transport.write(data)
+        if end == _MORE:
+            return
+        if end == _CUT:
+            self.abort()
+        elif end == _CLOSE:
+            self.closed = True
+            self.transport.close()
+        self._done()
+        if self.buf:
             self._next()
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
     def reply(self, status: int, body: bytes) -> None:
-        self.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+            )
 
     def abort(self) -> None:
+        self.closed = True
         if self.transport is not None:
             self.transport.abort()
 
 
 def _proxy_main(settings: Settings, conn: Any) -> None:
     async def main() -> None:
-        ingress = Ingress(settings)
-        ingress.pools = [wire.Pool(url) for url in settings.upstreams]
         loop = asyncio.get_running_loop()
+        ingress = Ingress(settings, loop)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = await loop.create_server(lambda: _Downstream(ingress), sock=sock, backlog=4096)
@@ -328,8 +681,7 @@ def _proxy_main(settings: Settings, conn: Any) -> None:
             await asyncio.Event().wait()
         finally:
             server.close()
-            for pool in ingress.pools:
-                await pool.aclose()
+            ingress.close()
 
     _raise_nofile()
     with contextlib.suppress(KeyboardInterrupt):
@@ -354,9 +706,9 @@ class SimCloudRuntime:
 
     def __init__(self, config: Any, sim: dict[str, Any], **kw: Any) -> None:
         self.sim = sim
-        self.inner = []
+        self.inner: list[Any] = []  # local runtimes
         for _ in range(sim["replicas"]):
-            rt = create_runtime(config, **kw)
+            rt: Any = create_runtime(config, **kw)
             rt.replicas = 1  # each on its own port, so the proxy can route to it
             self.inner.append(rt)
         self.proxy: Any = None
@@ -367,7 +719,7 @@ class SimCloudRuntime:
         return [pid for rt in self.inner for pid in rt.pids]
 
     def replicas_for(self, requests: int) -> int:
-        return min(len(self.inner), math.ceil(requests / self.sim["concurrent_requests"]))
+        return min(len(self.inner), math.ceil(requests / int(self.sim["concurrent_requests"])))
 
     async def warm(self, replicas: int, *, lease: float) -> int:
         """As the Azure runtime raises minReplicas: the ingress starts that many replicas now."""
@@ -528,7 +880,7 @@ def _process_groups(rt: SimCloudRuntime) -> dict[str, list[int]]:
 
 
 def ideal_seconds(a: argparse.Namespace, latency_ms: float) -> float:
-    return a.cold_start + math.ceil(a.calls / a.concurrency) * 2 * latency_ms / 1000
+    return float(a.cold_start + math.ceil(a.calls / a.concurrency) * 2 * latency_ms / 1000)
 
 
 def hedging(a: argparse.Namespace) -> int:
