@@ -166,7 +166,7 @@ _ATOMIC = frozenset({int, float, str, bytes, bool, type(None), complex})
 _CONTAINERS = frozenset({tuple, list})
 
 
-def _plain(values: Any) -> bool:
+def is_plain(values: Any) -> bool:
     """Whether ``values`` (a tuple or dict's values) are atomic, or short flat tuples/lists of them."""
     for v in values:
         t = type(v)
@@ -185,7 +185,7 @@ def dumps_items(items: list[tuple[tuple[Any, ...], dict[str, Any]]], call_id: st
     pickler: the same bytes for less than a cloudpickle Pickler costs to create, which is most
     of the client's pickling time per call at chunksize 1."""
     try:
-        if all(_plain(args) and (not kwargs or _plain(kwargs.values())) for args, kwargs in items):
+        if all(is_plain(args) and (not kwargs or is_plain(kwargs.values())) for args, kwargs in items):
             return pickle.dumps(items, PROTOCOL)
         return dumps(items)
     except Exception as exc:

@@ -124,10 +124,11 @@ class Response:
     __slots__ = ("body", "close", "content_type", "headers", "status")
 
     def __init__(self, status: int = 200, body: bytes = b"", content_type: str = "application/octet-stream",
-                 headers: dict[str, str] | None = None, close: bool = False) -> None:  # fmt: skip
+                 headers: dict[str, str] | bytes | None = None, close: bool = False) -> None:  # fmt: skip
         self.status = status
         self.body = body
         self.content_type = content_type
+        #: Extra fields: a dict, or bytes already formatted ("Name: value\r\n" each).
         self.headers = headers
         #: Close the connection after this response (a refused or unread request).
         self.close = close
@@ -225,8 +226,13 @@ class _Date:
         return cls.value
 
 
-def _head(status: int, content_type: str | None, headers: dict[str, str] | None, framing: bytes, close: bool) -> bytes:
-    extra = b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()) if headers else b""
+def _head(status: int, content_type: str | None, headers: dict[str, str] | bytes | None, framing: bytes, close: bool) -> bytes:
+    if headers is None:
+        extra = b""
+    elif isinstance(headers, bytes):
+        extra = headers
+    else:
+        extra = b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
     return b"HTTP/1.1 %d %s\r\nDate: %s\r\n%s%s%s%s\r\n" % (
         status,
         _REASONS.get(status, b"Unknown"),
@@ -485,7 +491,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- streamed responses ---------------------------------------------------------------
 
-    def start_stream(self, status: int, content_type: str, headers: dict[str, str] | None = None) -> None:
+    def start_stream(self, status: int, content_type: str, headers: dict[str, str] | bytes | None = None) -> None:
         """Begin a response whose body follows in :meth:`write` calls, ended by :meth:`end_stream`."""
         req = self.request
         assert req is not None

@@ -142,7 +142,10 @@ class ReplayGuard:
     request with the same pair is a replay (a client signs each send with its own attempt).
 
     Three generations of one window each, so a pair is remembered for two to three windows
-    (a timestamp is accepted for two: ±window), as an 8-byte digest (about 80 bytes each).
+    (a timestamp is accepted for two: ±window), as a 64-bit keyed hash (Python's hash of the
+    pair: SipHash with this process's random seed; about 80 bytes each). Only requests whose
+    signature checked out are remembered, so a collision could only refuse a request that
+    collides with one sent before, which nobody without the key can aim at.
     At most ``max_entries`` are kept (80 MB for a million): past that the oldest generation
     is dropped early, with a warning. It guards this replica only, and only while it runs: a
     replay sent to another replica is refused only once its timestamp leaves the window.
@@ -155,12 +158,10 @@ class ReplayGuard:
         self._rotated = time.monotonic()
         self._warned = 0.0
 
-    @staticmethod
-    def _digest(call_id: str, attempt: int) -> int:
-        return int.from_bytes(hashlib.blake2b(f"{call_id}\n{attempt}".encode(), digest_size=8).digest(), "big")
-
     def _rotate(self) -> None:
         now = time.monotonic()
+        if now - self._rotated < self.window:
+            return
         while now - self._rotated >= self.window:
             self._generations = [set(), *self._generations[:2]]
             self._rotated += self.window
@@ -169,16 +170,18 @@ class ReplayGuard:
 
     def seen(self, call_id: str, attempt: int) -> bool:
         self._rotate()
-        d = self._digest(call_id, attempt)
-        return any(d in g for g in self._generations)
+        d = hash((call_id, attempt))
+        g0, g1, g2 = self._generations
+        return d in g0 or d in g1 or d in g2
 
     def add(self, call_id: str, attempt: int) -> bool:
         """Remember a request; False if it was already there (a replay)."""
         self._rotate()
-        d = self._digest(call_id, attempt)
-        if any(d in g for g in self._generations):
+        d = hash((call_id, attempt))
+        g0, g1, g2 = self._generations
+        if d in g0 or d in g1 or d in g2:
             return False
-        self._generations[0].add(d)
+        g0.add(d)
         if len(self._generations[0]) + len(self._generations[1]) + len(self._generations[2]) > self.max_entries:
             self._generations = [set(), *self._generations[:2]]  # the oldest go early
             now = time.monotonic()
@@ -222,6 +225,9 @@ class Server:
         self._accepting = asyncio.Event()
         self._accepting.set()
         self.slow_clients_cut = 0
+        #: Log each request at DEBUG (method, path, status: never a header).
+        self.access_log = settings.log_level == "DEBUG"
+        self._replica_field = b"%s: %s\r\n" % (protocol.H_REPLICA.encode(), settings.replica.encode("latin-1", "replace"))
 
     # -- routes ----------------------------------------------------------------------
 
@@ -232,10 +238,6 @@ class Server:
     @property
     def idle_timeout(self) -> float:
         return self.settings.idle_timeout
-
-    @property
-    def access_log(self) -> bool:
-        return self.settings.log_level == "DEBUG"
 
     async def dispatch(self, request: Request, conn: HttpConnection) -> Response | None:
         path, method = request.path, request.method
@@ -412,7 +414,7 @@ class Server:
             if not task.finished:
                 task.waiter = loop.create_future()
                 await task.waiter
-            hdrs = {protocol.H_REPLICA: self.settings.replica}
+            hdrs = self._replica_field
             if task.finished:
                 frames = await self._take(task)
                 frames.append(protocol.END_FRAME)

@@ -27,6 +27,8 @@ from typing import Any
 import cloudpickle
 
 from async_ca_exec import protocol
+from async_ca_exec.serialize import PROTOCOL as _PROTOCOL
+from async_ca_exec.serialize import is_plain
 
 from . import ipc
 
@@ -398,7 +400,10 @@ class Worker:
                 info["unpicklable"] = f"{type(pexc).__name__}: {pexc}"
         timing = (t0s, t1s, cpus)
         try:
-            blob = cloudpickle.dumps((values, exc_blobs, timing))
+            if not exc_blobs and is_plain(values):  # the C pickler: the same bytes, no Pickler to set up
+                blob = pickle.dumps((values, exc_blobs, timing), _PROTOCOL)
+            else:
+                blob = cloudpickle.dumps((values, exc_blobs, timing))
         except BaseException:  # noqa: BLE001 - find the culprit(s), fail only those items
             for k, v in enumerate(values):
                 try:
