@@ -356,10 +356,14 @@ class HttpConnection(asyncio.Protocol):
     def _next(self) -> None:
         """Start handling the next request in the buffer, if its head is all there."""
         buf = self.buf
+        while buf.startswith(b"\r\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
+            del buf[:2]
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
             if len(buf) > MAX_HEAD:
                 self._fail(HttpError(431, f"request head larger than {MAX_HEAD} bytes"))
+            elif b"\n\n" in buf or b"\n\r\n" in buf:  # a head ended with bare LFs
+                self._fail(HttpError(400, "malformed request head: lines must end with CRLF"))
             return
         head = bytes(buf[:end])
         del buf[: end + 4]
@@ -393,7 +397,7 @@ class HttpConnection(asyncio.Protocol):
         if self.closed:
             raise ConnectionResetError("the client closed the connection")
         self._body_asked = True
-        if req.expect_continue and self.transport is not None:
+        if req.expect_continue and req.version == "HTTP/1.1" and self.transport is not None:
             req.expect_continue = False
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._resume_reading()
@@ -417,6 +421,14 @@ class HttpConnection(asyncio.Protocol):
             resp.close = True
         if resp is not None:
             self.respond(resp)
+        try:
+            # An answer counts as given once the client has taken it in (down to the transport's
+            # low-water mark): until then nothing else is read or answered on this connection,
+            # and neither the idle deadline nor a shutdown may cut it.
+            await self.drain()
+        except ConnectionError:
+            self._close()
+            return
         self._finished(req)
 
     def respond(self, resp: Response) -> None:
@@ -451,6 +463,9 @@ class HttpConnection(asyncio.Protocol):
         self._resume_reading()
         if self.buf:
             self._next()
+            if self.request is None and self.buf:  # part of the next head is here: it has header_timeout
+                self.idle = False
+                self._arm(self.app.header_timeout, earlier_only=True)
 
     def _fail(self, exc: HttpError) -> None:
         """Answer a request that cannot be parsed, and close (its framing is lost)."""
@@ -509,14 +524,32 @@ class HttpConnection(asyncio.Protocol):
         """A piece of a streamed body (waits while the client reads slower than we write)."""
         self._check_open()
         assert self.transport is not None and self.request is not None
+        if not data:  # an empty chunk would end the body
+            return
         if self.request.version == "HTTP/1.1":
-            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
             self.transport.write(data)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark of unsent bytes."""
         if self._writing_paused:
+            if self.closed:
+                raise ConnectionResetError("the client closed the connection")
             if self._drain is None:
                 self._drain = asyncio.get_running_loop().create_future()
             await self._drain
+
+    async def flushed(self, poll: float = 0.01) -> None:
+        """Wait until every byte written has been handed to the kernel (for an answer that
+        must be known delivered); ConnectionResetError if the client goes first."""
+        while True:
+            self._check_open()
+            assert self.transport is not None
+            if not self.transport.get_write_buffer_size():
+                return
+            await asyncio.sleep(poll)
 
     def end_stream(self) -> None:
         self._check_open()

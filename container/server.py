@@ -421,8 +421,10 @@ class Server:
                 resp = Response(200, b"".join(frames), protocol.RESPONSE_CONTENT_TYPE, hdrs)
                 if not task.durable:
                     return resp
-                # Durable: write it here, so a cut is seen (and the outcome goes to Blob instead).
+                # Durable: write it here, so a cut is seen (and the outcome goes to Blob instead):
+                # delivered once all of it is with the kernel.
                 conn.write_now(resp)
+                await conn.flushed()
                 delivered = True
                 return None
             # A slow call: stream, so the client sees heartbeats and knows the replica lives.
@@ -641,6 +643,7 @@ class Server:
         conns = list(self.connections.values())
         for conn in conns:  # idle ones close now, the others once their answer is written
             conn.close_when_idle()
+        deadline = time.monotonic() + self._grace
         handling = [conn.task for conn in conns if conn.task is not None]
         if handling:
             _done, late = await asyncio.wait(handling, timeout=self._grace)
@@ -649,6 +652,15 @@ class Server:
                 for t in late:
                     t.cancel()
                 await asyncio.wait(late, timeout=5)
+        # Answers still on their way out get the rest of the grace (at least a second) to go.
+        for conn in list(self.connections.values()):
+            if conn.transport is not None and not conn.transport.get_write_buffer_size():
+                conn.transport.abort()
+            elif conn.transport is not None:
+                conn.transport.close()  # after what it holds is sent
+        until = max(deadline, time.monotonic() + 1.0)
+        while self.connections and time.monotonic() < until:  # noqa: ASYNC110 - once, at shutdown
+            await asyncio.sleep(0.05)
         for conn in list(self.connections.values()):
             if conn.transport is not None:
                 conn.transport.abort()

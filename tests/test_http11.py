@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -305,3 +306,48 @@ def test_a_client_still_sending_a_refused_body_gets_the_answer(tmp_path: Path) -
             assert sock.recv(100) == b""
     finally:
         stop_server(srv)
+
+
+def big_result(n: int, delay: float) -> bytes:
+    time.sleep(delay)
+    return b"x" * n
+
+
+def read_all_after(sock: socket.socket, wait: float) -> tuple[int, bytes]:
+    time.sleep(wait)  # the answer meanwhile fills the socket buffers and waits in the server
+    status, _, body = read_response(sock, bytearray())
+    return status, body
+
+
+def test_an_answer_still_being_sent_is_not_cut_by_the_idle_deadline(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, extra_env={"ACX_IDLE_TIMEOUT": "1", "ACX_HEADER_TIMEOUT": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+            sock.sendall(call(srv, "idle-00001", big_result, 40_000_000, 0.0))
+            status, body = read_all_after(sock, 3)  # three idle timeouts before the first byte is read
+        assert status == 200 and result_of(body) == b"x" * 40_000_000
+    finally:
+        stop_server(srv)
+
+
+def test_sigterm_lets_an_answer_on_its_way_out_arrive_whole(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, extra_env={"ACX_SHUTDOWN_GRACE": "10"})
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+            sock.sendall(call(srv, "term-00001", big_result, 20_000_000, 0.5))
+            time.sleep(0.2)
+            srv.proc.send_signal(signal.SIGTERM)  # the call ends 0.3 s later, well within the grace
+            status, body = read_all_after(sock, 2)
+        assert status == 200 and result_of(body) == b"x" * 20_000_000
+        assert srv.proc.wait(30) == 0
+    finally:
+        stop_server(srv)
+
+
+def test_bare_lf_heads_are_refused_at_once_and_leading_empty_lines_ignored(srv: ServerProcess) -> None:
+    t = time.monotonic()
+    status, _, body, closed = exchange(srv, b"GET /v1/health HTTP/1.1\nHost: x\n\n")
+    assert status == 400 and "CRLF" in json.loads(body)["error"] and closed
+    assert time.monotonic() - t < 5  # not after the header timeout
+    status, _, _, _ = exchange(srv, f"\r\nGET {protocol.HEALTH_PATH} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    assert status == 200
