@@ -2,22 +2,26 @@
 
     python benchmarks/inflight.py [--calls 10000] [--concurrency 10000]
 
-Runs ``map`` of a 0.5 ms function over ``--calls`` items with ``max_concurrency`` set to
-``--concurrency`` (the replica queues what its workers cannot run yet, so calls stay in
-flight), and beside it the same job at concurrency 64 (the baseline). Each in a fresh process:
-prints the peak number of requests in flight, the client's peak RSS growth over the job, and
-that growth per call in flight. Target: at most 5 KB per call in flight. Exits non-zero if
-missed. Never run by tests.
+Runs ``map`` over ``--calls`` items with ``max_concurrency`` set to ``--concurrency``, of a
+function that holds its worker until every request of the job has been sent (it waits for a
+marker file the client creates then; the replica queues the calls its workers cannot run
+yet), so that all ``--calls`` are in flight at once; and beside it the same job at concurrency
+64 (the baseline, never held). Each in a fresh process: prints the peak number of requests in
+flight, the client's peak RSS growth over the job, and that growth per call in flight.
+Target: at most 5 KB per call in flight. Exits non-zero if missed. Never run by tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 from async_ca_exec import AsyncExecutor
@@ -25,32 +29,50 @@ from async_ca_exec import AsyncExecutor
 TARGET_BYTES = 5 * 1024
 
 
-def nap(x: int) -> int:
-    time.sleep(0.0005)
+def held(x: int, marker: str) -> int:
+    """Return ``x`` once ``marker`` exists (the client creates it when all is sent)."""
+    while not os.path.exists(marker):
+        time.sleep(0.001)
     return x
 
 
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
 async def _job(calls: int, concurrency: int) -> dict[str, float]:
-    async with AsyncExecutor(max_concurrency=concurrency) as ex:
-        await ex.map(nap, range(200))  # warm: workers, connections, imports
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        invoker = ex._invoker
-        assert invoker is not None
-        peak = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = os.path.join(tmp, "go")
+        _touch(marker)  # not held while warming up, nor in the baseline
+        fn = functools.partial(held, marker=marker)
+        async with AsyncExecutor(max_concurrency=concurrency) as ex:
+            await ex.map(fn, range(200))  # warm: workers, connections, imports
+            hold = concurrency > 64
+            if hold:
+                os.unlink(marker)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            invoker = ex._invoker
+            assert invoker is not None
+            peak = 0
 
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, invoker.in_flight)
-                await asyncio.sleep(0.005)
+            async def watch() -> None:
+                nonlocal peak
+                deadline = time.monotonic() + 120
+                while True:
+                    peak = max(peak, invoker.in_flight)
+                    if hold and (peak >= min(calls, concurrency) or time.monotonic() > deadline):
+                        _touch(marker)  # all sent: let the calls run
+                        return
+                    await asyncio.sleep(0.005)
 
-        watcher = asyncio.ensure_future(watch())
-        t = time.perf_counter()
-        results = await ex.map(nap, range(calls))
-        seconds = time.perf_counter() - t
-        watcher.cancel()
-        assert results == list(range(calls))
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            watcher = asyncio.ensure_future(watch())
+            t = time.perf_counter()
+            results = await ex.map(fn, range(calls))
+            seconds = time.perf_counter() - t
+            watcher.cancel()
+            assert results == list(range(calls))
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"in_flight": peak, "growth": after - before, "seconds": seconds}
 
 
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(_job(*a.child))))
         return 0
     rows = [("baseline", measure(a.calls, 64)), ("wide", measure(a.calls, a.concurrency))]
-    print(f"map(nap, range({a.calls:,})) on the local runtime; each row a fresh process")
+    print(f"map(held, range({a.calls:,})) on the local runtime, the wide job held until all are sent; each row a fresh process")
     for name, r in rows:
         per = r["growth"] / max(r["in_flight"], 1)
         print(f"  {name:<8} peak in flight {r['in_flight']:>6,.0f}   RSS growth {r['growth'] / 2**20:6.1f} MB   "
