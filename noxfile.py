@@ -56,8 +56,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput beside its baselines and its peers, the cloud in a box (latency, cold starts, a slow replica) and
-    memory per call in flight; prints the tables and exits non-zero on a missed target."""
+    """Throughput beside its baselines and its peers, the cloud in a box (latency, cold starts, a slow replica),
+    memory per call in flight and a profile of the client's CPU per call; prints the tables and exits non-zero on a
+    missed target."""
     session.install(".", "lithops>=3", "ray>=2.9", "dask[distributed]>=2024.1")
     missed = []
     hedging = ["--replicas", "10", "--start-active", "10", "--cold-start", "0", "--calls", "5000", "--concurrency", "200",
@@ -71,6 +72,7 @@ def bench(session: nox.Session) -> None:
         ["benchmarks/cloud_sim.py", *hedging],
         ["benchmarks/cloud_sim.py", *prewarming],
         ["benchmarks/inflight.py"],
+        ["benchmarks/client_profile.py"],
     ]
     for args in runs:  # every one runs, whatever the others say
         try:
