@@ -345,9 +345,8 @@ def test_sigterm_lets_an_answer_on_its_way_out_arrive_whole(tmp_path: Path) -> N
 
 
 def test_bare_lf_heads_are_refused_at_once_and_leading_empty_lines_ignored(srv: ServerProcess) -> None:
-    t = time.monotonic()
+    # Answered (a head held until the header timeout would be cut without an answer).
     status, _, body, closed = exchange(srv, b"GET /v1/health HTTP/1.1\nHost: x\n\n")
     assert status == 400 and "CRLF" in json.loads(body)["error"] and closed
-    assert time.monotonic() - t < 5  # not after the header timeout
     status, _, _, _ = exchange(srv, f"\r\nGET {protocol.HEALTH_PATH} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
     assert status == 200
