@@ -793,6 +793,10 @@ class Row:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str = ""
 
+    @property
+    def label(self) -> str:
+        return f"{self.chunksize}{'+warm' if self.prewarm else ''}"
+
 
 async def run_row(
     a: argparse.Namespace,
@@ -891,14 +895,10 @@ def hedging(a: argparse.Namespace) -> int:
         f"{a.slow_replica:g} ms late; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     )
     rows: list[Row] = []
-    try:
-        for latency in a.latency:
-            rows.append(asyncio.run(run_row(a, latency, 1, False, slow=False)))
-            for hedge in (False, a.hedge):
-                rows.append(asyncio.run(run_row(a, latency, 1, hedge)))
-    finally:
-        for proc in _PROXIES:
-            _stop_process(proc)
+    for latency in a.latency:
+        rows.append(asyncio.run(run_row(a, latency, 1, False, slow=False)))
+        for hedge in (False, a.hedge):
+            rows.append(asyncio.run(run_row(a, latency, 1, hedge)))
     head = f"{'latency':>8}  {'slow':>4}  {'hedge':>5}  {'wall s':>7}  {'wire p50':>8}  {'p99':>6}  {'max':>6}"
     head += f"  {'hedges sent/won':>15}"
     print(f"\n{head}  routed")
@@ -932,15 +932,11 @@ def prewarming(a: argparse.Namespace) -> int:
         f" x active, {a.control_delay:g} s later, cold start {a.cold_start:g} s; {os.cpu_count()} CPUs"
     )
     rows: list[Row] = []
-    try:
-        for latency in a.latency:
-            for prewarm in (False, True):
-                row = asyncio.run(run_row(a, latency, 1, prewarm=prewarm))
-                rows.append(row)
-                print(f"  prewarm={prewarm}: " + "; ".join(row.stats["events"]))
-    finally:
-        for proc in _PROXIES:
-            _stop_process(proc)
+    for latency in a.latency:
+        for prewarm in (False, True):
+            row = asyncio.run(run_row(a, latency, 1, prewarm=prewarm))
+            rows.append(row)
+            print(f"  prewarm={prewarm}: " + "; ".join(row.stats["events"]))
     capacity = a.replicas * a.workers / (a.work / 1000)
     ideal = a.cold_start + a.calls / min(capacity, a.concurrency / (a.work / 1000 + 2 * a.latency[0] / 1000))
     print(f"\n{'latency':>8}  {'prewarm':>7}  {'wall s':>7}  {'calls/s':>8}  routed")
@@ -990,11 +986,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     _raise_nofile()
-    if a.slow_replica:
-        return hedging(a)
-    if a.work:
-        return prewarming(a)
+    try:
+        if a.slow_replica:
+            return hedging(a)
+        if a.work:
+            return prewarming(a)
+        return default_rows(a)
+    finally:
+        for proc in _PROXIES:  # every proxy started, whatever went wrong
+            _stop_process(proc)
 
+
+def default_rows(a: argparse.Namespace) -> int:
+    """Chunksize 1 (without and with pre-warming) and "auto" per latency, against the ideal."""
     print(
         f"cloud in a box: map(add7, range({a.calls:,})), max_concurrency {a.concurrency:,}; {os.cpu_count()} CPUs, "
         f"Python {sys.version.split()[0]}\n"
@@ -1005,25 +1009,20 @@ def main(argv: list[str] | None = None) -> int:
         f"ideal = cold start + ceil(calls / concurrency) x 2 x latency"
     )
     rows: list[Row] = []
-    try:
-        for latency in a.latency:
-            for cs, prewarm in ((1, False), (1, True), ("auto", False)):
-                row = asyncio.run(run_row(a, latency, cs, prewarm=prewarm))
-                rows.append(row)
-                if row.stats:
-                    print(f"  {latency:g} ms, chunksize {cs}{', prewarm' if prewarm else ''}: routed {row.stats['routed']}, "
-                          f"peak in flight {row.stats['peak_inflight']}; " + "; ".join(row.stats["events"]))  # fmt: skip
-    finally:
-        for proc in _PROXIES:
-            _stop_process(proc)
+    for latency in a.latency:
+        for cs, prewarm in ((1, False), (1, True), ("auto", False)):
+            row = asyncio.run(run_row(a, latency, cs, prewarm=prewarm))
+            rows.append(row)
+            if row.stats:
+                print(f"  {latency:g} ms, chunksize {cs}{', prewarm' if prewarm else ''}: routed {row.stats['routed']}, "
+                      f"peak in flight {row.stats['peak_inflight']}; " + "; ".join(row.stats["events"]))  # fmt: skip
 
     head = f"{'latency':>8}  {'chunksize':>9}  {'wall s':>7}  {'ideal s':>7}  {'ratio':>6}  {'calls/s':>8}  {'CPU us/call':>11}"
     print("\nCPU us per call of every process on the machine (client = the SDK; the others stand in for Azure):")
     for row in rows:
         if row.others_us:
-            cs_label = f"{row.chunksize}{'+warm' if row.prewarm else ''}"
             total = row.cpu_us + sum(row.others_us.values())
-            print(f"  {row.latency_ms:g} ms, chunksize {cs_label}: client {row.cpu_us:.0f}, "
+            print(f"  {row.latency_ms:g} ms, chunksize {row.label}: client {row.cpu_us:.0f}, "
                   + ", ".join(f"{k} {v:.0f}" for k, v in row.others_us.items()) + f"; total {total:.0f}")  # fmt: skip
     print(f"\n{head}  targets")
     ok = True
@@ -1033,9 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ideal = ideal_seconds(a, row.latency_ms)
         ratio = row.wall / ideal
-        cs_label = f"{row.chunksize}{'+warm' if row.prewarm else ''}"
         line = (
-            f"{row.latency_ms:>6g}ms  {cs_label:>9}  {row.wall:>7.2f}  {ideal:>7.2f}  {ratio:>6.2f}  "
+            f"{row.latency_ms:>6g}ms  {row.label:>9}  {row.wall:>7.2f}  {ideal:>7.2f}  {ratio:>6.2f}  "
             f"{a.calls / row.wall:>8,.0f}  {row.cpu_us:>11.0f}  "
         )
         if row.chunksize == 1 and not row.prewarm:

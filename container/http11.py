@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -568,6 +568,3 @@ class HttpConnection(asyncio.Protocol):
     def _check_open(self) -> None:
         if self.closed or self._closing or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
-
-
-Handler = Callable[[Request, HttpConnection], Awaitable[Response | None]]

@@ -252,12 +252,12 @@ class Server:
         else:
             return self.error(404, f"no such path: {path[:100]!r} (the paths are {protocol.INVOKE_PATH}, "
                                    f"{protocol.HEALTH_PATH} and {protocol.META_PATH})")  # fmt: skip
-        return self._error(405, f"method {method} is not allowed for {path} (only {allowed})", Allow=allowed)
+        return self.error(405, f"method {method} is not allowed for {path} (only {allowed})", Allow=allowed)
 
     async def _unauthenticated(self, exc: protocol.ProtocolError, request: Request) -> Response:
         """401 for a request whose signature failed."""
         call_id = request.headers.get(protocol.H_CALL_ID, "-")[:80]
-        return await self._refuse(self._error(exc.status, str(exc)), f"{request.method} {request.path} {call_id!r}: {exc}")
+        return await self._refuse(self.error(exc.status, str(exc)), f"{request.method} {request.path} {call_id!r}: {exc}")
 
     async def _refuse(self, resp: Response, what: str) -> Response:
         """Answer a refused request after ``auth_delay``, on a closed connection (a tarpit).
@@ -288,22 +288,19 @@ class Server:
         resp.close = True
         return resp
 
-    def _error(self, status: int, message: str, code: str | None = None, **headers: str) -> Response:
+    def error(self, status: int, message: str, code: str | None = None, **headers: str) -> Response:
+        """An error answer in this server's JSON form (also the HTTP layer's, for its own refusals)."""
         doc = {"error": message, "replica": self.settings.replica}
         if code:
             doc["code"] = code
         return json_response(status, doc, headers=headers or None)
 
-    def error(self, status: int, message: str) -> Response:
-        """An error answer in this server's JSON form (for the HTTP layer's own refusals)."""
-        return self._error(status, message)
-
     async def health(self) -> Response:
         ready = self.pool.ready_workers
         if self.draining:
-            return self._error(503, "shutting down", **{"Retry-After": "1"})
+            return self.error(503, "shutting down", **{"Retry-After": "1"})
         if self.pool.broken:
-            return self._error(503, self.pool.broken)
+            return self.error(503, self.pool.broken)
         return json_response(200 if ready else 503, {"status": "ok" if ready else "starting", "ready_workers": ready})
 
     async def meta(self, request: Request) -> Response:
@@ -319,7 +316,7 @@ class Server:
         settings = self.settings
         if self.draining:
             # Closing the connection sends the retry to another replica (this one stopped listening).
-            resp = self._error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
+            resp = self.error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
             resp.close = True
             return resp
         headers = request.headers
@@ -342,7 +339,7 @@ class Server:
                 body = await asyncio.wait_for(request.read(), settings.header_timeout + length / settings.min_body_rate)
             except asyncio.TimeoutError:
                 self.slow_clients_cut += 1
-                resp = self._error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
+                resp = self.error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
                                         f"{settings.min_body_rate / 1024:.0f} KiB/s)")  # fmt: skip
                 resp.close = True
                 return resp
@@ -357,7 +354,7 @@ class Server:
             if inv.call_id != call_id:
                 raise protocol.ProtocolError("the envelope's call id differs from the signed header")
         except protocol.ProtocolError as exc:
-            return self._error(exc.status, str(exc))
+            return self.error(exc.status, str(exc))
         header = inv.header
         if len(inv.fn):
             fn: bytes | memoryview = self.functions.put(inv.fn_hash, inv.fn)
@@ -369,10 +366,10 @@ class Server:
                 except BlobError as exc:
                     return self._failed(inv, f"the runtime could not read the function from Blob storage: {exc}")
                 if hashlib.sha256(data).hexdigest() != inv.fn_hash:
-                    return self._error(400, "the function blob does not match header field 'fn' (its SHA-256)")
+                    return self.error(400, "the function blob does not match header field 'fn' (its SHA-256)")
                 cached = bytes(self.functions.put(inv.fn_hash, data))
             if cached is None:
-                return self._error(409, "this replica does not have the function; send it along", code=protocol.UNKNOWN_FUNCTION)
+                return self.error(409, "this replica does not have the function; send it along", code=protocol.UNKNOWN_FUNCTION)
             fn = cached
         items: bytes | memoryview = inv.items
         if not len(items):
@@ -382,11 +379,11 @@ class Server:
                 return self._failed(inv, f"the runtime could not read the arguments from Blob storage: {exc}")
             # The blob is only as trustworthy as the container: its digest is in the signed header.
             if hashlib.sha256(items).hexdigest() != header.get("items_sha256"):
-                return self._error(400, "the arguments blob does not match header field 'items_sha256'")
+                return self.error(400, "the arguments blob does not match header field 'items_sha256'")
         return await self._run(conn, Task(self.pool.new_task_id(), inv, fn, items))
 
     async def _replayed(self, call_id: str, attempt: int) -> Response:
-        return await self._refuse(self._error(
+        return await self._refuse(self.error(
             409, f"call {call_id} attempt {attempt} was already received: a request is run once (a retry is signed "
             "as a new attempt)", code=protocol.REPLAYED,
         ), f"{call_id!r} attempt {attempt}: a replay")  # fmt: skip
@@ -399,7 +396,7 @@ class Server:
 
     def _too_large(self, length: int | None) -> Response:
         size = f" of {length} bytes" if length is not None else ""
-        return self._error(
+        return self.error(
             413,
             f"request body{size} exceeds this runtime's limit of {self.settings.max_body} bytes; "
             "pass large data through blob storage or raise the runtime's ACX_MAX_BODY_BYTES",
