@@ -7,72 +7,118 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import platform
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, memory_pair
-from .errors import AsyncCAExecError
+from .config import BACKEND_ALIASES, STORAGE_ALIASES, Config, memory_pair
+from .errors import AsyncCAExecError, ConfigError
 from .hello import hello
+
+#: The options every command takes, wherever they are given: before the command (``acx -b azure
+#: clean``) or after it (``acx clean -b azure``), with the same meaning.
+_COMMON: tuple[tuple[tuple[str, str], str, dict[str, Any]], ...] = (
+    (("-c", "--config"), "config", {"help": "config file (YAML; Lithops config files work unchanged)"}),
+    (("-b", "--backend"), "backend", {"help": "local (alias localhost) or azure (alias azure_containers)"}),
+    (("-s", "--storage"), "storage", {"help": "azure_storage, or localhost for none"}),
+    (("-d", "--debug"), "debug", {"action": "store_true", "help": "debug logging and full tracebacks"}),
+)
+
+
+def _common(level: int) -> argparse.ArgumentParser:
+    """The common options as a parent parser for the parser ``level`` deep (0: ``acx`` itself).
+
+    Each level keeps its own destination and, below the top, sets it only when the option is
+    given there: a subcommand's defaults must not overwrite what was given before it (the same
+    parent at every level would). :func:`_merge_common` then reads them together.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    for flags, name, kw in _COMMON:
+        options = dict(kw) if kw.get("action") == "store_true" else {"metavar": name.upper(), **kw}
+        parent.add_argument(*flags, dest=f"{name}@{level}", default=argparse.SUPPRESS, **options)
+    return parent
+
+
+def _merge_common(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """One value per common option, from whichever position gave it; the same option given in
+    two positions with different values is refused (which one was meant cannot be known)."""
+    for flags, name, _kw in _COMMON:
+        given = {k: v for k, v in vars(args).items() if k.split("@")[0] == name}
+        for k in given:
+            delattr(args, k)
+        values = list(dict.fromkeys(given.values()))
+        if name == "debug":
+            setattr(args, name, any(values))
+            continue
+        if len({_canonical(name, v) for v in values}) > 1:
+            p.error(f"{'/'.join(flags)} is given twice with different values ({', '.join(map(repr, values))}); give it once")
+        setattr(args, name, values[0] if values else None)
+    return args
+
+
+def _canonical(name: str, value: str) -> str:
+    """What a common option's value means: two names of one backend, or two spellings of one
+    path, are the same value."""
+    if name == "backend":
+        return BACKEND_ALIASES.get(value.strip().lower(), value)
+    if name == "storage":
+        return str(STORAGE_ALIASES.get(value.strip().lower(), value))
+    return str(Path(value).expanduser().resolve())
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="config file (YAML; Lithops config files work unchanged)")
-    common.add_argument("-b", "--backend", help="local (alias localhost) or azure (alias azure_containers)")
-    common.add_argument("-s", "--storage", help="azure_storage, or localhost for none")
-    common.add_argument("-d", "--debug", action="store_true", help="debug logging and full tracebacks")
-
     p = argparse.ArgumentParser(
-        prog="acx", description="Run Python functions at scale on Azure Container Apps.", parents=[common]
+        prog="acx", description="Run Python functions at scale on Azure Container Apps.", parents=[_common(0)]
     )
     p.add_argument("--version", action="version", version=f"async_ca_exec {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    sub.add_parser("hello", parents=[common], help="run one call end to end and print its result")
+    sub.add_parser("hello", parents=[_common(1)], help="run one call end to end and print its result")
 
-    rt = sub.add_parser("runtime", parents=[common], help="build, deploy, update, delete, list runtimes")
+    rt = sub.add_parser("runtime", parents=[_common(1)], help="build, deploy, update, delete, list runtimes")
     rsub = rt.add_subparsers(dest="action", metavar="ACTION")
     rsub.required = True
-    b = rsub.add_parser("build", parents=[common], help="build and push a runtime image")
+    b = rsub.add_parser("build", parents=[_common(2)], help="build and push a runtime image")
     b.add_argument("name")
     b.add_argument("-f", "--file", help="your Dockerfile (default: the package's container/Dockerfile)")
     b.add_argument("--no-push", action="store_true", help="build only (a local engine)")
-    d = rsub.add_parser("deploy", parents=[common], help="deploy a runtime (default or NAME:TAG)")
+    d = rsub.add_parser("deploy", parents=[_common(2)], help="deploy a runtime (default or NAME:TAG)")
     d.add_argument("name")
     d.add_argument("--memory", type=int, help="runtime_memory in MB")
     d.add_argument("--timeout", type=float, help="runtime_timeout in seconds")
     d.add_argument("--create-environment", action="store_true", help="create the Container Apps environment if it is missing")
     for action in ("update", "delete"):
-        x = rsub.add_parser(action, parents=[common], help=f"{action} a runtime (default, NAME:TAG or all)")
+        x = rsub.add_parser(action, parents=[_common(2)], help=f"{action} a runtime (default, NAME:TAG or all)")
         x.add_argument("name")
-    lst = rsub.add_parser("list", parents=[common], help="list deployed runtimes")
+    lst = rsub.add_parser("list", parents=[_common(2)], help="list deployed runtimes")
     lst.add_argument("--json", action="store_true", help="print JSON (a list of runtimes) instead of a table")
 
-    sub.add_parser("clean", parents=[common], help="remove deployed runtimes, cached metadata, temporary blobs")
+    sub.add_parser("clean", parents=[_common(1)], help="remove deployed runtimes, cached metadata, temporary blobs")
 
-    cf = sub.add_parser("config", parents=[common], help="the configuration reference")
+    cf = sub.add_parser("config", parents=[_common(1)], help="the configuration reference")
     csub = cf.add_subparsers(dest="action", metavar="ACTION")
     csub.required = True
-    csub.add_parser("reference", parents=[common], help="print every section and key, with defaults (Markdown)")
+    csub.add_parser("reference", parents=[_common(2)], help="print every section and key, with defaults (Markdown)")
 
-    st = sub.add_parser("storage", parents=[common], help="put, get, list and delete blobs in Azure Blob storage")
+    st = sub.add_parser("storage", parents=[_common(1)], help="put, get, list and delete blobs in Azure Blob storage")
     ssub = st.add_subparsers(dest="action", metavar="ACTION")
     ssub.required = True
-    put = ssub.add_parser("put", parents=[common], help="upload a file (- for stdin) as a blob")
+    put = ssub.add_parser("put", parents=[_common(2)], help="upload a file (- for stdin) as a blob")
     put.add_argument("file")
     put.add_argument("key")
-    get = ssub.add_parser("get", parents=[common], help="download a blob to a file (stdout without one)")
+    get = ssub.add_parser("get", parents=[_common(2)], help="download a blob to a file (stdout without one)")
     get.add_argument("key")
     get.add_argument("file", nargs="?")
-    ls = ssub.add_parser("list", parents=[common], help="list blobs (under a prefix)")
+    ls = ssub.add_parser("list", parents=[_common(2)], help="list blobs (under a prefix)")
     ls.add_argument("prefix", nargs="?", default="")
-    rm = ssub.add_parser("delete", parents=[common], help="delete blobs (or everything under --prefix)")
+    rm = ssub.add_parser("delete", parents=[_common(2)], help="delete blobs (or everything under --prefix)")
     rm.add_argument("keys", nargs="*")
     rm.add_argument("--prefix", help="delete every blob under this prefix")
     for action_parser in (put, get, ls, rm):
@@ -80,35 +126,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "config": args.config,
-        "backend": args.backend,
-        "storage": args.storage,
-        "log_level": "DEBUG" if args.debug else None,
-    }
-
-
-async def _hello(args: argparse.Namespace) -> int:
+async def _hello(cfg: Config) -> int:
     from .executor import AsyncExecutor
 
-    async with AsyncExecutor(**_executor_options(args)) as ex:
+    async with AsyncExecutor(config=cfg) as ex:
         print(await ex.submit(hello, "world"))
     return 0
 
 
 def _load(args: argparse.Namespace) -> Config:
+    """The configuration the command runs with: -c's file (else $ACX_CONFIG_FILE or the default
+    path), the environment, and -b/-s/-d on top. A bad file, key or value fails here, before
+    any command runs, whatever the backend."""
     from .config import load_config
 
-    cfg = load_config(args.config, arguments={"backend": args.backend, "storage": args.storage,
-                                                "log_level": "DEBUG" if args.debug else None})  # fmt: skip
-    return cfg
+    return load_config(
+        args.config,
+        arguments={"backend": args.backend, "storage": args.storage, "log_level": "DEBUG" if args.debug else None},
+        given_by="-c/--config",
+        labels={"backend": "-b/--backend", "storage": "-s/--storage"},
+    )
 
 
-def _runtime(args: argparse.Namespace) -> int:
+def _check_deploy_options(args: argparse.Namespace) -> None:
+    """--memory and --timeout are checked for every backend: a value no backend accepts must not
+    pass silently because the local backend has nothing to deploy."""
+    if args.memory is not None:
+        memory_pair(args.memory)  # ConfigError naming the allowed sizes
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ConfigError(f"--timeout {args.timeout:g} is not allowed: runtime_timeout is a positive number of seconds")
+
+
+def _runtime(args: argparse.Namespace, cfg: Config) -> int:
     from .config import default_local_layout
 
-    cfg = _load(args)
+    if args.action == "deploy":
+        _check_deploy_options(args)
     if cfg.backend == "azure":
         return asyncio.run(_azure(args, cfg))
     if args.action == "list":
@@ -125,7 +178,10 @@ def _runtime(args: argparse.Namespace) -> int:
         return 0
     if args.action == "build":
         return asyncio.run(_azure(args, cfg))  # building an image needs no Azure backend settings
-    print(f"the local backend needs no '{args.action}': its runtime starts and stops with each executor")
+    print(
+        f"the local backend needs no '{args.action}': its runtime starts and stops with each executor "
+        "(for Azure: -b azure, or lithops.backend: azure_containers in the config)"
+    )
     return 0
 
 
@@ -152,8 +208,6 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
         )
         print(f"built {args.name} with {how}" + ("" if args.no_push or how == "acr" else " and pushed it"))
         return 0
-    if command == "deploy" and args.memory is not None:
-        memory_pair(args.memory)  # a bad size is refused before any Azure call
     started = time.monotonic()
     async with AzureApps(cfg, progress=_progress) as apps:
         if command == "deploy":
@@ -221,32 +275,73 @@ def _one_line(exc: BaseException) -> str:
     """The error's first line; for a task group's error, its first inner error's."""
     while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # type: ignore[attr-defined]
         exc = exc.exceptions[0]  # type: ignore[attr-defined]
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return _one_line_text(str(exc)) or type(exc).__name__
+
+
+class _OneLine(logging.Formatter):
+    """``acx: warning: ...``: a log record as one line, like the command's own errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"acx: {record.levelname.lower()}: {_one_line_text(record.getMessage())}"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:
+    print(f"acx: warning: {_one_line_text(str(message))}", file=sys.stderr)
+
+
+def _setup_output(debug: bool) -> None:
+    """With --debug: every logger at DEBUG with timestamps, tracebacks on error. Without: the SDK's
+    warnings and Python warnings (an ignored Lithops section, say) as one ``acx: warning:`` line
+    each, and nothing from the Azure libraries, whose failures reach the user as our errors (the
+    credential chain azure-identity logs is in the error's first line, in full with --debug)."""
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                            format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")  # fmt: skip
+        return
+    warnings.showwarning = _show_warning
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    ours = logging.getLogger("async_ca_exec")
+    ours.addHandler(handler)
+    ours.setLevel(logging.WARNING)
+    ours.propagate = False
+    azure = logging.getLogger("azure")
+    azure.addHandler(logging.NullHandler())
+    azure.propagate = False
+
+
+def _one_line_text(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.debug:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
-                            format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")  # fmt: skip
+    parser = _parser()
+    args = _merge_common(parser, parser.parse_args(argv))
+    _setup_output(args.debug)
     try:
-        if args.command == "hello":
-            return asyncio.run(_hello(args))
-        if args.command == "runtime":
-            return _runtime(args)
-        if args.command == "storage":
-            return asyncio.run(_storage(args, _load(args)))
         if args.command == "config":
+            given = [flag for flag, value in (("-c", args.config), ("-b", args.backend), ("-s", args.storage)) if value]
+            if given:
+                parser.error(f"acx config reference lists every key whatever the configuration; drop {', '.join(given)}")
             from .configdoc import render
 
             sys.stdout.write(render())
             return 0
+        cfg = _load(args)
+        if args.command == "hello":
+            return asyncio.run(_hello(cfg))
+        if args.command == "runtime":
+            return _runtime(args, cfg)
+        if args.command == "storage":
+            return asyncio.run(_storage(args, cfg))
         if args.command == "clean":
-            cfg = _load(args)
             if cfg.backend == "azure":
                 return asyncio.run(_azure(args, cfg))
-            print("nothing to clean: the local backend keeps no runtimes, metadata or blobs")
+            print(
+                "nothing to clean: the local backend keeps no runtimes, metadata or blobs "
+                "(for Azure: -b azure, or lithops.backend: azure_containers in the config)"
+            )
             return 0
     except KeyboardInterrupt:
         print("acx: interrupted", file=sys.stderr)

@@ -300,6 +300,16 @@ class Config(BaseModel):
         """Where the file part came from: a path, "the config dict" or "defaults"."""
         return self._source
 
+    @property
+    def looked_at(self) -> str:
+        """Where the settings were looked for, for a message about a missing one."""
+        if self._source != "defaults":
+            return self._source
+        return (
+            f"no config file: none was given (-c/--config or config=), $ACX_CONFIG_FILE is unset and "
+            f"{DEFAULT_CONFIG_PATH} does not exist"
+        )
+
     # -- resolved views ---------------------------------------------------------------
 
     @property
@@ -387,6 +397,7 @@ ARGUMENTS: dict[str, tuple[str, str | None]] = {
     "storage": ("storage", "lithops"),
     "runtime": ("runtime", None),
     "runtime_memory": ("runtime_memory", None),
+    "runtime_timeout": ("runtime_timeout", None),
     "timeout": ("execution_timeout", "lithops"),
     "max_concurrency": ("max_concurrency", "lithops"),
     "retries": ("retries", "lithops"),
@@ -406,15 +417,17 @@ _SECTION_MODELS: dict[str, type[_Section]] = {
 }
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path, given_by: str) -> dict[str, Any]:
     import yaml
 
     try:
         text = path.expanduser().read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; fix the path or drop config=/ACX_CONFIG_FILE") from None
+        raise ConfigError(f"config file {path} (from {given_by}) does not exist; fix the path or drop {given_by}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} (from {given_by}) is a directory; name the YAML file in it") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+        raise ConfigError(f"config file {path} (from {given_by}) cannot be read: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -465,16 +478,28 @@ def _parse_env_value(name: str, raw: str) -> Any:
 
 
 def load_config(
-    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
     *,
     arguments: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    given_by: str = "config=",
+    labels: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the configuration from arguments, environment, file/dict and defaults.
+
+    ``given_by`` names how a ``config`` path was given, and ``labels`` how each argument was,
+    for messages (the CLI's ``-c/--config``, ``-b/--backend``).
 
     >>> load_config({"lithops": {"backend": "localhost", "storage": "localhost"}}).backend
     'local'
     """
+    if isinstance(config, Config):  # loaded already (the CLI's): only arguments go on top
+        given = {k: v for k, v in (arguments or {}).items() if v is not None}
+        if not given:
+            return config
+        merged = load_config(config.model_dump(exclude_unset=True), arguments=given, env={})
+        merged._source = config._source
+        return merged
     env = os.environ if env is None else env
     sources: dict[tuple[str, str], str] = {}
     if isinstance(config, Mapping):
@@ -485,11 +510,11 @@ def load_config(
         if config is not None:
             path = Path(config)
         elif env.get("ACX_CONFIG_FILE"):
-            path = Path(env["ACX_CONFIG_FILE"])
+            path, given_by = Path(env["ACX_CONFIG_FILE"]), "$ACX_CONFIG_FILE"
         elif DEFAULT_CONFIG_PATH.expanduser().is_file():
-            path = DEFAULT_CONFIG_PATH.expanduser()
+            path, given_by = DEFAULT_CONFIG_PATH.expanduser(), "the default path"
         file_source = f"config file {path}" if path else "defaults"
-        data = _normalise(_read_file(path), file_source) if path else {}
+        data = _normalise(_read_file(path, given_by), file_source) if path else {}
     for section, body in data.items():
         for key in body:
             sources[(section, key)] = file_source
@@ -512,7 +537,7 @@ def load_config(
     # The backend first (arguments > environment > file): other settings land in its section.
     args = {k: v for k, v in (arguments or {}).items() if v is not None}
     if "backend" in args:
-        put("lithops", "backend", args.pop("backend"), "the backend argument")
+        put("lithops", "backend", args.pop("backend"), _label(labels, "backend"))
     elif env.get("ACX_BACKEND"):
         put("lithops", "backend", env["ACX_BACKEND"], "environment variable ACX_BACKEND")
 
@@ -534,7 +559,7 @@ def load_config(
         if name not in ARGUMENTS:
             raise ConfigError(f"unknown argument {name!r}" + _suggest(name, list(ARGUMENTS)))
         key, target = ARGUMENTS[name]
-        put(target, key, value, f"the {name} argument")
+        put(target, key, value, _label(labels, name))
 
     try:
         cfg = Config.model_validate(data)
@@ -543,6 +568,10 @@ def load_config(
     cfg._source = file_source
     _log_ignored(cfg)
     return cfg
+
+
+def _label(labels: Mapping[str, str] | None, name: str) -> str:
+    return (labels or {}).get(name) or f"the {name} argument"
 
 
 def _backend_of(data: Mapping[str, Any]) -> str:

@@ -83,7 +83,7 @@ class AsyncExecutor:
         timeout: float | None = None,
         max_concurrency: int | None = None,
         retries: int | None = None,
-        config: str | Path | dict[str, Any] | None = None,
+        config: str | Path | dict[str, Any] | Config | None = None,
         storage: str | None = None,
         credential: Any = None,
         progress: bool | None = None,

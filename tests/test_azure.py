@@ -465,32 +465,84 @@ def _cli(*args: str, tmp: Path, env: dict[str, str] | None = None) -> subprocess
     return subprocess.run([exe, *args], env=full, capture_output=True, text=True, timeout=180, cwd=tmp)
 
 
-def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path: Path) -> None:
-    cfg = str(config(arm, tmp_path))
-    seed = ["-b", "azure_containers", "-s", "azure_storage", "-c", cfg]
-    r = _cli("runtime", "deploy", "default", *seed, tmp=tmp_path)
+#: Where the seed's options go: all before the command, all after it, or some on each side.
+POSITIONS = {
+    "before": lambda opts, cmd: [*opts, *cmd],
+    "after": lambda opts, cmd: [*cmd, *opts],
+    "split": lambda opts, cmd: [*opts[:4], *cmd, *opts[4:]],  # -b -s before, -c after
+}
+
+
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path: Path, position: str) -> None:
+    """Each seed command line, with `-b azure_containers -s azure_storage -c FILE` placed before or
+    after the command (or both sides): every one reaches Azure (the ARM endpoint sees it)."""
+    cfg = str(config(arm, tmp_path, azure_containers={"build_options": ["--label=from-the-config-file"]}))
+    place = POSITIONS[position]
+    opts = ["-b", "azure_containers", "-s", "azure_storage", "-c", cfg]
+
+    def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        before = len(arm.requests)
+        r = _cli(*place(opts, list(cmd)), tmp=tmp_path, env=env)
+        assert r.returncode != 0 or cmd[-1] == "--no-push" or len(arm.requests) > before, f"{cmd} did not reach ARM"
+        return r
+
+    r = run("runtime", "deploy", "default")
     assert r.returncode == 0, r.stderr
     assert f"deployed runtime {default_image(arm)} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stderr
-    r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "--memory", "2048", "--timeout", "120", *seed,
-             tmp=tmp_path)  # fmt: skip
+    r = run("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "--memory", "2048", "--timeout", "120")
     assert r.returncode == 0, r.stderr
-    r = _cli("runtime", "list", *seed, tmp=tmp_path)
+    (body,) = [b for b in arm.bodies("PUT", "containerApps") if b["properties"]["template"]["containers"][0]["image"]
+               == "myregistry.azurecr.io/me/rt:1"]  # fmt: skip
+    assert body["properties"]["template"]["containers"][0]["resources"] == {"cpu": 1.0, "memory": "2Gi"}
+    r = run("runtime", "list")
     assert r.returncode == 0 and default_image(arm) in r.stdout and "2048" in r.stdout
     header, *rows = r.stdout.splitlines()
     assert header.split() == ["RUNTIME", "MEMORY", "VERSION", "APP", "FQDN", "STATE", "REPLICAS", "MAX"]
     assert all(row.split()[-2:] == ["1", "100"] for row in rows)  # one replica running, at most 100
-    r = _cli("hello", *seed, tmp=tmp_path)
+    r = run("hello")
     assert r.returncode == 0 and r.stdout.startswith("Hello world!"), r.stderr
-    r = _cli("runtime", "update", "all", *seed, tmp=tmp_path)
+    r = run("runtime", "update", "all")
     assert r.returncode == 0 and "updated 2 runtime(s)" in r.stdout, r.stderr
-    r = _cli("runtime", "delete", "default", *seed, tmp=tmp_path)
+    r = run("runtime", "delete", "default")
     assert r.returncode == 0 and "deleted 1 runtime(s)" in r.stdout
-    r = _cli("clean", *seed, tmp=tmp_path)
+    r = run("clean")
     assert r.returncode == 0 and "deleted 1 runtime(s)" in r.stdout, r.stderr
-    r = _cli("runtime", "delete", "all", *seed, tmp=tmp_path)
+    r = run("runtime", "delete", "all")
     assert r.returncode == 0 and "deleted 0 runtime(s)" in r.stdout
-    r = _cli("runtime", "deploy", "default", "--memory", "1000", *seed, tmp=tmp_path)
+    calls = len(arm.requests)
+    r = _cli(*place(opts, ["runtime", "deploy", "default", "--memory", "1000"]), tmp=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().endswith("(MB, in steps of 512)") and "Traceback" not in r.stderr
+    assert len(arm.requests) == calls, "a refused size must not reach ARM"
+    engine = {"PATH": f"{TESTS / 'fakes'}{os.pathsep}{os.environ['PATH']}", "FAKE_ENGINE_LOG": str(tmp_path / "engine.log"),
+              "ACX_BUILDER": "docker"}  # fmt: skip
+    r = run("runtime", "build", "myregistry.azurecr.io/me/rt:2", "--no-push", env=engine)
+    assert r.returncode == 0 and "built myregistry.azurecr.io/me/rt:2 with docker" in r.stdout, r.stderr
+    built = json.loads((tmp_path / "engine.log").read_text().splitlines()[0])
+    assert built["argv"][0] == "build" and "myregistry.azurecr.io/me/rt:2" in built["argv"]
+    assert "--label=from-the-config-file" in built["argv"]  # -c was read wherever it stood
+
+
+def test_an_option_given_twice_with_different_values_is_refused(tmp_path: Path) -> None:
+    r = _cli("-b", "local", "clean", "-b", "azure_containers", tmp=tmp_path)
+    assert r.returncode == 2 and "-b/--backend is given twice with different values ('local', 'azure_containers')" in r.stderr
+    r = _cli("-b", "localhost", "runtime", "list", "-b", "local", tmp=tmp_path)  # one backend, two names: the same
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_the_azure_backend_given_in_any_position_is_never_the_local_no_op(tmp_path: Path, position: str) -> None:
+    """Without Azure settings, `-b azure_containers` must fail naming what is missing: never
+    "nothing to clean" (a user who believes Azure was cleaned keeps paying)."""
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("lithops: {}\n")
+    opts = ["-b", "azure_containers", "-s", "azure_storage", "-c", str(cfg)]
+    for cmd in (["clean"], ["runtime", "deploy", "default"], ["runtime", "list"], ["runtime", "update", "all"],
+                ["runtime", "delete", "all"], ["hello"]):  # fmt: skip
+        r = _cli(*POSITIONS[position](opts, cmd), tmp=tmp_path)
+        assert r.returncode == 1, (cmd, r.stdout, r.stderr)
+        assert "local backend" not in r.stdout + r.stderr and r.stderr.count("\n") == 1, (cmd, r.stderr)
+        assert "azure_storage" in r.stderr or "azure.subscription_id" in r.stderr, (cmd, r.stderr)
 
 
 def _exception_text(exc: BaseException) -> str:

@@ -148,3 +148,99 @@ class AnyStr(str):
         return isinstance(other, str) and re.fullmatch(str(self), other) is not None
 
     __hash__ = str.__hash__
+
+
+# -- what a new user meets first (issue 13) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["runtime", "deploy", "default", "--memory", "1000"], "runtime_memory=1000 is not allowed: choose one of 512, 1024"),
+        (["runtime", "deploy", "default", "--timeout", "-5"], "--timeout -5 is not allowed"),
+        (["runtime", "deploy", "default", "--timeout", "nan"], "--timeout nan is not allowed"),
+        (["-b", "nope", "runtime", "list"], "lithops.backend='nope' is not known: use 'local'"),
+        (["clean", "-b", "nope"], "lithops.backend='nope' is not known"),
+        (["hello", "-s", "nowhere"], "lithops.storage='nowhere' is not known"),
+    ],
+)
+def test_a_value_no_backend_accepts_fails_even_on_the_local_backend(tmp_path: Path, args: list[str], message: str) -> None:
+    r = acx(*args, cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr.startswith("acx: error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_valid_deploy_options_on_the_local_backend_say_there_is_nothing_to_deploy(tmp_path: Path) -> None:
+    r = acx("runtime", "deploy", "default", "--memory", "1024", "--timeout", "60", cwd=tmp_path)
+    assert r.returncode == 0 and "the local backend needs no 'deploy'" in r.stdout and "-b azure" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["-c", "{missing}", "hello"], ["hello", "-c", "{missing}"],
+                                  ["runtime", "list", "-c", "{missing}"], ["-c", "{missing}", "clean"],
+                                  ["-c", "{missing}", "runtime", "deploy", "default"]])  # fmt: skip
+def test_a_config_file_that_does_not_exist_fails_naming_the_option(tmp_path: Path, args: list[str]) -> None:
+    missing = str(tmp_path / "typo.yaml")
+    r = acx(*[a.format(missing=missing) for a in args], cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"acx: error: config file {missing} (from -c/--config) does not exist; fix the path or drop -c/--config\n"
+
+
+def test_a_config_file_is_read_wherever_the_option_stands(tmp_path: Path) -> None:
+    cfg = tmp_path / "acx.yaml"
+    cfg.write_text("localhost:\n  replicas: 3\n  worker_processes: 2\n")
+    for args in (["-c", str(cfg), "runtime", "list", "--json"], ["runtime", "-c", str(cfg), "list", "--json"],
+                 ["runtime", "list", "--json", "-c", str(cfg)]):  # fmt: skip
+        r = acx(*args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)[0]["replicas"] == 3, args
+
+
+def test_config_reference_refuses_options_it_would_ignore(tmp_path: Path) -> None:
+    r = acx("-c", "x.yaml", "config", "reference", cwd=tmp_path)
+    assert r.returncode == 2 and "drop -c" in r.stderr and r.stdout == ""
+
+
+def test_cli_warnings_are_one_acx_warning_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "lithops.yaml"
+    cfg.write_text("aws_lambda:\n  region: eu-west-1\nlithops:\n  backend: localhost\n")
+    r = acx("runtime", "list", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (
+        f"acx: warning: config section 'aws_lambda' (config file {cfg}) belongs to another Lithops backend and is ignored\n"
+    )
+
+
+def test_missing_azure_settings_name_the_file_looked_at_and_where_each_value_may_come_from(tmp_path: Path) -> None:
+    r = acx("runtime", "list", "-b", "azure", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "azure.subscription_id (from the config's azure or azure_containers section, or $AZURE_SUBSCRIPTION_ID)" in r.stderr
+    assert "azure.resource_group (from the config's azure or azure_containers section)" in r.stderr
+    assert "$ACX_CONFIG_FILE is unset and ~/.config/async-ca-exec/config.yaml does not exist" in r.stderr
+    cfg = tmp_path / "acx.yaml"
+    cfg.write_text("azure:\n  subscription_id: 00000000-0000-0000-0000-000000000001\n")
+    r = acx("runtime", "list", "-b", "azure", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 1 and f"looked at: config file {cfg}" in r.stderr and "subscription_id (" not in r.stderr
+
+
+def test_no_azure_credential_is_one_line_and_debug_shows_the_chain(tmp_path: Path) -> None:
+    cfg = tmp_path / "acx.yaml"
+    cfg.write_text(
+        "lithops: {backend: azure_containers}\n"
+        "azure: {subscription_id: 00000000-0000-0000-0000-000000000001, resource_group: rg,\n"
+        "        arm_endpoint: 'https://127.0.0.1:9', arm_retries: 0}\n"
+    )
+    # Developer credentials only: never the managed-identity endpoint (not loopback); no az on PATH.
+    env = {"AZURE_TOKEN_CREDENTIALS": "dev", "PATH": str(Path(sys.executable).parent)}
+    r = acx_env("runtime", "list", "-c", str(cfg), cwd=tmp_path, env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("acx: error: no Azure credential could be used") and "az login" in r.stderr
+    r = acx_env("runtime", "list", "-c", str(cfg), "-d", cwd=tmp_path, env=env)
+    assert r.returncode == 1 and "Attempted credentials:" in r.stderr and "AzureCliCredential" in r.stderr
+
+
+def acx_env(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("ACX_", "AZURE_"))}
+    full.update(env, HOME=str(cwd))
+    exe = str(Path(sys.executable).with_name("acx"))
+    return subprocess.run([exe, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)

@@ -221,6 +221,10 @@ def app_body(
 # settings
 
 
+#: Where the shared Azure settings may be given (the backend section's copy wins, as in Lithops).
+_SECTIONS = "the config's azure or azure_containers section"
+
+
 @dataclass
 class AzureTarget:
     """Where runtimes live, resolved from the config (Lithops' merge: the backend section wins)."""
@@ -247,13 +251,13 @@ class AzureTarget:
         group = ac.resource_group or az.resource_group
         missing = []
         if not subscription:
-            missing.append("azure.subscription_id (or $AZURE_SUBSCRIPTION_ID)")
+            missing.append(f"azure.subscription_id (from {_SECTIONS}, or $AZURE_SUBSCRIPTION_ID)")
         if not group:
-            missing.append("azure.resource_group")
+            missing.append(f"azure.resource_group (from {_SECTIONS})")
         if missing:
             raise ConfigError(
-                f"the Azure backend needs {' and '.join(missing)}: add them to the azure section of your config "
-                "file (Lithops' azure section works as is)"
+                f"the Azure backend needs {' and '.join(missing)}; looked at: {cfg.looked_at}. Add them under "
+                "azure: in the config file (Lithops' azure section works as is)"
             )
         registry = None
         if ac.docker_user and ac.docker_password is not None:
