@@ -78,7 +78,9 @@ class LithopsSection(_Section):
 
     backend: str = Field("local", description="`local` (alias `localhost`) or `azure` (alias `azure_containers`).")
     storage: str | None = Field(
-        None, description="`azure_storage` for Azure Blob; `localhost`/unset for none (calls carry their data inline)."
+        None,
+        description="`azure_storage` for Azure Blob; `localhost` for none (calls carry their data inline); unset: "
+        "Blob when the azure_storage section is complete (a connection string, a name and key, or an account URL).",
     )
     execution_timeout: float | None = Field(
         None, gt=0, description="Per-call timeout in seconds (the `timeout` argument). Default: the backend's runtime_timeout."
@@ -282,6 +284,30 @@ class AzureStorageSection(_Section):
     region: str | None = Field(None, description="Lithops key, ignored.")
 
 
+def storage_problem(s: AzureStorageSection) -> str | None:
+    """Why an ``azure_storage`` section cannot reach an account (None: it can). A complete
+    section is a connection string, an account name and key, or an account URL (with a SAS,
+    or the Entra credential)."""
+    if s.connection_string is not None or s.account_url:
+        return None
+    if s.storage_account_name and s.storage_account_key is not None:
+        return None
+    if s.storage_account_name:
+        return (
+            f"azure_storage.storage_account_name is set but storage_account_key is not: add `storage_account_key: "
+            f"<a key of account {s.storage_account_name}>` under azure_storage:, or `account_url: "
+            f"https://{s.storage_account_name}.blob.core.windows.net` to sign in with an Entra credential instead"
+        )
+    if s.storage_account_key is not None:
+        return "azure_storage.storage_account_key is set but storage_account_name is not: add `storage_account_name: <account>`"
+    if s.sas_token is not None:
+        return "azure_storage.sas_token is set but account_url is not: add `account_url: https://<account>.blob.core.windows.net`"
+    return (
+        "Blob storage is not configured: set azure_storage.connection_string, or storage_account_name and "
+        "storage_account_key, or account_url (with sas_token or an Entra credential)"
+    )
+
+
 class Config(BaseModel):
     """The whole configuration tree."""
 
@@ -325,9 +351,24 @@ class Config(BaseModel):
         return self.backend_section.runtime_memory
 
     @property
+    def storage_off(self) -> bool:
+        """``lithops.storage`` says ``localhost`` (Lithops' word for no external storage)."""
+        return self.lithops.storage is None and "storage" in self.lithops.model_fields_set
+
+    @property
     def storage_configured(self) -> bool:
-        s = self.azure_storage
-        return self.lithops.storage == "azure_storage" and bool(s.connection_string or s.storage_account_name or s.account_url)
+        """Blob storage is used: a complete ``azure_storage`` section is enough, unless
+        ``lithops.storage`` turns external storage off."""
+        return not self.storage_off and storage_problem(self.azure_storage) is None
+
+    def why_no_storage(self) -> str:
+        """Why Blob storage is not in use, and the line that would turn it on."""
+        if self.storage_off:
+            return (
+                "lithops.storage is 'localhost' (no external storage) in "
+                f"{self._source}; set `storage: azure_storage` under lithops: to use the azure_storage section"
+            )
+        return storage_problem(self.azure_storage) or "Blob storage is configured"
 
     @property
     def call_limit(self) -> float | None:

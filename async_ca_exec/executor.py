@@ -107,11 +107,9 @@ class AsyncExecutor:
                 "logs": logs,
             },
         )
-        if self.config.lithops.storage is not None and not self.config.storage_configured:
-            raise ConfigError(
-                f"storage={self.config.lithops.storage!r} needs an azure_storage section: connection_string, or "
-                "storage_account_name and storage_account_key, or account_url"
-            )
+        if self.config.lithops.storage == "azure_storage" and not self.config.storage_configured:
+            raise ConfigError(f"storage='azure_storage' ({self.config.source}) needs a usable azure_storage section: "
+                              f"{self.config.why_no_storage()}")  # fmt: skip
         _configure_logging(self.config.lithops.log_level)
         self.credential = credential
         self.executor_id = secrets.token_hex(6)  # call ids must not meet another executor's
@@ -388,7 +386,7 @@ class AsyncExecutor:
             raise ConfigError(
                 f"the arguments of call {call_id} pickle to {len(blob) / 2**20:.1f} MiB, above "
                 f"lithops.inline_limit={self.config.lithops.inline_limit:g} MiB; on Azure larger data travels through "
-                "Blob storage: configure azure_storage (and storage: azure_storage), or raise lithops.inline_limit"
+                "Blob storage: configure azure_storage, or raise lithops.inline_limit"
             )
         return blob
 
@@ -541,8 +539,9 @@ class AsyncExecutor:
             assert self._transfers is not None
             storage = self._transfers.storage
         objects = await partitioning.partition(
-            items, storage=storage, chunk_size=chunk_size, chunk_number=chunk_number, newline=newline
-        )
+            items, storage=storage, chunk_size=chunk_size, chunk_number=chunk_number, newline=newline,
+            why_no_storage=None if storage is not None else self.config.why_no_storage(),
+        )  # fmt: skip
         return objects, (_as_obj if wants_obj else _single)
 
     async def _map_list(

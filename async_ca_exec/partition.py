@@ -162,9 +162,11 @@ async def partition(
     chunk_size: int | None = None,
     chunk_number: int | None = None,
     newline: str = "\n",
+    why_no_storage: str | None = None,
 ) -> list[CloudObject]:
     """Split objects into partitions: ``az://container/prefix`` (every blob under it), a blob
-    (``az://container/name``) or an http(s) URL, or a list of those."""
+    (``az://container/name``) or an http(s) URL, or a list of those. ``why_no_storage``: why
+    ``storage`` is None, for the error an az:// source then gets."""
     from .errors import ConfigError, StorageError
 
     if chunk_size is not None and chunk_size < 1:
@@ -176,7 +178,8 @@ async def partition(
     for src in sources:
         if src.startswith("az://"):
             if storage is None:
-                raise ConfigError(f"{src}: reading az:// objects needs azure_storage configured")
+                why = why_no_storage or "configure azure_storage"
+                raise ConfigError(f"{src}: reading az:// objects needs Blob storage: {why}")
             container, _, prefix = src[len("az://") :].partition("/")
             st = storage if container == storage.container else storage.sibling(container)
             try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .config import Config, load_config
+from .config import Config, load_config, storage_problem
 from .errors import AuthenticationError, ConfigError, StorageError
 
 log = logging.getLogger("async_ca_exec.storage")
@@ -80,13 +80,9 @@ class Storage:
         self._created = False
         self._delegation: tuple[Any, dt.datetime] | None = None
         self._limit = asyncio.Semaphore(s.max_concurrency)
-        if not (s.connection_string or s.storage_account_name or s.account_url):
-            raise ConfigError(
-                "Blob storage is not configured: set azure_storage.connection_string, or storage_account_name and "
-                "storage_account_key, or account_url (with sas_token or an Entra credential)"
-            )
-        if s.storage_account_name and not (s.storage_account_key or s.connection_string or s.account_url):
-            raise ConfigError("azure_storage.storage_account_name needs storage_account_key (or use account_url)")
+        problem = storage_problem(s)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def sibling(self, container: str) -> Storage:
         """The same account and credentials, another container (open it before use)."""

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from async_ca_exec import AsyncExecutor, FunctionExecutor, Storage
+from async_ca_exec import AsyncExecutor, ConfigError, FunctionExecutor, Storage
 from async_ca_exec.config import load_config
 from async_ca_exec.partition import CloudObject, _ranges
 
@@ -156,3 +156,55 @@ def test_the_lithops_facade_partitions_too(azurite: Azurite, container: str, tex
         fexec.map(count_lines, f"az://{container}/data/big.txt", obj_chunk_size=4 * 2**20)
         results = fexec.get_result()
     assert sum(n for n, _ in results) == text_blob.count(b"\n") and len(results) == -(-len(text_blob) // (4 * 2**20))
+
+
+def section_only(azurite: Azurite, container: str, **lithops: object) -> dict[str, object]:
+    """Blob storage configured by its section alone: no `storage: azure_storage` line."""
+    config: dict[str, object] = {"azure_storage": {"connection_string": azurite.connection_string, "container": container}}
+    if lithops:
+        config["lithops"] = lithops
+    return config
+
+
+async def test_an_azure_storage_section_alone_is_enough_for_az_sources(
+    azurite: Azurite, container: str, text_blob: bytes
+) -> None:
+    async with AsyncExecutor(config=section_only(azurite, container)) as ex:
+        assert ex.config.backend == "local"
+        results = await ex.map(count_lines, f"az://{container}/data/", obj_chunk_size=2**20)
+        assert sum(n for n, _ in results) == text_blob.count(b"\n") and all(whole for _, whole in results)
+
+
+async def test_an_azure_storage_section_alone_carries_large_payloads(azurite: Azurite, container: str) -> None:
+    async with AsyncExecutor(config=section_only(azurite, container, inline_limit=0.5, keep_data=True)) as ex:
+        assert await ex.submit(len, b"x" * 2**20) == 2**20
+    async with Storage(load_config(section_only(azurite, container), env={})) as st:
+        kept = [b.name for b in await st.list("acx/jobs/")]
+    assert kept and all(name.startswith("acx/jobs/") for name in kept)  # the argument went through Blob
+
+
+@pytest.mark.parametrize(
+    "section, lithops, message",
+    [
+        ({"container": "data"}, {}, "Blob storage is not configured: set azure_storage.connection_string"),
+        ({"storage_account_name": "acct"}, {},
+         "storage_account_name is set but storage_account_key is not: add `storage_account_key: <a key of account acct>`"),
+        ({"sas_token": "sv=x"}, {}, "sas_token is set but account_url is not: add `account_url: https://"),
+        ({"connection_string": "UseDevelopmentStorage=true"}, {"storage": "localhost"},
+         "lithops.storage is 'localhost' (no external storage) in the config dict; set `storage: azure_storage`"),
+    ],
+)  # fmt: skip
+async def test_az_sources_without_usable_storage_name_the_missing_key(
+    section: dict[str, str], lithops: dict[str, str], message: str
+) -> None:
+    async with AsyncExecutor(config={"azure_storage": section, "lithops": lithops}) as ex:
+        with pytest.raises(ConfigError) as caught:
+            await ex.map(count_lines, "az://data/prefix/", obj_chunk_size=2**20)
+    assert str(caught.value).startswith("az://data/prefix/: reading az:// objects needs Blob storage: ")
+    assert message in str(caught.value)
+
+
+def test_storage_azure_storage_with_an_incomplete_section_fails_at_once_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"storage='azure_storage' \(the config dict\) needs a usable azure_storage "
+                                          r"section: .*add `storage_account_key: <a key of account acct>`"):  # fmt: skip
+        AsyncExecutor(config={"lithops": {"storage": "azure_storage"}, "azure_storage": {"storage_account_name": "acct"}})
