@@ -410,10 +410,19 @@ class Job:
             w.set_result(None)
 
     def cancel(self) -> None:
-        """Abandon every request of this job that is still queued or in flight."""
+        """Abandon every request of this job that is still queued or in flight; their calls
+        not answered yet end as cancelled (so ``pending`` returns to 0)."""
+        unanswered = 0
         for req in self.requests:
-            req.cancel()
+            if not req.cancelled:
+                unanswered += req.unresolved
+                req.unresolved = 0
+                req.cancel()
         self.requests.clear()
+        if unanswered:
+            self.stats.cancelled += unanswered
+            self.pending -= unanswered
+            self._wake()
 
     async def wait(self) -> None:
         """Until every call is done (or, with ``fail_fast``, one has failed)."""

@@ -409,3 +409,60 @@ async def test_a_crash_inside_an_auto_batch_fails_only_that_call() -> None:
         results = await ex.map(exit_on_13, range(400), chunksize="auto", return_exceptions=True)
     assert isinstance(results[13], WorkerCrashedError)
     assert [r for i, r in enumerate(results) if i != 13] == [i for i in range(400) if i != 13]
+
+
+# -- job_summary(): every call ends in exactly one state ---------------------------------------
+
+
+def settled(ex: AsyncExecutor) -> dict[str, int]:
+    calls = ex.job_summary()["calls"]
+    assert calls["pending"] == 0, calls
+    assert calls["succeeded"] + calls["failed"] + calls["cancelled"] == calls["submitted"], calls
+    return calls  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("chunksize", [1, 5])
+async def test_a_map_cancelled_midway_counts_its_unfinished_calls_as_cancelled(chunksize: int) -> None:
+    async with AsyncExecutor(max_concurrency=4) as ex:
+        job = asyncio.ensure_future(ex.map(nap, [0.05] * 100, chunksize=chunksize))
+        while ex.job_summary()["calls"]["succeeded"] < 10:  # noqa: ASYNC110 - a test watching progress
+            await asyncio.sleep(0.01)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        calls = settled(ex)
+        assert calls["submitted"] == 100 and calls["cancelled"] > 0 and calls["succeeded"] >= 10
+        assert await ex.map(add7, range(3)) == [7, 8, 9]  # the executor goes on
+        assert settled(ex)["succeeded"] == calls["succeeded"] + 3
+
+
+def fail_on_five(x: float) -> float:
+    if x == 5:
+        raise DomainError("five")
+    time.sleep(0.02)
+    return x
+
+
+async def test_a_map_aborted_by_its_first_error_counts_the_rest_as_cancelled() -> None:
+    async with AsyncExecutor(max_concurrency=8) as ex:
+        with pytest.raises(DomainError):
+            await ex.map(fail_on_five, range(40), chunksize=1)
+        calls = settled(ex)
+        assert calls["failed"] >= 1 and calls["cancelled"] >= 1, calls
+
+
+async def test_cancelled_submit_and_imap_calls_are_counted_once() -> None:
+    async with AsyncExecutor(max_concurrency=2) as ex:
+        futs = [ex.submit(nap, 0.2) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        for f in futs[2:]:
+            f.cancel()
+        await asyncio.gather(*futs, return_exceptions=True)
+        async for _ in ex.imap(nap, [0.01] * 50, chunksize=1):
+            break  # leaving early cancels the rest (once the loop has finalised the generator)
+        for _ in range(100):
+            if ex.job_summary()["calls"]["pending"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        calls = settled(ex)
+        assert calls["cancelled"] >= 4 + 1, calls
