@@ -95,6 +95,9 @@ class Settings:
     worker_memory: int = 0
     parent_fd: int | None = None
     ready_fd: int | None = None
+    #: A listening socket inherited from the process that started this one (the local runtime's
+    #: supervisor holds it, so connections wait in its queue while a replica restarts).
+    listen_fd: int | None = None
 
     def __repr__(self) -> str:  # never print the key
         return f"Settings(host={self.host!r}, port={self.port}, workers={self.workers}, replica={self.replica!r})"
@@ -136,11 +139,18 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     workers = int(_num(env, "ACX_WORKER_PROCESSES", 0, integer=True))
     fd = env.get("ACX_PARENT_FD")
     ready = env.get("ACX_READY_FD")
+    listen = env.get("ACX_LISTEN_FD")
+    reuse_port = env.get("ACX_SERVER_REUSE_PORT", "0") == "1"
+    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        raise SettingsError(
+            "ACX_SERVER_REUSE_PORT=1, but this platform has no SO_REUSEPORT: give the replicas one listening "
+            "socket instead (ACX_LISTEN_FD)"
+        )
     return Settings(
         key=key_text.encode(),
         host=env.get("ACX_SERVER_HOST", "0.0.0.0"),
         port=int(_num(env, "ACX_SERVER_PORT", 8080, integer=True, minimum=0)),
-        reuse_port=env.get("ACX_SERVER_REUSE_PORT", "0") == "1",
+        reuse_port=reuse_port,
         workers=workers if workers > 0 else max(1, math.ceil(cpus)),
         heartbeat=_num(env, "ACX_HEARTBEAT_INTERVAL", protocol.DEFAULT_HEARTBEAT, minimum=0.05),
         max_body=int(_num(env, "ACX_MAX_BODY_BYTES", protocol.DEFAULT_MAX_BODY, integer=True, minimum=1024)),
@@ -160,4 +170,5 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         worker_memory=int(_num(env, "ACX_WORKER_MEMORY_MB", 0, integer=True)) * 1024 * 1024,
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,
+        listen_fd=int(_num(env, "ACX_LISTEN_FD", 0, integer=True)) if listen else None,
     )

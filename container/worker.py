@@ -5,7 +5,8 @@ task messages from the socket, unpickles the function (cached by content hash) a
 runs each item with stdout/stderr captured, and sends outcomes back in groups. Before each
 item it writes (task, item, start time) to the shared progress block, so the server can kill
 it on timeout or charge a crash to the right item. It exits when the socket closes, and the
-kernel kills it if its server dies (PR_SET_PDEATHSIG), so no worker outlives its replica.
+kernel kills it if its server dies (PR_SET_PDEATHSIG; where that is missing, as on macOS, a thread
+watching its parent does), so no worker outlives its replica.
 """
 
 from __future__ import annotations
@@ -44,18 +45,35 @@ MAX_MESSAGE_CHARS = 10_000
 _FN_CACHE_LIMIT = 64
 
 
-def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when the server that started it dies."""
+#: Without a parent-death signal: seconds between looks at whether the server is still there.
+PARENT_POLL = 0.25
+
+
+def _set_parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL this process when the server that started it dies; False where
+    there is no such call (macOS, a libc without prctl)."""
     if not sys.platform.startswith("linux"):
-        return
+        return False
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        pass
+        return int(libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)) == 0
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def _watch_parent(server_pid: int) -> None:
+    """The portable stand-in for the death signal: a daemon thread that ends the process once
+    its server is gone (re-parented: getppid() changes), even while a call holds the main thread."""
+
+    def watch() -> None:
+        while os.getppid() == server_pid:
+            time.sleep(PARENT_POLL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="acx-parent-watch", daemon=True).start()
 
 
 def _qualname(tp: type) -> str:
@@ -441,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
         raise SystemExit("usage: python -m acx_server.worker <socket fd> <progress fd> <server pid>")
-    _set_parent_death_signal()
+    armed = _set_parent_death_signal()
     # Under memory pressure (a container's limit), the kernel should kill a worker, whose
     # call then fails alone, rather than the server that all calls of the replica go through.
     try:
@@ -452,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     # A server that died before the death signal was armed left us re-parented: leave too.
     if os.getppid() != int(argv[2]):
         raise SystemExit(0)
+    if not armed:
+        _watch_parent(int(argv[2]))
     # Ctrl-C in a terminal is the server's business; it stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))

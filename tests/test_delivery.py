@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,12 +66,22 @@ async def test_the_function_is_pickled_once_per_map(monkeypatch: pytest.MonkeyPa
         assert 0 < limit - ex.config.max_concurrency <= ex.config.max_concurrency // 4 + 1
 
 
-async def test_unreachable_runtime_gives_invocation_error_after_the_retries() -> None:
+async def test_a_runtime_whose_replicas_keep_dying_fails_calls_after_the_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from async_ca_exec.runtimes import local
+
+    monkeypatch.setattr(local, "MAX_RESTARTS", 2)  # the supervisor gives up on the third exit
     async with AsyncExecutor(retries=2, config={"localhost": {"replicas": 1, "worker_processes": 1}}) as ex:
         await ex.map(abs, [1])
-        for pid in ex.runtime.pids:  # type: ignore[union-attr]
+        rt: Any = ex.runtime
+        for _ in range(3):
+            pid = rt.pids[0]
             os.kill(pid, signal.SIGKILL)
-        await asyncio.sleep(0.3)
+            for _ in range(200):  # until the supervisor has noticed (and replaced it, twice)
+                if rt.pids[0] != pid or 0 in rt._given_up:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+        assert rt.restarts == 2 and 0 in rt._given_up
         with pytest.raises(InvocationError) as info:
             await ex.submit(abs, -1)
         msg = str(info.value)

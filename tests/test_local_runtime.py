@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from async_ca_exec import AsyncExecutor, RuntimeStartError
 
-from conftest import TREE_SNIPPET, children, wait_gone
+from conftest import TREE_SNIPPET, children, replica_with_a_running_call, wait_gone
 
 LONG_MAP = textwrap.dedent("""
     import asyncio, sys, time
@@ -101,3 +105,128 @@ async def test_garbage_collected_executor_stops_its_runtime() -> None:
     del ex, runtime
     gc.collect()
     assert not wait_gone(tree), "a forgotten executor's runtime survived garbage collection"
+
+
+# -- a replica that dies is replaced, as Container Apps does (issue 13) ------------------------
+
+
+def nap_noting(x: int, path: str) -> int:
+    """Note the replica serving this call (the worker's parent pid), then nap a little."""
+    with open(path, "a") as f:
+        f.write(f"{os.getppid()}\n")
+    time.sleep(0.01)
+    return x
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+@pytest.mark.parametrize("chunksize", [1, "auto"])
+async def test_a_killed_replica_is_replaced_and_its_calls_are_retried(
+    tmp_path: Path, replicas: int, chunksize: int | str
+) -> None:
+    marker = tmp_path / "replicas"
+    config = {"localhost": {"replicas": replicas, "worker_processes": 2}}
+    async with AsyncExecutor(config=config, max_concurrency=16) as ex:
+        rt: Any = ex.runtime
+        job = asyncio.ensure_future(ex.map(functools.partial(nap_noting, path=str(marker)), range(400), chunksize=chunksize))
+        victim = await replica_with_a_running_call(marker, rt.pids)
+        index = rt.pids.index(victim)
+        workers = children(victim)
+        os.kill(victim, signal.SIGKILL)
+        assert await asyncio.wait_for(job, 120) == list(range(400))
+        for _ in range(200):  # the replacement may still be starting if no call needed it
+            if rt.restarts:
+                break
+            await asyncio.sleep(0.05)
+        assert victim not in rt.pids and len(rt.pids) == replicas and rt.restarts == 1
+        assert not wait_gone(workers), "the killed replica's workers outlived it"
+        summary = ex.job_summary()
+        assert summary["retries"] >= 1 and summary["calls"]["succeeded"] == 400 and summary["calls"]["pending"] == 0
+        # The executor keeps working (on the replacement, when it is the only replica).
+        served = set(await ex.map(identify, range(200)))
+        assert f"local-{index}" not in served and (replicas > 1 or served == {f"local-{index}.1"}), served
+        assert await ex.map(abs, range(-20, 0)) == list(range(20, 0, -1))
+
+
+async def test_every_replica_killed_at_once_is_replaced_without_a_refused_connection(tmp_path: Path) -> None:
+    """The runtime holds the listening socket: connections made while no replica runs wait in
+    its queue (they are not refused), so only calls that were on the dead replicas are retried."""
+    async with AsyncExecutor(config={"localhost": {"replicas": 2, "worker_processes": 1}}) as ex:
+        rt: Any = ex.runtime
+        await ex.map(abs, range(10))
+        for pid in rt.pids:
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)  # before the supervisor has noticed
+        assert await ex.map(abs, range(-50, 0), chunksize=1) == list(range(50, 0, -1))
+        assert rt.restarts == 2
+
+
+# -- platforms: no SO_REUSEPORT, no prctl (macOS has neither) ----------------------------------
+
+NO_LINUX_EXTRAS = textwrap.dedent("""
+    # Loaded by every interpreter of the test (client, replicas, workers): take away what
+    # Linux has and macOS lacks.
+    import ctypes, socket
+    if hasattr(socket, "SO_REUSEPORT"):
+        del socket.SO_REUSEPORT
+
+    class _NoPrctl(ctypes.CDLL):
+        def __getattr__(self, name):
+            if name == "prctl":
+                raise AttributeError("prctl: not on this platform (test)")
+            return super().__getattr__(name)
+
+    ctypes.CDLL = _NoPrctl
+""")
+
+WITHOUT_LINUX_EXTRAS = textwrap.dedent("""
+    import asyncio, os, signal, socket, sys, time
+    from async_ca_exec import AsyncExecutor
+
+    def probe(_):
+        from acx_server.worker import _set_parent_death_signal
+        return hasattr(socket, "SO_REUSEPORT"), _set_parent_death_signal(), os.environ["ACX_REPLICA_ID"]
+
+    def hang(path):
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()} {os.getppid()}")
+        time.sleep(600)
+
+    async def main():
+        assert not hasattr(socket, "SO_REUSEPORT")
+        async with AsyncExecutor(config={"localhost": {"replicas": 2, "worker_processes": 1}}) as ex:
+            seen = await ex.map(probe, range(200), chunksize=1)
+            assert {s[:2] for s in seen} == {(False, False)}, seen  # neither, in the workers too
+            print("REPLICAS", *sorted({s[2] for s in seen}), flush=True)
+            stuck = ex.submit(hang, sys.argv[1])
+            while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():
+                await asyncio.sleep(0.05)
+            worker, server = map(int, open(sys.argv[1]).read().split())
+            os.kill(server, signal.SIGKILL)  # its worker must not outlive it, without prctl
+            for _ in range(100):
+                try:
+                    os.kill(worker, 0)
+                except ProcessLookupError:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise SystemExit(f"worker {worker} outlived its server {server}")
+            stuck.cancel()
+            print("RESULTS", sum(await ex.map(abs, range(-100, 0))), flush=True)
+
+    asyncio.run(main())
+""")
+
+
+def test_the_local_runtime_runs_without_so_reuseport_or_prctl(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_LINUX_EXTRAS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    before = children(os.getpid())
+    r = subprocess.run([sys.executable, "-c", WITHOUT_LINUX_EXTRAS, str(tmp_path / "hang")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["REPLICAS"] == "local-0 local-1"  # both replicas took connections from the shared socket
+    assert lines["RESULTS"] == str(sum(range(1, 101)))
+    assert not wait_gone(children(os.getpid()) - before)
