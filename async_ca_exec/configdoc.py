@@ -2,14 +2,18 @@
 
 Every section of :class:`~async_ca_exec.config.Config` becomes a Markdown table: key, type,
 default, the environment variable or executor argument that sets it, and its meaning (the
-field's description). Secret defaults are never shown.
+field's description). Secret defaults are never shown. The copy users read is the block between
+:data:`START` and :data:`END` in ``docs/configuration.md`` (:data:`DOC`); a test fails while it
+differs from :func:`render`.
 
 .. code-block:: sh
 
-    python -m async_ca_exec.configdoc                      # print the reference
-    python -m async_ca_exec.configdoc --update README.md   # rewrite README's generated block
-    python -m async_ca_exec.configdoc --check README.md    # exit 1 when that block is out of date
-    acx config reference                                   # the same as the first
+    python -m async_ca_exec.configdoc                                  # print the reference
+    python -m async_ca_exec.configdoc --update docs/configuration.md   # rewrite the doc's generated block
+    python -m async_ca_exec.configdoc --check docs/configuration.md    # exit 1 when that block is out of date
+    acx config reference                                               # the same as the first
+
+``--update`` and ``--check`` without a file mean ``docs/configuration.md`` (from the repository root).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from . import config as _config
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
-#: The command that regenerates README's block (failure messages quote it).
-REGENERATE = "python -m async_ca_exec.configdoc --update README.md"
+#: The page that holds the generated reference, relative to the repository root.
+DOC = "docs/configuration.md"
+#: The command that regenerates that page's block (failure messages quote it).
+REGENERATE = f"python -m async_ca_exec.configdoc --update {DOC}"
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,7 @@ def render(model: type[BaseModel] | None = None) -> str:
 
 
 def extract(text: str) -> str | None:
-    """The text between README's markers (None when they are missing)."""
+    """The text between the markers :data:`START` and :data:`END` (None when they are missing)."""
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
         return None
@@ -247,8 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m async_ca_exec.configdoc", description="Print the configuration reference (Markdown)."
     )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--update", metavar="FILE", help=f"rewrite the block between {START} and {END} in FILE")
-    group.add_argument("--check", metavar="FILE", help="exit 1 when FILE's block differs from the models")
+    update_help = f"rewrite the block between {START} and {END} in FILE (default: {DOC})"
+    group.add_argument("--update", metavar="FILE", nargs="?", const=DOC, help=update_help)
+    check_help = f"exit 1 when FILE's block differs from the models (default: {DOC})"
+    group.add_argument("--check", metavar="FILE", nargs="?", const=DOC, help=check_help)
     args = p.parse_args(argv)
     reference = render()
     if args.update or args.check:
@@ -260,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{path}: the markers {START} and {END} are missing", file=sys.stderr)
                 return 1
             if current != reference:
-                print(f"{path}: the configuration reference is out of date; run: {REGENERATE}", file=sys.stderr)
+                fix = f"python -m async_ca_exec.configdoc --update {path}"
+                print(f"{path}: the configuration reference is out of date; run: {fix}", file=sys.stderr)
                 return 1
             return 0
         try:

@@ -1,7 +1,8 @@
-"""The configuration reference: generated from the models, and README's copy kept current."""
+"""The configuration reference: generated from the models, and docs/configuration.md's copy kept current."""
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from pydantic import BaseModel, Field, SecretStr
 from async_ca_exec import configdoc
 from async_ca_exec.config import ENV_VARS, Config
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / configdoc.DOC
 
 
 def section_text(reference: str, name: str) -> str:
@@ -23,12 +25,31 @@ def section_text(reference: str, name: str) -> str:
     return match.group(0)
 
 
-def test_readme_holds_the_current_reference() -> None:
-    block = configdoc.extract(README.read_text())
-    assert block is not None, f"README.md lacks the markers {configdoc.START} ... {configdoc.END}"
+def test_the_configuration_page_holds_the_current_reference() -> None:
+    block = configdoc.extract(DOC.read_text())
+    assert block is not None, f"{configdoc.DOC} lacks the markers {configdoc.START} ... {configdoc.END}"
     assert block == configdoc.render(), (
-        f"README.md's configuration reference differs from async_ca_exec/config.py; regenerate it: {configdoc.REGENERATE}"
+        f"{configdoc.DOC}'s configuration reference differs from async_ca_exec/config.py; regenerate it: {configdoc.REGENERATE}"
     )
+
+
+def test_the_reference_lives_in_docs_not_in_readme() -> None:
+    assert configdoc.REGENERATE == "python -m async_ca_exec.configdoc --update docs/configuration.md"
+    readme = (ROOT / "README.md").read_text()
+    assert configdoc.START not in readme and configdoc.END not in readme
+    assert "docs/configuration.md" in readme  # linked from README's documentation list
+
+
+def test_check_and_update_default_to_the_configuration_page(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / configdoc.DOC
+    page.write_text(f"# Configuration\n\n{configdoc.START}\nstale\n{configdoc.END}\n")
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = run([sys.executable, "-m", "async_ca_exec.configdoc", "--check"])
+    assert r.returncode == 1 and configdoc.REGENERATE in r.stderr
+    assert run([sys.executable, "-m", "async_ca_exec.configdoc", "--update"]).returncode == 0
+    assert configdoc.extract(page.read_text()) == configdoc.render()
+    assert run([sys.executable, "-m", "async_ca_exec.configdoc", "--check"]).returncode == 0
 
 
 def test_every_field_of_every_section_is_in_the_reference() -> None:
@@ -67,7 +88,7 @@ def test_rows_carry_type_default_and_the_variable_that_sets_them() -> None:
     assert "| `build_options` | list of str | `[]` |" in azure
     local = section_text(reference, "localhost")
     assert local.startswith("### `localhost` (alias `local`)")
-    assert "| `runtime_timeout` | float (> 0) | `3600` | `ACX_RUNTIME_TIMEOUT` (backend `local`) |" in local
+    assert "| `runtime_timeout` | float (> 0) | `3600` | `ACX_RUNTIME_TIMEOUT`, `runtime_timeout=` (backend `local`) |" in local
     for name, (key, section) in ENV_VARS.items():  # every variable appears on its key's row
         for target in [section] if section else ["localhost", "azure_containers"]:
             assert re.search(rf"^\| `{key}` \|[^\n]*`{name}`", section_text(reference, target), re.M), (name, target)
@@ -109,7 +130,7 @@ def test_update_and_check_rewrite_only_the_marked_block(tmp_path: Path) -> None:
                               timeout=60)  # fmt: skip
 
     r = run("--check", str(doc))
-    assert r.returncode == 1 and configdoc.REGENERATE in r.stderr
+    assert r.returncode == 1 and f"python -m async_ca_exec.configdoc --update {doc}" in r.stderr
     assert run("--update", str(doc)).returncode == 0
     text = doc.read_text()
     assert text.startswith("# Title\n\nbefore\n\n") and text.endswith(f"{configdoc.END}\n\nafter\n")
