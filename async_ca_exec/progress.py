@@ -88,15 +88,22 @@ class Progress:
             bar.refresh()
 
 
-def _new_bar(desc: str) -> Any:
-    if in_notebook():
-        try:
-            from tqdm.notebook import tqdm as notebook_tqdm
+def has_widgets() -> bool:
+    """Whether ipywidgets can be imported (the ``[notebook]`` extra). tqdm's notebook bar needs
+    it, and without it fails half-built: its ``__del__`` then prints a traceback for every bar."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-            return notebook_tqdm(desc=desc, unit="call", total=None)
-        except ImportError:  # no ipywidgets: the text bar, which notebooks show too
-            pass
-    from tqdm import tqdm
+
+def _new_bar(desc: str) -> Any:
+    if in_notebook() and has_widgets():
+        from tqdm.notebook import tqdm as notebook_tqdm
+
+        return notebook_tqdm(desc=desc, unit="call", total=None)
+    from tqdm import tqdm  # the text bar, which notebooks show too
 
     return tqdm(desc=desc, unit="call", total=None, file=sys.stderr, dynamic_ncols=True, mininterval=REFRESH)
 

@@ -77,10 +77,13 @@ class ProcessWatch:
         return {pid for pid, argv in self.seen.items() if any(word in a for a in argv)}
 
 
-def run_notebook(name: str, tmp_path: Path, *, shutdown: str = "graceful") -> tuple[Any, ProcessWatch]:
+def run_notebook(
+    name: str, tmp_path: Path, *, shutdown: str = "graceful", extra_env: dict[str, str] | None = None
+) -> tuple[Any, ProcessWatch]:
     """Execute examples/notebooks/``name`` in its directory; return it with its outputs, and the processes seen."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACX_", "AZURE_"))}
+    env.update(extra_env or {})
     env["HOME"] = str(tmp_path)  # no user config file; IPython's profile goes here, not to the real home
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "jupyter-runtime")
     # ipykernel's own "python3" kernelspec: its argv starts with "python", which jupyter_client
@@ -120,10 +123,15 @@ def printed(nb: Any) -> list[str]:
     return text.splitlines()
 
 
+def stderr_of(nb: Any) -> str:
+    return "".join(o["text"] for o in outputs(nb) if o["output_type"] == "stream" and o["name"] == "stderr")
+
+
 def assert_clean(nb: Any) -> None:
     assert [o for o in outputs(nb) if o["output_type"] == "error"] == []
-    stderr = "".join(o["text"] for o in outputs(nb) if o["output_type"] == "stream" and o["name"] == "stderr")
-    assert "Traceback" not in stderr and "Warning" not in stderr, stderr
+    stderr = stderr_of(nb)
+    for noise in ("Traceback", "Warning", "Exception ignored", "Error"):
+        assert noise not in stderr, stderr
 
 
 def test_async_quickstart_notebook_awaits_at_top_level(tmp_path: Path) -> None:
@@ -160,6 +168,27 @@ def test_lithops_facade_notebook_inside_a_running_loop(tmp_path: Path, shutdown:
     calls = ast.literal_eval(lines[6])
     assert calls["succeeded"] == 1 + 3 + (10 + 1) + 5 and calls["failed"] == 0, calls
     assert len(lines) == 7, lines
+
+
+WITHOUT_IPYWIDGETS = """
+import sys
+sys.modules["ipywidgets"] = None  # `import ipywidgets` now fails, as in the default install
+"""
+
+
+@pytest.mark.parametrize("name", ["async_quickstart.ipynb", "lithops_facade.ipynb"])
+def test_without_ipywidgets_progress_is_the_text_bar_and_nothing_else(tmp_path: Path, name: str) -> None:
+    """The default install has no ipywidgets: tqdm's notebook bar cannot be drawn, and trying
+    left 'Exception ignored in: <function tqdm.__del__>' in the cell's stderr for every bar."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WITHOUT_IPYWIDGETS)
+    path = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    nb, _ = run_notebook(name, tmp_path, extra_env={"PYTHONPATH": path})
+    assert_clean(nb)
+    bars = [o for o in outputs(nb) if o["output_type"] == "display_data"]
+    assert not bars, bars  # no widget
+    assert re.search(r"(map|get_result): 100%\|.*\| \d+/\d+ ", stderr_of(nb)), stderr_of(nb)  # the text bar instead
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
