@@ -13,8 +13,8 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import interrupt, serialize
 from . import partition as partitioning
-from . import serialize
 from .config import Config, load_config, memory_pair
 from .errors import ConfigError, RuntimeNotFoundError, SerializationError
 from .futures import CallFuture
@@ -572,7 +572,8 @@ class AsyncExecutor:
             async with self._progress(desc, job, _length(items), progress):
                 await self._submit_all(job, items, to_item, chunksize, self._submit_slice)
                 await job.wait()
-        except BaseException:
+        except BaseException as exc:
+            interrupt.note(exc, _how_far(desc, fn, job, _length(items)))
             job.cancel()
             raise
         finally:
@@ -741,6 +742,9 @@ class AsyncExecutor:
                         continue
                     raise exc
                 yield nxt.result()
+        except BaseException as exc:
+            interrupt.note(exc, _how_far("imap", fn, job, total))
+            raise
         finally:
             _cancel_all(live)
             _mark_retrieved(live)
@@ -889,6 +893,14 @@ class AsyncExecutor:
         from .plot import write_plots
 
         return write_plots(self._stats, dest_dir, self.executor_id)
+
+
+def _how_far(desc: str, fn: Any, job: Job, total: int | None) -> str:
+    """What an interrupted job had done, for the one line Ctrl-C prints."""
+    finished = job.next_index - job.pending
+    of = f" of {total}" if total is not None else f" of the {job.next_index} sent"
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{desc}({name}) stopped with {finished}{of} calls finished; the others were cancelled"
 
 
 def _request_id(job: Job, first: int, n: int) -> str:

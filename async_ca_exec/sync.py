@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import interrupt
 from .errors import ConfigError
 from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, AsyncExecutor
 from .futures import CallFuture
@@ -512,7 +513,7 @@ class FunctionExecutor:
             )
         inner = [f._fut for f in futures]
         if need:
-            self._run(self._waiting("wait", inner, need, first_exception, timeout, show_progressbar))
+            self._run_waiting("wait", inner, need, first_exception, timeout, show_progressbar)
         done = [f for f in futures if f._fut.done()]
         not_done = [f for f in futures if not f._fut.done()]
         if throw_except:
@@ -539,7 +540,7 @@ class FunctionExecutor:
             futures = [f for f in self._select(fs) if f._produce_output]
         if futures:
             inner = [f._fut for f in futures]
-            self._run(self._waiting("get_result", inner, len(inner), False, timeout, show_progressbar))
+            self._run_waiting("get_result", inner, len(inner), False, timeout, show_progressbar)
         out = []
         for f in futures:
             value = f.result(throw_except=throw_except)
@@ -548,6 +549,16 @@ class FunctionExecutor:
         if len(out) == 1 and self.last_call != "map":
             return out[0]
         return out
+
+    def _run_waiting(
+        self, desc: str, futures: list[CallFuture], need: int, first_exception: bool, timeout: float | None, bar: bool
+    ) -> None:
+        try:
+            self._run(self._waiting(desc, futures, need, first_exception, timeout, bar))
+        except KeyboardInterrupt as exc:  # Ctrl-C in the waiting thread: say how far the calls got
+            finished = sum(f.done() for f in futures)
+            interrupt.note(exc, f"{desc}() stopped waiting with {finished} of {len(futures)} calls finished")
+            raise
 
     async def _waiting(
         self, desc: str, futures: list[CallFuture], need: int, first_exception: bool, timeout: float | None, bar: bool

@@ -446,6 +446,8 @@ class WorkerPool:
                 return
             raise
         self.workers.add(w)
+        if self._closing:  # close() began while this one was starting: it did not see it to kill
+            w.kill("shutdown")
         try:
             returncode = await w.proc.wait()
             if w.lost is not None and w.transport is not None:

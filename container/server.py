@@ -200,6 +200,8 @@ class Server:
         self.settings = settings
         self._key = settings.key
         self.draining = False
+        #: The local runtime's client is gone: shut down without waiting for anything.
+        self.orphaned = False
         self.active: set[Task] = set()
         self._stop = asyncio.Event()
         self._grace = settings.shutdown_grace
@@ -650,7 +652,9 @@ class Server:
         handling = [conn.task for conn in conns if conn.task is not None]
         if handling:
             _done, late = await asyncio.wait(handling, timeout=self._grace)
-            if late:
+            if late and self.orphaned:
+                log.info("stopping %d in-flight calls: their client is gone", len(late))
+            elif late:
                 log.warning("%d in-flight calls did not finish within the grace period", len(late))
                 for t in late:
                     t.cancel()
@@ -661,7 +665,7 @@ class Server:
                 conn.transport.abort()
             elif conn.transport is not None:
                 conn.transport.close()  # after what it holds is sent
-        until = max(deadline, time.monotonic() + 1.0)
+        until = deadline if self.orphaned else max(deadline, time.monotonic() + 1.0)
         while self.connections and time.monotonic() < until:  # noqa: ASYNC110 - once, at shutdown
             await asyncio.sleep(0.05)
         for conn in list(self.connections.values()):
@@ -761,8 +765,11 @@ async def serve(settings: Settings) -> None:
             data = b""
         if not data:
             loop.remove_reader(settings.parent_fd)  # type: ignore[arg-type]
+            # The client that started this replica is gone or stopping it, having given up on
+            # every call: no answer can be wanted any more, so nothing is waited for.
             log.info("parent process exited; stopping")
-            server.request_stop(grace=1.0)
+            server.orphaned = True
+            server.request_stop(grace=0.0)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)

@@ -210,7 +210,7 @@ async def test_sigterm_lets_a_replica_finish_its_calls_and_sends_new_ones_elsewh
         first = asyncio.ensure_future(ex.map(functools.partial(nap_and_record, path=str(marker)), [0.5] * 8))
         await asyncio.sleep(0.3)
         rt: Any = ex.runtime
-        victim = rt._procs[0]
+        victim = rt._ps.procs[0]
         workers = children(victim.pid)
         victim.send_signal(signal.SIGTERM)
         later = await ex.map(functools.partial(nap_and_record, path=str(marker)), [0.1] * 8)

@@ -71,15 +71,81 @@ def test_a_killed_client_leaves_no_orphans(tmp_path: Path) -> None:
     assert not wait_gone(pids), "servers or workers outlived a SIGKILLed client"
 
 
-def test_ctrl_c_stops_the_script_and_its_runtime(tmp_path: Path) -> None:
-    proc, pids = _start(LONG_MAP, tmp_path)
+CTRL_C_SCRIPTS = {
+    "map": LONG_MAP,
+    "imap": textwrap.dedent("""
+        import asyncio, time
+        from async_ca_exec import AsyncExecutor
+
+        def nap(x):
+            time.sleep(60)
+
+        async def main():
+            async with AsyncExecutor() as ex:
+                async for _ in ex.imap(nap, range(4), chunksize=1):
+                    pass
+
+        async def outer():
+            task = asyncio.ensure_future(main())
+            await asyncio.sleep(1.0)
+            print('PIDS', *sorted(tree(_os.getpid())), flush=True)
+            await task
+
+        asyncio.run(outer())
+    """),
+    "facade": textwrap.dedent("""
+        import os as _os, time
+        import async_ca_exec as acx
+
+        def nap(x):
+            time.sleep(60)
+
+        fexec = acx.FunctionExecutor()
+        fexec.map(nap, range(4))
+        time.sleep(1.0)
+        print('PIDS', *sorted(tree(_os.getpid())), flush=True)
+        fexec.get_result()
+    """),
+}
+CTRL_C_LINES = {
+    "map": "async_ca_exec: interrupted (Ctrl-C): map(nap) stopped with 0 of 4 calls finished; the others were cancelled",
+    "imap": "async_ca_exec: interrupted (Ctrl-C): imap(nap) stopped with 0 of 4 calls finished; the others were cancelled",
+    "facade": "async_ca_exec: interrupted (Ctrl-C): get_result() stopped waiting with 0 of 4 calls finished",
+}
+
+
+@pytest.mark.parametrize("run", range(3))
+@pytest.mark.parametrize("form", list(CTRL_C_SCRIPTS))
+def test_ctrl_c_says_in_one_line_how_far_the_job_got_and_stops_its_runtime(tmp_path: Path, form: str, run: int) -> None:
+    """No asyncio traceback; and the replicas stop on SIGTERM (the client would say it had to
+    SIGKILL one: that took the 5 s grace when a worker being started was missed)."""
+    proc, pids = _start(CTRL_C_SCRIPTS[form], tmp_path)
     proc.send_signal(signal.SIGINT)
     try:
         _out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert proc.returncode == -signal.SIGINT  # Python's exit for an interrupted script (130 in a shell)
+    assert err == CTRL_C_LINES[form] + "\n", err
     assert not wait_gone(pids), "servers or workers outlived Ctrl-C"
+
+
+def test_a_ctrl_c_outside_any_job_keeps_pythons_traceback(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import asyncio, os, signal
+        from async_ca_exec import AsyncExecutor
+
+        async def main():
+            async with AsyncExecutor() as ex:
+                await ex.map(abs, [1])
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(30)
+
+        asyncio.run(main())
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGINT and "Traceback" in r.stderr and "KeyboardInterrupt" in r.stderr
+    assert "async_ca_exec: interrupted" not in r.stderr
 
 
 async def test_a_runtime_that_cannot_start_says_why(tmp_path: Path) -> None:

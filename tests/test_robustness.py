@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -179,3 +180,40 @@ def test_cancelling_a_call_kills_its_worker_only_when_that_worker_is_on_it(runni
     pool.cancel(a)
     assert (worker.killed == "cancel") is expect_kill
     assert a.cancelled
+
+
+async def test_a_worker_starting_while_the_pool_closes_is_stopped_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replacement worker that was being started when close() began (a call cut by Ctrl-C had
+    its worker killed just before) was not in the pool yet, so close() did not kill it: the
+    replica then waited 10 s and was SIGKILLed by the client after its 5 s grace."""
+    import acx_server.pool as pool_module
+
+    real = asyncio.create_subprocess_exec
+    starting = asyncio.Event()
+    proceed = asyncio.Event()
+    replacement: list[Any] = []
+
+    async def slow_start(*args: Any, **kwargs: Any) -> Any:
+        proc = await real(*args, **kwargs)
+        if pool_ready.is_set():  # the replacement, not the first worker
+            replacement.append(proc)
+            starting.set()
+            await proceed.wait()  # close() runs now
+        return proc
+
+    pool_ready = asyncio.Event()
+    monkeypatch.setattr(pool_module.asyncio, "create_subprocess_exec", slow_start)
+    pool = WorkerPool(1, replica="test")
+    await pool.start()
+    pool_ready.set()
+    (first,) = pool.workers
+    first.kill("a cut call")  # its supervisor starts a replacement
+    await asyncio.wait_for(starting.wait(), 30)
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0)  # close() has looked at the pool's workers
+    proceed.set()
+    await asyncio.wait_for(closing, 30)
+    assert not pool.workers and not pool._supervisors
+    (proc,) = replacement
+    # Killed by close() (not left to exit when its socket closed after close() gave up on it).
+    assert proc.returncode == -signal.SIGKILL, proc.returncode

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -69,16 +70,32 @@ def _listen() -> socket.socket:
     return s
 
 
-def _stop_processes(procs: list[subprocess.Popen[bytes]], held: list[Any], rundir: str, grace: float) -> None:
+class _Processes:
+    """The replicas' processes and what this process holds open for them (the parent pipe's
+    ends, the listening socket), shared with the finalizer, which may run in another thread (at
+    exit, before the loop's supervisor has stopped): the lock keeps a replacement from being
+    started once stopping has begun."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.held: list[Any] = []
+        self.lock = threading.Lock()
+        self.stopped = False
+
+
+def _stop_processes(ps: _Processes, rundir: str, grace: float) -> None:
     """Stop server processes (SIGTERM, then SIGKILL after ``grace``) and release what this
     process held for them (the parent pipe's ends, first, then the listening socket); safe to
     call twice."""
-    while held:  # closing the pipe's write end tells the replicas at once, before any signal
-        item = held.pop(0)
-        if isinstance(item, int):
-            _close(item)
-        else:
-            item.close()
+    with ps.lock:
+        ps.stopped = True
+        while ps.held:  # closing the pipe's write end tells the replicas at once, before any signal
+            item = ps.held.pop(0)
+            if isinstance(item, int):
+                _close(item)
+            else:
+                item.close()
+        procs = list(ps.procs)
     for p in procs:
         if p.poll() is None:
             try:
@@ -90,9 +107,10 @@ def _stop_processes(procs: list[subprocess.Popen[bytes]], held: list[Any], rundi
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            log.warning("a local runtime replica (pid %d) did not stop within %.0f s of SIGTERM; killed it", p.pid, grace)
             p.kill()
             p.wait()
-    procs.clear()
+    ps.procs.clear()
     shutil.rmtree(rundir, ignore_errors=True)
 
 
@@ -140,10 +158,9 @@ class LocalRuntime:
         self.runtime_timeout = config.localhost.runtime_timeout
         self.log_level = log_level or "WARNING"
         self.runtime_memory = config.localhost.runtime_memory
-        #: The replicas' processes, by replica index (a replaced one is swapped in place).
-        self._procs: list[subprocess.Popen[bytes]] = []
-        #: Closed first when stopping: the parent pipe's write end, its read end, the socket.
-        self._held: list[Any] = []
+        #: The replicas' processes by replica index (a replaced one is swapped in place), and
+        #: what is closed first when stopping: the parent pipe's write end, its read end, the socket.
+        self._ps = _Processes()
         self._parent_r = -1
         self._listener: socket.socket | None = None
         self._key = b""
@@ -162,7 +179,7 @@ class LocalRuntime:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        return [p.pid for p in self._ps.procs]
 
     async def start(self) -> Endpoint:
         if self.endpoint is not None:
@@ -172,18 +189,17 @@ class LocalRuntime:
         self._pythonpath = _pythonpath()
         self._rundir = tempfile.mkdtemp(prefix="acx-local-")
         parent_r, parent_w = os.pipe()
-        self._held.append(parent_w)
-        self._held.append(parent_r)  # kept for replacements; only the write end's close is seen
+        self._ps.held.append(parent_w)
+        self._ps.held.append(parent_r)  # kept for replacements; only the write end's close is seen
         self._parent_r = parent_r
-        self._finalizer = weakref.finalize(self, _stop_processes, self._procs, self._held, self._rundir, 2.0)
+        self._finalizer = weakref.finalize(self, _stop_processes, self._ps, self._rundir, 2.0)
         readers: list[tuple[int, subprocess.Popen[bytes], Path]] = []
         try:
             self._listener = _listen()
-            self._held.append(self._listener)
+            self._ps.held.append(self._listener)
             self.port = self._listener.getsockname()[1]
             for i in range(self.replicas):
                 ready_r, proc, logfile = self._spawn(i, f"local-{i}", f"replica-{i}.log")
-                self._procs.append(proc)
                 self._logs.append(logfile)
                 readers.append((ready_r, proc, logfile))
             await self._wait_ready(readers)
@@ -233,19 +249,26 @@ class LocalRuntime:
         if self.runtime_memory:  # each worker process (each call) gets runtime_memory MB
             env["ACX_WORKER_MEMORY_MB"] = str(self.runtime_memory)
         try:
-            # Blocking calls, on purpose: a fork/exec takes a millisecond and keeps the
-            # process handle usable from atexit and finalizers, where no loop runs.
-            with open(logfile, "wb") as logf:
-                proc = subprocess.Popen(
-                    [self.python, "-m", "acx_server"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=logf,
-                    pass_fds=(self._parent_r, ready_w, listen_fd),
-                    cwd=self._rundir,
-                    env=env,
-                    start_new_session=True,
-                )
+            with self._ps.lock:
+                if self._ps.stopped:
+                    raise RuntimeStartError("the local runtime is stopping")
+                # Blocking calls, on purpose: a fork/exec takes a millisecond and keeps the
+                # process handle usable from atexit and finalizers, where no loop runs.
+                with open(logfile, "wb") as logf:
+                    proc = subprocess.Popen(
+                        [self.python, "-m", "acx_server"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        stderr=logf,
+                        pass_fds=(self._parent_r, ready_w, listen_fd),
+                        cwd=self._rundir,
+                        env=env,
+                        start_new_session=True,
+                    )
+                if index < len(self._ps.procs):
+                    self._ps.procs[index] = proc
+                else:
+                    self._ps.procs.append(proc)
         except BaseException:
             _close(ready_r)
             raise
@@ -299,7 +322,9 @@ class LocalRuntime:
                 _close(fd)
 
     async def _check(self) -> None:
-        for i, proc in enumerate(self._procs):
+        if self._ps.stopped:
+            return
+        for i, proc in enumerate(list(self._ps.procs)):
             if proc.poll() is not None and i not in self._given_up:
                 await self._replace(i, proc)
 
@@ -317,18 +342,21 @@ class LocalRuntime:
                 "Its log ends:\n%s",
                 index, dead.pid, how, len(exits), RESTART_WINDOW, _tail(self._logs[index]),
             )  # fmt: skip
-            if len(self._given_up) == len(self._procs) and self._listener is not None:
-                # Nobody will accept: refuse connections rather than let calls wait for nothing.
-                self._held.remove(self._listener)
-                self._listener.close()
-                self._listener = None
+            listener = self._listener
+            with self._ps.lock:
+                if listener is not None and len(self._given_up) == len(self._ps.procs) and listener in self._ps.held:
+                    # Nobody will accept: refuse connections rather than let calls wait for nothing.
+                    self._ps.held.remove(listener)
+                    listener.close()
             return
         self.restarts += 1
         log.warning(
             "local runtime: replica %d (pid %d) %s; starting a new one (the calls it held are retried)", index, dead.pid, how
         )
-        ready_r, proc, logfile = self._spawn(index, f"local-{index}.{self.restarts}", f"replica-{index}.{self.restarts}.log")
-        self._procs[index] = proc
+        try:
+            ready_r, proc, logfile = self._spawn(index, f"local-{index}.{self.restarts}", f"replica-{index}.{self.restarts}.log")
+        except RuntimeStartError:  # stopping meanwhile
+            return
         self._logs[index] = logfile
         try:
             await self._wait_ready([(ready_r, proc, logfile)])
@@ -354,9 +382,7 @@ class LocalRuntime:
             self._supervisor = None
         if self._finalizer is not None and self._finalizer.alive:
             self._finalizer.detach()
-            await asyncio.get_running_loop().run_in_executor(
-                None, _stop_processes, self._procs, self._held, self._rundir, STOP_GRACE
-            )
+            await asyncio.get_running_loop().run_in_executor(None, _stop_processes, self._ps, self._rundir, STOP_GRACE)
         self._listener = None
         self.endpoint = None
 
