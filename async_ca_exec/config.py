@@ -92,17 +92,23 @@ class LithopsSection(_Section):
         4, ge=0, le=100, description="Delivery retries per request (network errors, 5xx, 429); user errors are never re-run."
     )
     chunksize: int | Literal["auto"] = Field(
-        1,
-        description="Items per request for `map` when the call gives none: a number (at least 1), or auto "
-        "(sized from the measured call time).",
+        "auto",
+        description="Items per request for map/starmap/imap/map_reduce (and the facade's map) when the call gives "
+        "none: auto (batches sized from the measured call time; slow calls go one per request), or a number.",
     )
 
-    @field_validator("chunksize")
+    @field_validator("chunksize", mode="before")
     @classmethod
-    def _positive_chunksize(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"chunksize={v} must be at least 1 (or 'auto')")
-        return v
+    def _positive_chunksize(cls, v: Any) -> int | str:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(v) if not isinstance(v, (bool, float)) else None
+        except (TypeError, ValueError):
+            n = None
+        if n is None or n < 1:
+            raise ValueError(f"chunksize={v!r} must be 'auto' or a whole number of items of at least 1")
+        return n
 
     log_level: str | None = Field(None, description="Level of the `async_ca_exec` logger (DEBUG, INFO, WARNING...).")
     progress: bool | None = Field(
@@ -421,6 +427,7 @@ ENV_VARS: dict[str, tuple[str, str | None]] = {
     "ACX_LOG_LEVEL": ("log_level", "lithops"),
     "ACX_PROGRESS": ("progress", "lithops"),
     "ACX_LOGS": ("logs", "lithops"),
+    "ACX_CHUNKSIZE": ("chunksize", "lithops"),
     "ACX_LOCAL_REPLICAS": ("replicas", "localhost"),
     "ACX_BUILDER": ("builder", "azure_containers"),
 }

@@ -339,6 +339,15 @@ class AsyncExecutor:
 
     # -- submission ------------------------------------------------------------------
 
+    def _chunksize(self, chunksize: int | str | None, hedge: Any = False) -> int | str:
+        """A call's ``chunksize``, or the default: the configured one (``lithops.chunksize``,
+        "auto"), but one call per request when hedging, whose backups go out after a percentile
+        of the job's request latencies: batches of different sizes would give none worth
+        comparing, and too few of them to start with."""
+        if chunksize is not None:
+            return chunksize
+        return 1 if hedge not in (False, None) else self.config.lithops.chunksize
+
     def _call_timeout(self, timeout: float | None) -> float:
         limit = self.config.runtime_timeout
         if timeout is None:
@@ -550,7 +559,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         *,
         to_item: Callable[[Any], Item],
-        chunksize: int | str,
+        chunksize: int | str | None,
         timeout: float | None,
         return_exceptions: bool,
         kind: str = "M",
@@ -563,6 +572,7 @@ class AsyncExecutor:
         prewarm: bool = False,
     ) -> list[Any]:
         """Submit one call per item and gather the results in input order."""
+        chunksize = self._chunksize(chunksize, hedge)
         percentile = _hedge_percentile(hedge)
         self._ensure_started()
         items, to_item = await self._objects(fn, items, to_item, obj_chunk_size, obj_chunk_number, obj_newline)
@@ -590,7 +600,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         *,
         return_exceptions: bool = False,
-        chunksize: int | str = 1,
+        chunksize: int | str | None = None,
         timeout: float | None = None,
         progress: bool | None = None,
         obj_chunk_size: int | None = None,
@@ -601,7 +611,11 @@ class AsyncExecutor:
     ) -> list[T]:
         """``[fn(x) for x in items]``, run remotely; results in input order.
 
-        One call per item (``chunksize`` items per request). The first failure cancels the
+        One call per item. ``chunksize="auto"`` (the default, from ``lithops.chunksize``)
+        batches calls per request from their measured duration, so fast functions cost little
+        per call and slow ones still go one per request; ``chunksize=N`` sends N items per
+        request, ``1`` one. Results, errors, timeouts, logs, stats and cancellation stay per
+        call whatever the batching: a crash fails only its own call. The first failure cancels the
         calls still running and is raised, unless ``return_exceptions=True``, which puts
         exceptions in the list instead. ``items`` may be an iterable or an async iterable.
 
@@ -634,7 +648,7 @@ class AsyncExecutor:
         items: Iterable[Iterable[Any]] | AsyncIterable[Iterable[Any]],
         *,
         return_exceptions: bool = False,
-        chunksize: int | str = 1,
+        chunksize: int | str | None = None,
         timeout: float | None = None,
         progress: bool | None = None,
         hedge: bool | float = False,
@@ -662,7 +676,7 @@ class AsyncExecutor:
         *,
         ordered: bool = False,
         return_exceptions: bool = False,
-        chunksize: int | str = 1,
+        chunksize: int | str | None = None,
         window: int | None = None,
         timeout: float | None = None,
         progress: bool | None = None,
@@ -671,15 +685,21 @@ class AsyncExecutor:
     ) -> AsyncIterator[T]:
         """Results as calls complete (input order with ``ordered=True``), reading ``items`` lazily.
 
-        At most ``window`` calls (default: twice ``max_concurrency`` times ``chunksize``) are
-        in flight or waiting to be yielded, so memory does not grow with the input. Leaving the
+        At most ``window`` calls (default: twice ``max_concurrency`` times ``chunksize``, or
+        times 100 with ``"auto"``, whose batches stay within the window) are in flight or
+        waiting to be yielded, so memory does not grow with the input. Leaving the
         loop early cancels the calls still running. ``hedge``, ``prewarm``: as in :meth:`map`
         (the warmth is restored when the iteration ends).
         """
+        chunksize = self._chunksize(chunksize, hedge)
         _check_chunksize(chunksize)
         percentile = _hedge_percentile(hedge)
         invoker = self._ensure_started()
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window={window!r} must be a positive whole number of calls")
         per_request = AUTO_IMAP_MAX if chunksize == "auto" else int(chunksize)
+        if chunksize == "auto" and window is not None:
+            per_request = min(per_request, window)  # batches as large as the window allows
         window = window or 2 * self.config.max_concurrency * per_request
         if window < per_request:
             raise ValueError(f"window={window} must be at least chunksize={chunksize}")
@@ -758,7 +778,7 @@ class AsyncExecutor:
         items: Iterable[Any] | AsyncIterable[Any],
         reduce_fn: Callable[[list[Any]], T],
         *,
-        chunksize: int | str = 1,
+        chunksize: int | str | None = None,
         timeout: float | None = None,
         obj_chunk_size: int | None = None,
         obj_chunk_number: int | None = None,

@@ -380,7 +380,7 @@ class FunctionExecutor:
         async def submit() -> list[CallFuture]:
             ex = self._ex
             items, convert = await ex._objects(fn, iterdata, to_item, *obj)
-            size = chunksize or self.config.lithops.chunksize
+            size = ex._chunksize(chunksize or None, hedge)
             warming = ex._prewarm_begin(prewarm, items, size)
             try:
                 futures = await ex._map_futures(

@@ -47,7 +47,7 @@ async def _job(calls: int, concurrency: int) -> dict[str, float]:
         _touch(marker)  # not held while warming up, nor in the baseline
         fn = functools.partial(held, marker=marker)
         async with AsyncExecutor(max_concurrency=concurrency) as ex:
-            await ex.map(fn, range(200))  # warm: workers, connections, imports
+            await ex.map(fn, range(200), chunksize=1)  # warm: workers, connections, imports
             hold = concurrency > 64
             if hold:
                 os.unlink(marker)
@@ -68,7 +68,7 @@ async def _job(calls: int, concurrency: int) -> dict[str, float]:
 
             watcher = asyncio.ensure_future(watch())
             t = time.perf_counter()
-            results = await ex.map(fn, range(calls))
+            results = await ex.map(fn, range(calls), chunksize=1)  # a request per call: memory per call in flight
             seconds = time.perf_counter() - t
             watcher.cancel()
             assert results == list(range(calls))

@@ -103,7 +103,7 @@ async def test_a_large_function_crosses_the_network_once_per_replica_not_once_pe
         return table[i % len(table)]
 
     async with AsyncExecutor(max_concurrency=4, config={"localhost": {"replicas": 2, "worker_processes": 1}}) as ex:
-        assert await ex.map(lookup, range(400)) == [i % 256 for i in range(400)]
+        assert await ex.map(lookup, range(400), chunksize=1) == [i % 256 for i in range(400)]
         s = ex.job_summary()
     assert s["requests"] == 400
     # Sent with the first requests each replica sees (at most one per connection), then by hash.
@@ -112,5 +112,5 @@ async def test_a_large_function_crosses_the_network_once_per_replica_not_once_pe
 
 async def test_small_functions_travel_inline_with_every_request() -> None:
     async with AsyncExecutor() as ex:
-        await ex.map(abs, range(10))
+        await ex.map(abs, range(10), chunksize=1)
         assert ex.job_summary()["function_uploads"] == 10

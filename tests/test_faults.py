@@ -112,7 +112,8 @@ async def test_10000_calls_through_latency_and_faults_each_give_one_result_in_or
     caplog.set_level(logging.DEBUG, logger="async_ca_exec.invoker")
     config = {"localhost": {"replicas": 2, "worker_processes": 2}}
     async with AsyncExecutor(config=config, max_concurrency=concurrency_for_this_machine(1000), retries=6) as ex:
-        results = await ex.map(functools.partial(square_and_record, path=str(marker)), range(10_000))
+        # One call per request, so that faults (injected per request) meet thousands of them.
+        results = await ex.map(functools.partial(square_and_record, path=str(marker)), range(10_000), chunksize=1)
         proxy = proxy_of(ex)
         summary = ex.job_summary()
     assert results == [i * i for i in range(10_000)]  # each result once, in input order
@@ -142,7 +143,7 @@ async def test_10000_calls_through_latency_and_faults_each_give_one_result_in_or
 async def test_imap_through_faults_resolves_each_future_once(proxied: dict[str, Any]) -> None:
     proxied.update(latency=0.01, fault_rate=0.05, seed=3)
     async with AsyncExecutor(config={"localhost": {"replicas": 1, "worker_processes": 2}}, retries=6) as ex:
-        seen = [x async for x in ex.imap(abs, range(-2000, 0), ordered=False)]
+        seen = [x async for x in ex.imap(abs, range(-2000, 0), ordered=False, chunksize=1)]
         assert proxy_of(ex).total_injected > 20
     assert sorted(seen) == list(range(1, 2001))
 

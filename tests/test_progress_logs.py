@@ -16,6 +16,13 @@ def square(x: int) -> int:
     return x * x
 
 
+def slow_square(x: int) -> int:
+    import time
+
+    time.sleep(0.5)
+    return x * x
+
+
 def fail_on_threes(x: int) -> int:
     if x % 3 == 0:
         raise ValueError(f"no threes: {x}")
@@ -72,7 +79,7 @@ def test_the_facade_shows_a_bar_while_waiting(capsys: pytest.CaptureFixture[str]
     with FunctionExecutor(progress=True) as fexec:
         fexec.map(square, range(6))
         assert fexec.get_result() == [x * x for x in range(6)]
-        futures = fexec.map(square, range(4))
+        futures = fexec.map(slow_square, range(4))  # still running when wait() starts
         fexec.wait(futures)
         assert fexec.get_result(futures, show_progressbar=False) == [0, 1, 4, 9]
     err = capsys.readouterr().err.replace("\r", "\n")
