@@ -378,7 +378,9 @@ async def arm_errors(
             raise AuthenticationError(
                 f"Azure refused the credentials while {what} ({code or status}): {message}; {_SIGN_IN_HELP}"
             ) from None
-        raise AuthenticationError(f"no Azure credential could be used while {what}: {message}; {_SIGN_IN_HELP}") from None
+        raise AuthenticationError(
+            f"no Azure credential could be used while {what}: {message.rstrip('.')}; {_SIGN_IN_HELP}"
+        ) from None
     except HttpResponseError as exc:
         status, code, message = _arm_message(exc)
         rg, sub = target.resource_group, target.subscription_id
