@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import BACKEND_ALIASES, STORAGE_ALIASES, Config, memory_pair
+from .config import ALLOWED_MEMORY, BACKEND_ALIASES, MEMORY_HELP, STORAGE_ALIASES, Config
 from .errors import AsyncCAExecError, ConfigError
 from .hello import hello
 
@@ -86,17 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     rsub = rt.add_subparsers(dest="action", metavar="ACTION")
     rsub.required = True
     b = rsub.add_parser("build", parents=[_common(2)], help="build and push a runtime image")
-    b.add_argument("name")
+    b.add_argument("name", help="the image to build, e.g. myregistry.azurecr.io/me/rt:1")
     b.add_argument("-f", "--file", help="your Dockerfile (default: the package's container/Dockerfile)")
     b.add_argument("--no-push", action="store_true", help="build only (a local engine)")
     d = rsub.add_parser("deploy", parents=[_common(2)], help="deploy a runtime (default or NAME:TAG)")
-    d.add_argument("name")
+    d.add_argument("name", help="default (the package's image for this Python), or an image NAME:TAG")
     d.add_argument("--memory", type=int, help="runtime_memory in MB")
     d.add_argument("--timeout", type=float, help="runtime_timeout in seconds")
     d.add_argument("--create-environment", action="store_true", help="create the Container Apps environment if it is missing")
     for action in ("update", "delete"):
         x = rsub.add_parser(action, parents=[_common(2)], help=f"{action} a runtime (default, NAME:TAG or all)")
-        x.add_argument("name")
+        x.add_argument("name", help="default, an image NAME:TAG, or all")
     lst = rsub.add_parser("list", parents=[_common(2)], help="list deployed runtimes")
     lst.add_argument("--json", action="store_true", help="print JSON (a list of runtimes) instead of a table")
 
@@ -151,8 +151,8 @@ def _load(args: argparse.Namespace) -> Config:
 def _check_deploy_options(args: argparse.Namespace) -> None:
     """--memory and --timeout are checked for every backend: a value no backend accepts must not
     pass silently because the local backend has nothing to deploy."""
-    if args.memory is not None:
-        memory_pair(args.memory)  # ConfigError naming the allowed sizes
+    if args.memory is not None and args.memory not in ALLOWED_MEMORY:
+        raise ConfigError(f"--memory {args.memory} is not allowed: {MEMORY_HELP}")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ConfigError(f"--timeout {args.timeout:g} is not allowed: runtime_timeout is a positive number of seconds")
 
@@ -236,6 +236,16 @@ async def _azure(args: argparse.Namespace, cfg: Config) -> int:
         elif command == "clean":
             names = await apps.clean()
             print(f"cleaned: deleted {len(names)} runtime(s) ({', '.join(names) or 'none'}) and their cached metadata")
+    return 0
+
+
+async def _clean_blobs(cfg: Config) -> int:
+    """``acx clean`` on the local backend with Blob storage: what the package keeps there."""
+    from .storage import PREFIX, Storage
+
+    async with Storage(cfg) as st:
+        n = await st.delete_prefix(f"{PREFIX}/")
+        print(f"cleaned: the local backend keeps no runtimes; deleted {n} blob(s) under {st.container}/{PREFIX}/")
     return 0
 
 
@@ -338,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "clean":
             if cfg.backend == "azure":
                 return asyncio.run(_azure(args, cfg))
+            if cfg.storage_configured:  # local runs with Blob storage keep their data there too
+                return asyncio.run(_clean_blobs(cfg))
             print(
                 "nothing to clean: the local backend keeps no runtimes, metadata or blobs "
                 "(for Azure: -b azure, or lithops.backend: azure_containers in the config)"

@@ -15,6 +15,7 @@ import difflib
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -437,7 +438,7 @@ OTHER_ENV_VARS = frozenset(
     ACX_HMAC_KEY_STDIN ACX_HEARTBEAT_INTERVAL ACX_MAX_BODY_BYTES ACX_SIGNATURE_WINDOW
     ACX_REPLICA_ID ACX_SHUTDOWN_GRACE ACX_PARENT_FD ACX_READY_FD ACX_FUNCTION_CACHE_BYTES
     ACX_MAX_BLOB_BYTES ACX_HEADER_TIMEOUT ACX_IDLE_TIMEOUT ACX_MIN_BODY_RATE ACX_AUTH_DELAY ACX_REFUSAL_SLOTS ACX_HEALTH_PORT
-    ACX_WORKER_MEMORY_MB""".split()
+    ACX_WORKER_MEMORY_MB ACX_LISTEN_FD ACX_WORK_DIR""".split()
 )
 #: Constructor argument -> (key, section or None for the active backend's section).
 ARGUMENTS: dict[str, tuple[str, str | None]] = {
@@ -479,12 +480,35 @@ def _read_file(path: Path, given_by: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (lithops:, azure_containers:, ...)")
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error in one line: what it found, and where (its message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    what = f"{context}, {problem}" if context else str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def _warn(message: str) -> None:
+    """A UserWarning pointing at the user's line: the first frame outside this package, however
+    deep in it the warning is raised (AsyncExecutor, FunctionExecutor, Storage, the CLI)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)
+    level = 2  # the stacklevel of the frame that called this function
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -498,10 +522,7 @@ def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]
         section = _SECTION_ALIASES.get(str(name), str(name))
         if section not in _OUR_SECTIONS:
             if section in FOREIGN_LITHOPS_SECTIONS:
-                warnings.warn(
-                    f"config section '{name}' ({source}) belongs to another Lithops backend and is ignored",
-                    stacklevel=4,
-                )
+                _warn(f"config section '{name}' ({source}) belongs to another Lithops backend and is ignored")
                 continue
             raise ConfigError(
                 f"unknown config section '{name}' in {source}; sections are {', '.join(_OUR_SECTIONS)}"
@@ -594,10 +615,7 @@ def load_config(
         if not name.startswith("ACX_") or name in OTHER_ENV_VARS or name == "ACX_BACKEND":
             continue
         if name not in ENV_VARS:
-            warnings.warn(
-                f"environment variable {name} is not an async_ca_exec setting and is ignored" + _suggest(name, list(ENV_VARS)),
-                stacklevel=3,
-            )
+            _warn(f"environment variable {name} is not an async_ca_exec setting and is ignored" + _suggest(name, list(ENV_VARS)))
             continue
         key, target = ENV_VARS[name]
         put(target, key, _parse_env_value(name, env[name]), f"environment variable {name}")
@@ -636,6 +654,10 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> st
         if err["type"] == "extra_forbidden":
             model = _SECTION_MODELS.get(section)
             allowed = sorted(model.model_fields) if model else []
+            home = [name for name, m in _SECTION_MODELS.items() if name != section and key in m.model_fields]
+            if home:
+                lines.append(f"key '{key}' in section '{section}' ({where}) belongs in section '{home[0]}': move it there")
+                continue
             lines.append(
                 f"unknown key '{key}' in section '{section}' ({where}); allowed keys: {', '.join(allowed)}"
                 + _suggest(key, allowed)

@@ -108,8 +108,7 @@ class AsyncExecutor:
             },
         )
         if self.config.lithops.storage == "azure_storage" and not self.config.storage_configured:
-            raise ConfigError(f"storage='azure_storage' ({self.config.source}) needs a usable azure_storage section: "
-                              f"{self.config.why_no_storage()}")  # fmt: skip
+            raise ConfigError(f"storage='azure_storage' needs a usable azure_storage section: {self.config.why_no_storage()}")
         _configure_logging(self.config.lithops.log_level)
         self.credential = credential
         self.executor_id = secrets.token_hex(6)  # call ids must not meet another executor's
@@ -143,7 +142,11 @@ class AsyncExecutor:
         """Start the local runtime or resolve the remote one; returns when it can take calls."""
         self._ensure_started()
         assert self._start_task is not None
-        await asyncio.shield(self._start_task)
+        try:
+            await asyncio.shield(self._start_task)
+        except BaseException as exc:
+            interrupt.note(exc, f"the {self.config.backend} runtime was starting; no call had been sent")
+            raise
 
     def _ensure_started(self) -> Invoker:
         try:
@@ -173,7 +176,11 @@ class AsyncExecutor:
             endpoint = await self._runtime.start()
             if self.config.storage_configured:
                 storage = Storage(self.config, credential=self.credential)
-                await storage.ensure_container()  # fail at start, not mid-job, on a wrong account
+                try:
+                    await storage.ensure_container()  # fail at start, not mid-job, on a wrong account
+                except BaseException:
+                    await storage.aclose()
+                    raise
                 self._transfers = Transfers(
                     storage,
                     inline_limit=self._inline_limit,
@@ -184,6 +191,8 @@ class AsyncExecutor:
                 self._transfers.key = endpoint.key
         except BaseException as exc:
             self._invoker.fail_start(exc)
+            if self._runtime is not None:  # started before the failure (storage, say): stop it now,
+                await asyncio.shield(self._runtime.aclose())  # since `async with` never got an executor
             raise
         self._invoker.attach(endpoint, self._transfers)
         return endpoint

@@ -116,7 +116,13 @@ class Storage:
             "read_timeout": 120,
         }
         if s.connection_string is not None:
-            self._service = BlobServiceClient.from_connection_string(s.connection_string.get_secret_value(), **options)
+            try:
+                self._service = BlobServiceClient.from_connection_string(s.connection_string.get_secret_value(), **options)
+            except ValueError as exc:  # the SDK's message never holds the string itself
+                raise ConfigError(
+                    f"azure_storage.connection_string cannot be used: {_first_line(exc)} (copy it whole from the "
+                    "portal's Access keys page, or `az storage account show-connection-string`)"
+                ) from None
         elif s.storage_account_name and s.storage_account_key is not None:
             url = s.blob_endpoint or f"https://{s.storage_account_name}.blob.core.windows.net"
             cred = {"account_name": s.storage_account_name, "account_key": s.storage_account_key.get_secret_value()}
@@ -128,9 +134,9 @@ class Storage:
                 credential = s.sas_token.get_secret_value()
             else:
                 if self._credential is None:
-                    from azure.identity.aio import DefaultAzureCredential
+                    from .credentials import default_credential
 
-                    self._credential = DefaultAzureCredential()
+                    self._credential = default_credential()
                     self._own_credential = True
                 credential = self._credential
             self._service = BlobServiceClient(s.account_url, credential=credential, **options)
@@ -173,6 +179,12 @@ class Storage:
         except ResourceNotFoundError:
             raise StorageError(f"{what}: no such blob or container in {self.endpoint}/{self.container}") from None
         except ClientAuthenticationError as exc:
+            if getattr(exc, "status_code", None) is None:  # no token could be got: nothing was refused
+                raise AuthenticationError(
+                    f"no Azure credential could be used for Blob storage at {self.endpoint} while {what}: "
+                    f"{_first_line(exc).rstrip('.')}; sign in with `az login`, or set AZURE_CLIENT_ID / AZURE_TENANT_ID / "
+                    "AZURE_CLIENT_SECRET, or pass credential=, or use a sas_token or account key instead"
+                ) from None
             raise AuthenticationError(
                 f"Azure Blob storage at {self.endpoint} refused the credentials while {what}: {_first_line(exc)}; "
                 "check azure_storage.storage_account_key / connection_string / sas_token"

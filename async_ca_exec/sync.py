@@ -56,20 +56,27 @@ class _LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if threading.current_thread() is self.thread:
-            coro.close()
-            raise RuntimeError("FunctionExecutor methods cannot be called from inside its own calls' callbacks")
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def run(self, coro: Coroutine[Any, Any, T] | Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
+        """Run ``coro`` (or what ``coro()`` makes: then a Ctrl-C cannot fall between making the
+        coroutine and handing it over) on the loop and wait for it."""
+        fut: concurrent.futures.Future[T] | None = None
+        made: Coroutine[Any, Any, T] | None = None
         try:
+            made = coro if inspect.iscoroutine(coro) else coro()  # type: ignore[operator]
+            if threading.current_thread() is self.thread:
+                raise RuntimeError("FunctionExecutor methods cannot be called from inside its own calls' callbacks")
+            fut = asyncio.run_coroutine_threadsafe(made, self.loop)
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
-            if fut.done():  # the coroutine's own TimeoutError (the same class on 3.11+)
+            if fut is None or fut.done():  # the coroutine's own TimeoutError (the same class on 3.11+)
                 raise
             fut.cancel()
             raise TimeoutError(f"no answer within {timeout} s") from None
         except BaseException:
-            fut.cancel()  # Ctrl-C while waiting cancels what was being waited for
+            if fut is not None:
+                fut.cancel()  # Ctrl-C while waiting cancels what was being waited for
+            elif made is not None:
+                made.close()  # never handed over: not left unawaited
             raise
 
     def stop(self) -> None:
@@ -287,9 +294,10 @@ class FunctionExecutor:
         """Stop the runtime's processes and the background loop; idempotent."""
         self._finalizer()
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T] | Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
         if not self._finalizer.alive:
-            coro.close()
+            if inspect.iscoroutine(coro):
+                coro.close()
             raise RuntimeError("this FunctionExecutor is closed; create a new one")
         return self._lt.run(coro, timeout)
 
@@ -392,7 +400,12 @@ class FunctionExecutor:
             ex._prewarm_end_when_done(warming, futures)
             return futures
 
-        return self._wrap(self._run(submit()))
+        try:
+            return self._wrap(self._run(submit))
+        except KeyboardInterrupt as exc:
+            interrupt.note(exc, "the calls were being sent (the runtime may still have been starting); "
+                                "none is left running once the executor closes")  # fmt: skip
+            raise
 
     def map_reduce(
         self,
@@ -554,7 +567,7 @@ class FunctionExecutor:
         self, desc: str, futures: list[CallFuture], need: int, first_exception: bool, timeout: float | None, bar: bool
     ) -> None:
         try:
-            self._run(self._waiting(desc, futures, need, first_exception, timeout, bar))
+            self._run(lambda: self._waiting(desc, futures, need, first_exception, timeout, bar))
         except KeyboardInterrupt as exc:  # Ctrl-C in the waiting thread: say how far the calls got
             finished = sum(f.done() for f in futures)
             interrupt.note(exc, f"{desc}() stopped waiting with {finished} of {len(futures)} calls finished")

@@ -205,7 +205,7 @@ class Server:
         self.active: set[Task] = set()
         self._stop = asyncio.Event()
         self._grace = settings.shutdown_grace
-        self._workdir = tempfile.mkdtemp(prefix="acx-worker-")
+        self._workdir = tempfile.mkdtemp(prefix="acx-worker-", dir=settings.work_dir)
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env["ACX_REPLICA_ID"] = settings.replica
         self.pool = WorkerPool(

@@ -98,6 +98,8 @@ class Settings:
     #: A listening socket inherited from the process that started this one (the local runtime's
     #: supervisor holds it, so connections wait in its queue while a replica restarts).
     listen_fd: int | None = None
+    #: Where the workers' working directory is made (default: the system's temporary directory).
+    work_dir: str | None = None
 
     def __repr__(self) -> str:  # never print the key
         return f"Settings(host={self.host!r}, port={self.port}, workers={self.workers}, replica={self.replica!r})"
@@ -171,4 +173,5 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,
         listen_fd=int(_num(env, "ACX_LISTEN_FD", 0, integer=True)) if listen else None,
+        work_dir=env.get("ACX_WORK_DIR") or None,
     )

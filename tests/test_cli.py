@@ -156,7 +156,7 @@ class AnyStr(str):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["runtime", "deploy", "default", "--memory", "1000"], "runtime_memory=1000 is not allowed: choose one of 512, 1024"),
+        (["runtime", "deploy", "default", "--memory", "1000"], "--memory 1000 is not allowed: choose one of 512, 1024"),
         (["runtime", "deploy", "default", "--timeout", "-5"], "--timeout -5 is not allowed"),
         (["runtime", "deploy", "default", "--timeout", "nan"], "--timeout nan is not allowed"),
         (["-b", "nope", "runtime", "list"], "lithops.backend='nope' is not known: use 'local'"),

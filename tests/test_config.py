@@ -158,3 +158,21 @@ def test_timeout_is_capped_by_runtime_timeout() -> None:
     cfg = load_config({"localhost": {"runtime_timeout": 100}}, arguments={"timeout": 50}, env={})
     assert cfg.call_timeout == 50
     assert load_config({"localhost": {"runtime_timeout": 100}}, env={}).call_timeout == 100
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("lithops:\n  backend: local\n azure:\n  x: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert "\n" not in message and f"config file {path} is not valid YAML: line 3, column 2: " in message, message
+
+
+def test_a_key_in_the_wrong_section_says_where_it_belongs() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({"azure_containers": {"arm_endpoint": "https://x", "arm_retries": 0}}, env={})
+    assert str(info.value) == (
+        "key 'arm_endpoint' in section 'azure_containers' (the config dict) belongs in section 'azure': move it there; "
+        "key 'arm_retries' in section 'azure_containers' (the config dict) belongs in section 'azure': move it there"
+    )

@@ -296,3 +296,26 @@ def test_the_local_runtime_runs_without_so_reuseport_or_prctl(tmp_path: Path) ->
     assert lines["REPLICAS"] == "local-0 local-1"  # both replicas took connections from the shared socket
     assert lines["RESULTS"] == str(sum(range(1, 101)))
     assert not wait_gone(children(os.getpid()) - before)
+
+
+@pytest.mark.parametrize("form", ["async", "facade"])
+def test_ctrl_c_while_the_runtime_starts_is_one_line_too(tmp_path: Path, form: str) -> None:
+    code = {
+        "async": "import asyncio\nfrom async_ca_exec import AsyncExecutor\nasync def main():\n"
+                 "    print('GO', flush=True)\n    async with AsyncExecutor() as ex:\n        await asyncio.sleep(60)\n"
+                 "asyncio.run(main())\n",
+        "facade": "from async_ca_exec import FunctionExecutor\nprint('GO', flush=True)\nfexec = FunctionExecutor()\n"
+                  "fexec.map(abs, range(400))\nimport time\ntime.sleep(60)\n",
+    }[form]  # fmt: skip
+    before = children(os.getpid())
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "GO\n"
+    time.sleep(0.2)  # the runtime is starting (about a second here)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert err.startswith("async_ca_exec: interrupted (Ctrl-C): ") and err.count("\n") == 1, err
+    assert "runtime was starting" in err or "calls were being sent" in err, err
+    assert not wait_gone(children(os.getpid()) - before)

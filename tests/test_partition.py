@@ -205,6 +205,6 @@ async def test_az_sources_without_usable_storage_name_the_missing_key(
 
 
 def test_storage_azure_storage_with_an_incomplete_section_fails_at_once_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"storage='azure_storage' \(the config dict\) needs a usable azure_storage "
+    with pytest.raises(ConfigError, match=r"storage='azure_storage' needs a usable azure_storage "
                                           r"section: .*add `storage_account_key: <a key of account acct>`"):  # fmt: skip
         AsyncExecutor(config={"lithops": {"storage": "azure_storage"}, "azure_storage": {"storage_account_name": "acct"}})

@@ -230,3 +230,48 @@ def test_acx_storage_commands_put_get_list_delete(azurite: Azurite, container: s
     assert r.returncode == 0 and "deleted 1 blob(s)" in r.stdout
     r = run("get", "data/in.bin")
     assert r.returncode == 1 and "no such blob" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_acx_clean_on_the_local_backend_removes_the_packages_blobs(azurite: Azurite, container: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "acx.yaml"
+    cfg.write_text(yaml.safe_dump(storage_config(azurite, container, keep_data=True, inline_limit=0.5)))
+    code = "import asyncio\nfrom async_ca_exec import AsyncExecutor\n" \
+           f"async def main():\n    async with AsyncExecutor(config={str(cfg)!r}) as ex:\n" \
+           "        assert await ex.submit(len, b'x' * 2**20) == 2**20\nasyncio.run(main())\n"  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kept = asyncio.run(leftovers(azurite, container))
+    assert kept, "keep_data left nothing to clean"
+    acx = str(Path(sys.executable).with_name("acx"))
+    r = subprocess.run([acx, "clean", "-c", str(cfg)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"deleted {len(kept)} blob(s) under {container}/acx/" in r.stdout, (r.stdout, r.stderr)
+    assert asyncio.run(leftovers(azurite, container)) == []
+
+
+async def test_a_malformed_connection_string_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"azure_storage\.connection_string cannot be used: .*malformed"):
+        async with AsyncExecutor(config={"azure_storage": {"connection_string": "not one", "container": "data"}}) as ex:
+            await ex.map(len, ["x"])
+
+
+async def test_unreachable_storage_at_start_fails_once_and_leaks_no_session(
+    recwarn: pytest.WarningsRecorder, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import gc
+
+    conn = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=" + AZURITE_KEY + \
+           ";BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;"  # fmt: skip
+    ex = AsyncExecutor(config={"azure_storage": {"connection_string": conn, "container": "data", "retries": 0}})
+    with pytest.raises(StorageError, match="cannot be reached while creating container data"):
+        await ex.start()
+    await ex.aclose()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "Unclosed client session" not in capfd.readouterr().err

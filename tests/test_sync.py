@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -173,3 +175,12 @@ def test_extra_env_is_set_for_those_calls_only() -> None:
         assert fexec.get_result() == ["red"]
         with pytest.raises(TypeError, match="extra_env must be a dict of str to str"):
             fexec.map(read_env, ["X"], extra_env={"X": 1})  # type: ignore[dict-item]
+
+
+def test_a_config_warning_points_at_the_users_line(tmp_path: Path) -> None:
+    (tmp_path / "lithops.yaml").write_text("aws_lambda: {}\n")
+    script = tmp_path / "job.py"
+    script.write_text("import async_ca_exec as acx\nfexec = acx.FunctionExecutor(config='lithops.yaml')\nfexec.close()\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"{script}:2: UserWarning: config section 'aws_lambda'"), r.stderr

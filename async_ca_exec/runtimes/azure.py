@@ -656,9 +656,9 @@ class AzureApps:
         from azure.mgmt.appcontainers.aio import ContainerAppsAPIClient
 
         if self._credential is None:
-            from azure.identity.aio import DefaultAzureCredential
+            from ..credentials import default_credential
 
-            self._credential = DefaultAzureCredential()
+            self._credential = default_credential()
         t = self.target
         try:
             self._client = ContainerAppsAPIClient(

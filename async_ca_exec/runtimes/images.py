@@ -333,7 +333,8 @@ async def run_command(cmd: list[str], *, stdin: bytes | None = None, progress: C
                     proc.kill()
                 await asyncio.shield(proc.wait())
     if code != 0:
-        raise BuildError(f"`{shown} ...` failed (exit code {code}):\n" + "\n".join(tail))
+        said = "\n".join(tail).strip()
+        raise BuildError(f"`{shown} ...` failed (exit code {code})" + (f":\n{said}" if said else ", printing nothing"))
 
 
 # ------------------------------------------------------------------------------------
@@ -431,9 +432,9 @@ async def acr_build(
     host, repo, tag = split_image(image)
     own = credential is None
     if own:
-        from azure.identity.aio import DefaultAzureCredential
+        from ..credentials import default_credential
 
-        credential = DefaultAzureCredential()
+        credential = default_credential()
     options: dict[str, Any] = {
         "base_url": target.arm_endpoint,
         "credential_scopes": [f"{target.arm_endpoint}/.default"],

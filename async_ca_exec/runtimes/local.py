@@ -241,6 +241,8 @@ class LocalRuntime:
                 "ACX_RUNTIME_TIMEOUT": str(self.runtime_timeout),
                 "ACX_LOG_LEVEL": self.log_level,
                 "ACX_SHUTDOWN_GRACE": str(STOP_GRACE),
+                # Inside the run directory, removed at the end even if a replica was killed.
+                "ACX_WORK_DIR": self._rundir,
                 "PYTHONPATH": self._pythonpath,
             }
         )
