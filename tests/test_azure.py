@@ -785,3 +785,20 @@ async def test_a_replica_that_dies_during_a_durable_call_is_detected_and_the_cal
         assert await asyncio.wait_for(call, 60) == "done"
         assert ex.job_summary()["retries"] >= 1
     assert marker.read_text() == "ran\nran\n"  # the first run died with its replica
+
+
+def test_a_script_without_credentials_gets_our_error_not_azure_identitys_log(tmp_path: Path) -> None:
+    """With no logging configured, azure-identity's WARNING (the whole credential chain) went to
+    stderr through Python's last-resort handler before our one-line error."""
+    code = (
+        "import asyncio\nfrom async_ca_exec import AsyncExecutor, AuthenticationError\n"
+        "cfg = {'lithops': {'backend': 'azure'}, 'azure': {'subscription_id': 's', 'resource_group': 'rg',\n"
+        "       'arm_endpoint': 'https://127.0.0.1:9', 'arm_retries': 0}}\n"
+        "async def main():\n    try:\n        async with AsyncExecutor(config=cfg) as ex:\n            await ex.map(abs, [1])\n"
+        "    except AuthenticationError as exc:\n        print('ERROR', exc)\nasyncio.run(main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACX_", "AZURE_"))}
+    env.update(AZURE_TOKEN_CREDENTIALS="dev", PATH=str(Path(sys.executable).parent), HOME=str(tmp_path))  # no az, no IMDS
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ERROR no Azure credential could be used"), (r.stdout, r.stderr)
+    assert "Attempted credentials" not in r.stderr, r.stderr
