@@ -120,6 +120,7 @@ def test_ctrl_c_says_in_one_line_how_far_the_job_got_and_stops_its_runtime(tmp_p
     """No asyncio traceback; and the replicas stop on SIGTERM (the client would say it had to
     SIGKILL one: that took the 5 s grace when a worker being started was missed)."""
     proc, pids = _start(CTRL_C_SCRIPTS[form], tmp_path)
+    time.sleep(0.5)  # from printing the pids into the wait (the facade's get_result) or the map
     proc.send_signal(signal.SIGINT)
     try:
         _out, err = proc.communicate(timeout=60)
