@@ -98,6 +98,9 @@ class Settings:
     #: A listening socket inherited from the process that started this one (the local runtime's
     #: supervisor holds it, so connections wait in its queue while a replica restarts).
     listen_fd: int | None = None
+    #: How many replicas accept from ``listen_fd`` (ACX_LISTEN_SHARED): with more than one they
+    #: take turns (see server.SHARED_ACCEPT_PAUSE).
+    listen_shared: int = 1
     #: Where the workers' working directory is made (default: the system's temporary directory).
     work_dir: str | None = None
 
@@ -173,5 +176,6 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         parent_fd=int(fd) if fd else None,
         ready_fd=int(ready) if ready else None,
         listen_fd=int(_num(env, "ACX_LISTEN_FD", 0, integer=True)) if listen else None,
+        listen_shared=int(_num(env, "ACX_LISTEN_SHARED", 1, integer=True, minimum=1)),
         work_dir=env.get("ACX_WORK_DIR") or None,
     )

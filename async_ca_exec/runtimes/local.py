@@ -232,6 +232,7 @@ class LocalRuntime:
                 "ACX_SERVER_HOST": "127.0.0.1",
                 "ACX_SERVER_PORT": str(self.port),
                 "ACX_LISTEN_FD": str(listen_fd),
+                "ACX_LISTEN_SHARED": str(self.replicas),
                 "ACX_HMAC_KEY_STDIN": "1",
                 "ACX_WORKER_PROCESSES": str(self.worker_processes),
                 "ACX_REPLICA_ID": replica,
