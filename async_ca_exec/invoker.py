@@ -17,10 +17,11 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from . import protocol, serialize, wire
+from . import protocol, serialize, transport
 from .errors import (
     AsyncCAExecError,
     AuthenticationError,
@@ -343,6 +344,23 @@ HEDGE_SHARE = 0.25
 HEDGE_MAX_BACKUPS = 2
 
 
+#: Bytes read after a streamed answer's END frame (its closing chunk) before its connection
+#: may be reused.
+_MAX_TRAILING = 64 * 1024
+
+
+def _aiohttp_transport(endpoint: Endpoint, limit: int, read_timeout: float, **options: Any) -> transport.Transport:
+    return transport.AiohttpTransport(
+        endpoint.url,
+        limit=limit,
+        ssl_context=endpoint.ssl,
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=read_timeout,
+        path=protocol.INVOKE_PATH,
+        **options,
+    )
+
+
 class _Retry(Exception):
     """A transport failure worth another attempt; ``unavailable``: nothing ran (the runtime is
     not there yet: refused connection, 502/503/504/429)."""
@@ -438,8 +456,9 @@ class Invoker:
         self._lanes: set[asyncio.Task[None]] = set()
         self._ready: asyncio.Future[Endpoint] = asyncio.get_running_loop().create_future()
         self._endpoint: Endpoint | None = None
-        self._pool: wire.Pool | None = None
-        self._head = b""
+        self._transport: transport.Transport | None = None
+        #: Makes the transport once the runtime is up (a test puts a double here).
+        self.transport_factory: Callable[[Endpoint, int, float], transport.Transport] | None = None
         self._url = ""
         self._read_timeout = 0.0
         self._unavailable_since: float | None = None
@@ -454,16 +473,12 @@ class Invoker:
     def attach(self, endpoint: Endpoint, transfers: Transfers | None = None) -> None:
         """The runtime is up: open the session and let the lanes go."""
         self._transfers = transfers
-        self._pool = wire.Pool(endpoint.url, ssl_context=endpoint.ssl, connect_timeout=CONNECT_TIMEOUT)
-        # The request head up to the per-request fields (length, signature headers).
-        self._head = (
-            f"POST {protocol.INVOKE_PATH} HTTP/1.1\r\nHost: {self._pool.authority}\r\nUser-Agent: async_ca_exec\r\n"
-            f"Content-Type: {protocol.REQUEST_CONTENT_TYPE}\r\n"
-        ).encode("latin-1")
         # No overall deadline: a call may wait in a replica's queue for a long time, and the
         # runtime enforces the call's own timeout. Liveness comes from heartbeats instead: no
         # byte for three of them means the replica or the connection died.
         self._read_timeout = 3 * endpoint.heartbeat + 5
+        factory = self.transport_factory or _aiohttp_transport
+        self._transport = factory(endpoint, self.connection_limit, self._read_timeout)
         self._endpoint = endpoint
         self._url = endpoint.url.rstrip("/") + protocol.INVOKE_PATH
         if not self._ready.done():
@@ -487,9 +502,9 @@ class Invoker:
             await asyncio.gather(*self._lanes, return_exceptions=True)
         if not self._ready.done():
             self._ready.cancel()
-        if self._pool is not None:
-            await self._pool.aclose()
-            self._pool = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
 
     def _abandon(self, req: Request, exc: BaseException) -> None:
         """Settle a request nobody will deliver: futures are cancelled, a map's job fails."""
@@ -785,55 +800,59 @@ class Invoker:
         req.note_sent(time.time(), attempt)
         if req.with_fn:
             self._stats.function_uploads += 1
-        pool = self._pool
-        assert pool is not None
-        head = self._request_head(headers, len(body))
-        del headers
+        tp = self._transport
+        assert tp is not None
+        headers["Content-Type"] = protocol.REQUEST_CONTENT_TYPE
         try:
-            conn = await pool.acquire()
-        except wire.TLSError as exc:
+            reply = await tp.post(headers, body)
+        except transport.TLSError as exc:
             raise InvocationError(
                 f"TLS verification of {self._url} failed: {exc}; behind a proxy or with a private CA, "
                 "name its certificates with azure.ca_bundle"
             ) from None
-        except wire.ConnectError as exc:  # nothing was sent: the runtime is not there
-            raise _Retry(f"{type(exc).__name__}: {exc}", unavailable=True) from None
-        reuse = False
+        except transport.ConnectError as exc:  # nothing was sent: the runtime is not there
+            raise _Retry(str(exc), unavailable=True) from None
+        except transport.TransportError as exc:
+            raise _Retry(self._cause(exc)) from None
+        del headers, body  # sent: not kept while the call runs
         #: A durable call whose answer was cut: why. Recovered from Blob storage only once the
-        #: connection is closed (in ``finally``), so the runtime sees the cut and sends the
-        #: outcome there instead of running on for a client that is not reading.
+        #: connection is closed, so the runtime sees the cut and sends the outcome there
+        #: instead of running on for a client that is not reading.
         recover: str | None = None
         ended = False
         try:
-            conn.send(head, body, self._read_timeout)
-            head = body = b""  # written: not kept while the call runs
-            resp = await conn.read_head()
-            if resp.status != 200:
+            if reply.status != 200:
                 try:
-                    await self._refused(resp, req)
+                    await self._refused(reply, req)
                 except _Retry as r:
                     if not (r.maybe_ran and req.durable):
                         raise
                     recover = str(r)  # a gateway timeout: the call may run on
             if recover is None:
-                if resp.content_length is not None:
-                    data = await resp.read()
+                if reply.content_length is not None:
+                    data = await reply.read()
                     ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
                 else:
-                    ended = await self._stream(req, resp)
-                reuse = ended and resp.keep_alive and await resp.drain()
-        except (wire.WireError, ConnectionError) as exc:
-            if isinstance(exc, wire.ReadTimeoutError):
-                cause = f"no data from the runtime for {self._read_timeout:.0f} s ({type(exc).__name__})"
-            else:
-                cause = f"{type(exc).__name__}: {exc}"
+                    ended = await self._stream(req, reply)
+                    # The body's last chunk follows the END frame: read it, so the connection
+                    # is at a request boundary and may be reused.
+                    if ended and await reply.read_upto(_MAX_TRAILING):
+                        reply.close()  # bytes after the END frame: not at a request boundary
+        except transport.TransportError as exc:
             if not req.durable:
-                raise _Retry(cause) from None
-            recover = cause  # the call may be running on: its outcome comes through Blob storage
+                reply.close()
+                raise _Retry(self._cause(exc)) from None
+            recover = self._cause(exc)  # the call may be running on: its outcome comes through Blob storage
         except protocol.ProtocolError as exc:
+            reply.close()
             raise _Retry(f"malformed response: {exc}") from None
-        finally:
-            pool.release(conn, reuse=reuse)
+        except BaseException:  # cancelled (a hedge lost, the map cancelled): the runtime must see the cut
+            reply.close()
+            raise
+        if ended and recover is None:
+            reply.release()
+        else:
+            reply.close()
         if recover is None and not ended:
             if not req.durable:
                 raise _Retry("the response ended before all results arrived")
@@ -841,9 +860,10 @@ class Invoker:
         if recover is not None:
             await self._recover(req, recover)
 
-    def _request_head(self, headers: dict[str, str], length: int) -> bytes:
-        fields = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
-        return b"%sContent-Length: %d\r\n%s\r\n" % (self._head, length, fields.encode("latin-1"))
+    def _cause(self, exc: transport.TransportError) -> str:
+        if isinstance(exc, transport.ReadTimeoutError):
+            return f"no data from the runtime for {self._read_timeout:.0f} s"
+        return str(exc)
 
     async def _recover(self, req: Request, cause: str) -> None:
         """A durable call's stream was cut: the runtime goes on with it, says it is alive in Blob
@@ -885,7 +905,7 @@ class Invoker:
             f"within its timeout; the runtime may have lost it"
         )
 
-    async def _refused(self, resp: wire.Response, req: Request) -> None:
+    async def _refused(self, resp: transport.Reply, req: Request) -> None:
         raw = await resp.read_upto(4096)
         try:
             doc = json.loads(raw)
@@ -920,7 +940,7 @@ class Invoker:
             raise InvocationError(f"{self._url} answered 404: the endpoint is not an async_ca_exec runtime of this version")
         raise InvocationError(f"the runtime answered HTTP {status} to call {req.call_id}: {message}")
 
-    async def _stream(self, req: Request, reader: wire.Response) -> bool:
+    async def _stream(self, req: Request, reader: transport.Reply) -> bool:
         max_frame = self._max_frame
         while True:
             hdr = await reader.readexactly(protocol.FRAME_HEADER)

@@ -1,4 +1,4 @@
-"""The replica's server: three routes on a lean HTTP/1.1 protocol (http11.py), nothing on top.
+"""The replica's server: three routes on aiohttp's low-level server (web.py), no framework on top.
 
 ``POST /v1/invoke`` checks the timestamp before reading the body, the HMAC signature before
 looking at the envelope, and the envelope's structure before handing it to a worker; it never
@@ -31,14 +31,20 @@ import urllib.parse
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from async_ca_exec import protocol
 
-from .http11 import HttpConnection, Request, Response, json_response
 from .pool import Task, WorkerPool, _outcome_frame
 from .settings import Settings, available_cpus, available_memory
+from .web import WebServer, busy, json_response
 
 log = logging.getLogger("acx_server")
+
+#: Fields a request may carry once only: everything the signature covers, and the replica's
+#: own. (aiohttp refuses a duplicated Content-Length or Transfer-Encoding itself.)
+_SINGLE_FIELDS = (protocol.H_TIMESTAMP, protocol.H_CALL_ID, protocol.H_SIGNATURE, protocol.H_HEAD_SIGNATURE,
+                  protocol.H_ATTEMPT, "Expect")  # fmt: skip
 
 _SECRET_ENV = ("ACX_HMAC_KEY", "ACX_HMAC_KEY_STDIN", "ACX_PARENT_FD", "ACX_READY_FD", "ACX_LISTEN_FD")
 
@@ -218,7 +224,10 @@ class Server:
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.replays = ReplayGuard(settings.signature_window)
-        self.connections: dict[asyncio.BaseTransport, HttpConnection] = {}
+        self.web = WebServer(self.handle, header_timeout=settings.header_timeout, idle_timeout=settings.idle_timeout,
+                             access_log=settings.log_level == "DEBUG")  # fmt: skip
+        #: Requests being handled now (their handlers' tasks).
+        self.handling: set[asyncio.Task[Any]] = set()
         self._sockets: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
         #: Requests refused (bad signature, replay), and those waiting out the delay now.
@@ -226,26 +235,33 @@ class Server:
         self._delayed = 0
         self._accepting = asyncio.Event()
         self._accepting.set()
-        self.slow_clients_cut = 0
-        #: Log each request at DEBUG (method, path, status: never a header).
-        self.access_log = settings.log_level == "DEBUG"
-        self._replica_field = b"%s: %s\r\n" % (protocol.H_REPLICA.encode(), settings.replica.encode("latin-1", "replace"))
+        #: Requests whose body came too slowly (the sweeper's cuts are counted in ``web``).
+        self.slow_bodies_cut = 0
+        self._replica_field = {protocol.H_REPLICA: settings.replica.encode("latin-1", "replace").decode("latin-1")}
 
     # -- routes ----------------------------------------------------------------------
 
     @property
-    def header_timeout(self) -> float:
-        return self.settings.header_timeout
+    def slow_clients_cut(self) -> int:
+        """Connections cut for sending their head or body too slowly."""
+        return self.web.slow_clients_cut + self.slow_bodies_cut
 
-    @property
-    def idle_timeout(self) -> float:
-        return self.settings.idle_timeout
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handling.add(task)
+        busy(request, True)
+        try:
+            return await self.dispatch(request)
+        finally:
+            busy(request, False)
+            self.handling.discard(task)
 
-    async def dispatch(self, request: Request, conn: HttpConnection) -> Response | None:
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         path, method = request.path, request.method
         if path == protocol.INVOKE_PATH:
             if method == "POST":
-                return await self.invoke(request, conn)
+                return await self.invoke(request)
             allowed = "POST"
         elif path == protocol.HEALTH_PATH or path == protocol.META_PATH:
             if method == "GET" or method == "HEAD":
@@ -254,14 +270,14 @@ class Server:
         else:
             return self.error(404, f"no such path: {path[:100]!r} (the paths are {protocol.INVOKE_PATH}, "
                                    f"{protocol.HEALTH_PATH} and {protocol.META_PATH})")  # fmt: skip
-        return self.error(405, f"method {method} is not allowed for {path} (only {allowed})", Allow=allowed)
+        return self.error(405, f"method {method} is not allowed for {path} (only {allowed})", headers={"Allow": allowed})
 
-    async def _unauthenticated(self, exc: protocol.ProtocolError, request: Request) -> Response:
+    async def _unauthenticated(self, exc: protocol.ProtocolError, request: web.BaseRequest) -> web.Response:
         """401 for a request whose signature failed."""
         call_id = request.headers.get(protocol.H_CALL_ID, "-")[:80]
         return await self._refuse(self.error(exc.status, str(exc)), f"{request.method} {request.path} {call_id!r}: {exc}")
 
-    async def _refuse(self, resp: Response, what: str) -> Response:
+    async def _refuse(self, resp: web.Response, what: str) -> web.Response:
         """Answer a refused request after ``auth_delay``, on a closed connection (a tarpit).
 
         A flooder's connections are held rather than turned over, so a flood costs it a
@@ -287,41 +303,50 @@ class Server:
                 if self._delayed < settings.refusal_slots and not self._accepting.is_set():
                     log.info("accepting connections again (%d refused requests held)", self._delayed)
                     self._accepting.set()
-        resp.close = True
+        resp.force_close()
         return resp
 
-    def error(self, status: int, message: str, code: str | None = None, **headers: str) -> Response:
-        """An error answer in this server's JSON form (also the HTTP layer's, for its own refusals)."""
+    def error(self, status: int, message: str, code: str | None = None, *, close: bool = False,
+              headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+        """An error answer in this server's JSON form (``close``: the connection closes after it)."""
         doc = {"error": message, "replica": self.settings.replica}
         if code:
             doc["code"] = code
-        return json_response(status, doc, headers=headers or None)
+        return json_response(status, doc, headers=headers, close=close)
 
-    async def health(self) -> Response:
+    async def health(self) -> web.Response:
         ready = self.pool.ready_workers
         if self.draining:
-            return self.error(503, "shutting down", **{"Retry-After": "1"})
+            return self.error(503, "shutting down", headers={"Retry-After": "1"})
         if self.pool.broken:
             return self.error(503, self.pool.broken)
         return json_response(200 if ready else 503, {"status": "ok" if ready else "starting", "ready_workers": ready})
 
-    async def meta(self, request: Request) -> Response:
+    async def meta(self, request: web.BaseRequest) -> web.Response:
         try:
             protocol.verify(self._key, "GET", protocol.META_PATH, request.headers, b"", window=self.settings.signature_window)
         except protocol.ProtocolError as exc:
             return await self._unauthenticated(exc, request)
         if self._meta is None:
             self._meta = json.dumps(runtime_meta(self.settings)).encode()
-        return Response(200, self._meta, "application/json")
+        return web.Response(body=self._meta, content_type="application/json")
 
-    async def invoke(self, request: Request, conn: HttpConnection) -> Response | None:
+    async def invoke(self, request: web.BaseRequest) -> web.StreamResponse:
         settings = self.settings
         if self.draining:
             # Closing the connection sends the retry to another replica (this one stopped listening).
-            resp = self.error(503, "this replica is shutting down; send the call to another one", **{"Retry-After": "1"})
-            resp.close = True
-            return resp
+            return self.error(503, "this replica is shutting down; send the call to another one", close=True,
+                              headers={"Retry-After": "1"})  # fmt: skip
         headers = request.headers
+        if "Transfer-Encoding" in headers:
+            return self.error(411, "a chunked request body is not accepted: send the body with a Content-Length",
+                              close=True)  # fmt: skip
+        for name in _SINGLE_FIELDS:
+            if len(headers.getall(name, ())) > 1:
+                return self.error(400, f"header field {name!r} appears more than once", close=True)
+        expect = headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            return self.error(417, f"Expect: {expect[:40]!r} is not supported", close=True)
         length = request.content_length
         try:
             # Authenticate what the headers say before reading (and hashing) any body.
@@ -335,16 +360,26 @@ class Server:
             return await self._replayed(headers[protocol.H_CALL_ID], attempt)
         if length > settings.max_body:
             return self._too_large(length)
-        body = request.body  # all here already (a small body): no deadline to keep
-        if body is None:
-            try:
-                body = await asyncio.wait_for(request.read(), settings.header_timeout + length / settings.min_body_rate)
-            except asyncio.TimeoutError:
-                self.slow_clients_cut += 1
-                resp = self.error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
-                                        f"{settings.min_body_rate / 1024:.0f} KiB/s)")  # fmt: skip
-                resp.close = True
-                return resp
+        if expect is not None:
+            if request.version >= (1, 1):
+                # aiohttp's low-level server leaves expectations to the handler (its router
+                # answers them the same way): the client may send the body now.
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        content = request.content
+        try:
+            if not length:
+                body = b""
+            elif content.is_eof():  # all here already (a small body): no deadline to keep
+                body = await content.readexactly(length)
+            else:
+                body = await asyncio.wait_for(content.readexactly(length),
+                                              settings.header_timeout + length / settings.min_body_rate)  # fmt: skip
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("the client closed the connection before its body arrived") from None
+        except asyncio.TimeoutError:
+            self.slow_bodies_cut += 1
+            return self.error(408, f"the request body ({length} bytes) arrived too slowly (slower than "
+                                   f"{settings.min_body_rate / 1024:.0f} KiB/s)", close=True)  # fmt: skip
         try:
             call_id = protocol.verify(self._key, "POST", protocol.INVOKE_PATH, headers, body, window=settings.signature_window)
         except protocol.ProtocolError as exc:
@@ -382,29 +417,30 @@ class Server:
             # The blob is only as trustworthy as the container: its digest is in the signed header.
             if hashlib.sha256(items).hexdigest() != header.get("items_sha256"):
                 return self.error(400, "the arguments blob does not match header field 'items_sha256'")
-        return await self._run(conn, Task(self.pool.new_task_id(), inv, fn, items))
+        return await self._run(request, Task(self.pool.new_task_id(), inv, fn, items))
 
-    async def _replayed(self, call_id: str, attempt: int) -> Response:
+    async def _replayed(self, call_id: str, attempt: int) -> web.Response:
         return await self._refuse(self.error(
             409, f"call {call_id} attempt {attempt} was already received: a request is run once (a retry is signed "
             "as a new attempt)", code=protocol.REPLAYED,
         ), f"{call_id!r} attempt {attempt}: a replay")  # fmt: skip
 
-    def _failed(self, inv: protocol.Invocation, message: str) -> Response:
+    def _failed(self, inv: protocol.Invocation, message: str) -> web.Response:
         """Every item of a request fails with a storage error (a 200 with error frames: the
         request itself was fine, and sending it again as it is would not help)."""
         frames = _storage_failure(0, inv.n, message, self.settings.replica, skip=inv.skip)
-        return Response(200, frames + protocol.END_FRAME, protocol.RESPONSE_CONTENT_TYPE)
+        return web.Response(body=frames + protocol.END_FRAME, content_type=protocol.RESPONSE_CONTENT_TYPE)
 
-    def _too_large(self, length: int | None) -> Response:
+    def _too_large(self, length: int | None) -> web.Response:
         size = f" of {length} bytes" if length is not None else ""
         return self.error(
             413,
             f"request body{size} exceeds this runtime's limit of {self.settings.max_body} bytes; "
             "pass large data through blob storage or raise the runtime's ACX_MAX_BODY_BYTES",
+            close=True,  # its body is not read: dropped while aiohttp lingers, then the connection closes
         )
 
-    async def _run(self, conn: HttpConnection, task: Task) -> Response | None:
+    async def _run(self, request: web.BaseRequest, task: Task) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         self.active.add(task)
         delivered = False
@@ -417,17 +453,26 @@ class Server:
             if task.finished:
                 frames = await self._take(task)
                 frames.append(protocol.END_FRAME)
-                resp = Response(200, b"".join(frames), protocol.RESPONSE_CONTENT_TYPE, hdrs)
-                if not task.durable:
+                body = b"".join(frames)
+                resp = web.Response(body=body, content_type=protocol.RESPONSE_CONTENT_TYPE, headers=hdrs)
+                if not task.durable and len(body) < _WRITE_HERE:
                     return resp
-                # Durable: write it here, so a cut is seen (and the outcome goes to Blob instead):
-                # delivered once all of it is with the kernel.
-                conn.write_now(resp)
-                await conn.flushed()
-                delivered = True
-                return None
+                # Written here, so the request counts as handled (for shutdown's grace and the
+                # connection's deadlines) until the client has taken the answer in; a durable
+                # one, so a cut is seen (and the outcome goes to Blob instead): it is delivered
+                # once all of it is with the kernel.
+                await resp.prepare(request)
+                await resp.write_eof()
+                if task.durable:
+                    await _flushed(request)
+                    delivered = True
+                return resp
             # A slow call: stream, so the client sees heartbeats and knows the replica lives.
-            conn.start_stream(200, protocol.RESPONSE_CONTENT_TYPE, hdrs)
+            stream = web.StreamResponse(headers=hdrs)
+            stream.content_type = protocol.RESPONSE_CONTENT_TYPE
+            if request.version >= (1, 1):
+                stream.enable_chunked_encoding()
+            await stream.prepare(request)
             task.streaming = True
             while True:
                 frames = await self._take(task)
@@ -435,16 +480,16 @@ class Server:
                     task.heartbeat_due = False
                     frames.append(protocol.HEARTBEAT_FRAME)
                 if frames:
-                    await conn.write(b"".join(frames))
+                    await stream.write(b"".join(frames))
                     task.last_write = time.monotonic()
                 if task.finished:
                     break
                 task.waiter = loop.create_future()
                 await task.waiter
-            await conn.write(protocol.END_FRAME)
-            conn.end_stream()
+            await stream.write(protocol.END_FRAME)
+            await stream.write_eof()
             delivered = True
-            return None
+            return stream
         except (asyncio.CancelledError, ConnectionError):
             if task.durable and not delivered:
                 # The connection was cut (an ingress limit, most likely) before the outcome got
@@ -558,15 +603,12 @@ class Server:
                     t.wake()
 
     async def _sweep_connections(self) -> None:
-        """Cut the connections past their header or idle deadline (see HttpConnection), looking
-        often enough for the shorter of the two to be kept within a quarter of itself."""
-        s = self.settings
-        every = min(1.0, s.header_timeout / 4, s.idle_timeout / 4)
+        """Cut the connections past their head deadline (see web.Connection), looking often
+        enough for it to be kept within a quarter of itself."""
+        every = min(1.0, self.settings.header_timeout / 4)
         while True:
             await asyncio.sleep(every)
-            now = time.monotonic()
-            for conn in list(self.connections.values()):
-                conn.check(now)
+            self.web.sweep(time.monotonic())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -582,7 +624,7 @@ class Server:
             self._sockets = [_inherited_socket(self.settings.listen_fd)]
         else:
             self._sockets = _listening_sockets(self.settings.host, self.settings.port, self.settings.reuse_port)
-        self._acceptors = [loop.create_task(self._accept(sock, lambda: HttpConnection(self))) for sock in self._sockets]
+        self._acceptors = [loop.create_task(self._accept(sock, self.web)) for sock in self._sockets]
         addresses = [sock.getsockname() for sock in self._sockets]
         if self.settings.health_port:
             # Health probes get a port of their own, never paused by the tarpit and not behind
@@ -590,7 +632,7 @@ class Server:
             probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
             self._sockets += probe_sockets
             self._acceptors += [
-                loop.create_task(self._accept(sock, lambda: HttpConnection(self), pausable=False)) for sock in probe_sockets
+                loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets
             ]
         self._ticker = loop.create_task(self._tick())
         self._sweeper = loop.create_task(self._sweep_connections())
@@ -648,30 +690,31 @@ class Server:
         self.draining = True
         log.info("acx_server %s shutting down (grace %.0f s)", self.settings.replica, self._grace)
         await self._stop_listening()  # no new connections: the client's retries go to other replicas
-        conns = list(self.connections.values())
-        for conn in conns:  # idle ones close now, the others once their answer is written
-            conn.close_when_idle()
+        for conn in self.web.connections:  # idle ones close now, the others once their answer is written
+            conn.close()
         deadline = time.monotonic() + self._grace
-        handling = [conn.task for conn in conns if conn.task is not None]
+        handling = list(self.handling)
         if handling:
             _done, late = await asyncio.wait(handling, timeout=self._grace)
             if late and self.orphaned:
                 log.info("stopping %d in-flight calls: their client is gone", len(late))
             elif late:
                 log.warning("%d in-flight calls did not finish within the grace period", len(late))
-                for t in late:
-                    t.cancel()
+            for t in late:
+                t.cancel()
+            if late:
                 await asyncio.wait(late, timeout=5)
         # Answers still on their way out get the rest of the grace (at least a second) to go.
-        for conn in list(self.connections.values()):
-            if conn.transport is not None and not conn.transport.get_write_buffer_size():
-                conn.transport.abort()
-            elif conn.transport is not None:
-                conn.transport.close()  # after what it holds is sent
+        for conn in self.web.connections:
+            tr = conn.transport
+            if tr is not None and not tr.get_write_buffer_size():
+                tr.abort()
+            elif tr is not None:
+                tr.close()  # after what it holds is sent
         until = deadline if self.orphaned else max(deadline, time.monotonic() + 1.0)
-        while self.connections and time.monotonic() < until:  # noqa: ASYNC110 - once, at shutdown
+        while self.web.connections and time.monotonic() < until:  # noqa: ASYNC110 - once, at shutdown
             await asyncio.sleep(0.05)
-        for conn in list(self.connections.values()):
+        for conn in self.web.connections:
             if conn.transport is not None:
                 conn.transport.abort()
         if self._ticker is not None:
@@ -692,6 +735,22 @@ class Server:
 #: 317/319/364 and takes 0.30 s to accept (2 ms: 331/334/335 but 0.95 s, and a single replica
 #: paused so took 2 s: the pause applies only when the socket is shared).
 SHARED_ACCEPT_PAUSE = 0.0002
+
+#: A whole answer at least this large is written by the handler itself (see ``_run``).
+_WRITE_HERE = 64 * 1024
+
+
+async def _flushed(request: web.BaseRequest, poll: float = 0.01) -> None:
+    """Wait until every byte written has been handed to the kernel (for an answer that must be
+    known delivered); ConnectionResetError if the client goes first."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        if not transport.get_write_buffer_size():
+            return
+        await asyncio.sleep(poll)
+
 
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 

@@ -9,9 +9,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from async_ca_exec import AsyncExecutor, InvocationError, serialize
+from async_ca_exec import AsyncExecutor, InvocationError, invoker, serialize
 from async_ca_exec.invoker import backoff
 
 from conftest import nap_noting_replica, replica_with_a_running_call
@@ -54,15 +55,26 @@ async def test_the_function_is_pickled_once_per_map(monkeypatch: pytest.MonkeyPa
         return real(fn)
 
     monkeypatch.setattr(serialize, "dumps_function", counting)
+    opened = 0
+
+    async def on_connect(*_: Any) -> None:
+        nonlocal opened
+        opened += 1
+
+    traces = aiohttp.TraceConfig()
+    traces.on_connection_create_end.append(on_connect)
+    monkeypatch.setattr(invoker, "_aiohttp_transport", functools.partial(invoker._aiohttp_transport, trace_configs=[traces]))
     async with AsyncExecutor() as ex:
-        assert await ex.map(abs, range(-500, 0)) == list(range(500, 0, -1))
+        assert await ex.map(abs, range(-500, 0), chunksize=1) == list(range(500, 0, -1))
         assert calls == 1
-        pool = ex._invoker._pool  # type: ignore[union-attr]
+        session = ex._invoker._transport  # type: ignore[union-attr]
+        first = opened
         await ex.map(abs, range(10), chunksize=3)
-        assert calls == 2 and ex._invoker._pool is pool  # type: ignore[union-attr]
-        # Kept-alive connections: at most one per request in flight, and room for hedged backups.
+        assert calls == 2 and ex._invoker._transport is session  # type: ignore[union-attr]
+        # Kept-alive connections: at most one per request in flight, and room for hedged
+        # backups; the second map reuses the first one's.
         limit = ex._invoker.connection_limit  # type: ignore[union-attr]
-        assert 0 < pool.open_connections <= limit and pool.opened == pool.open_connections  # type: ignore[union-attr]
+        assert 0 < first <= limit and opened == first
         assert 0 < limit - ex.config.max_concurrency <= ex.config.max_concurrency // 4 + 1
 
 
