@@ -820,6 +820,9 @@ class Invoker:
         #: instead of running on for a client that is not reading.
         recover: str | None = None
         ended = False
+        #: Read to its end: its connection may carry the next request. Otherwise (an error, a
+        #: cut, cancellation by a hedge's winner or the map) it is closed, so the runtime sees it.
+        reusable = False
         try:
             if reply.status != 200:
                 try:
@@ -831,28 +834,23 @@ class Invoker:
             if recover is None:
                 if reply.content_length is not None:
                     data = await reply.read()
-                    ended = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
+                    ended = reusable = await self._frames(req, protocol.iter_frames(data, max_frame=self._max_frame))
                 else:
                     ended = await self._stream(req, reply)
                     # The body's last chunk follows the END frame: read it, so the connection
-                    # is at a request boundary and may be reused.
-                    if ended and await reply.read_upto(_MAX_TRAILING):
-                        reply.close()  # bytes after the END frame: not at a request boundary
+                    # is at a request boundary (no bytes after the END frame) and may be reused.
+                    reusable = ended and not await reply.read_upto(_MAX_TRAILING)
         except transport.TransportError as exc:
             if not req.durable:
-                reply.close()
                 raise _Retry(self._cause(exc)) from None
             recover = self._cause(exc)  # the call may be running on: its outcome comes through Blob storage
         except protocol.ProtocolError as exc:
-            reply.close()
             raise _Retry(f"malformed response: {exc}") from None
-        except BaseException:  # cancelled (a hedge lost, the map cancelled): the runtime must see the cut
-            reply.close()
-            raise
-        if ended and recover is None:
-            reply.release()
-        else:
-            reply.close()
+        finally:
+            if reusable:
+                reply.release()
+            else:
+                reply.close()
         if recover is None and not ended:
             if not req.durable:
                 raise _Retry("the response ended before all results arrived")

@@ -153,10 +153,8 @@ _ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 def _translate(exc: BaseException) -> TransportError:
     """aiohttp's exception as this module's."""
-    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+    if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):  # certificate errors included
         return TLSError(str(exc))
-    if isinstance(exc, ssl.SSLError):
-        return TLSError(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return ConnectError(f"connecting timed out ({type(exc).__name__})")
     if isinstance(exc, aiohttp.ClientConnectorError):

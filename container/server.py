@@ -631,9 +631,7 @@ class Server:
             # the ingress: a flood cannot make the platform think this replica is down.
             probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
             self._sockets += probe_sockets
-            self._acceptors += [
-                loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets
-            ]
+            self._acceptors += [loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets]
         self._ticker = loop.create_task(self._tick())
         self._sweeper = loop.create_task(self._sweep_connections())
         log.info(

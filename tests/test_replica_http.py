@@ -150,7 +150,8 @@ def test_keep_alive_is_the_default(srv: ServerProcess) -> None:
 
 def test_head_gets_the_fields_and_no_body(srv: ServerProcess) -> None:
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
-        sock.sendall(f"HEAD {protocol.HEALTH_PATH} HTTP/1.1\r\nHost: x\r\n\r\nGET {protocol.HEALTH_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        health = f"{protocol.HEALTH_PATH} HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(f"HEAD {health}GET {health}".encode())
         buf = bytearray()
         head = bytearray()
         while b"\r\n\r\n" not in head:
@@ -179,7 +180,9 @@ def test_expect_100_continue_gets_an_interim_answer(srv: ServerProcess) -> None:
 def test_unknown_paths_and_methods(srv: ServerProcess) -> None:
     status, _, body, _ = exchange(srv, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 404 and protocol.INVOKE_PATH in json.loads(body)["error"]
-    status, fields, body, _ = exchange(srv, f"DELETE {protocol.INVOKE_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    status, fields, body, _ = exchange(
+        srv, f"DELETE {protocol.INVOKE_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
     assert status == 405 and fields["allow"] == "POST" and "DELETE" in json.loads(body)["error"]
 
 
@@ -198,7 +201,7 @@ OWN_REFUSALS = {
 def test_requests_the_replica_refuses_get_its_json_error_and_the_connection_closes(
     srv: ServerProcess, head: bytes, status: int, words: str
 ) -> None:
-    got, fields, body, closed = exchange(srv, head)
+    got, _, body, closed = exchange(srv, head)
     assert got == status, body
     assert words in json.loads(body)["error"] and closed
 
@@ -396,7 +399,7 @@ def test_a_client_that_pipelines_without_reading_cannot_grow_the_replicas_memory
 def test_a_stream_of_empty_lines_before_a_request_is_bounded(srv: ServerProcess) -> None:
     """A megabyte of CRLFs: refused or skipped, and the replica goes on serving."""
     before = rss_kb(srv.proc.pid) if Path("/proc/self/status").exists() else 0
-    status, _, _, closed = exchange(
+    status, _, _, _ = exchange(
         srv, b"\r\n" * 500_000 + f"GET {protocol.HEALTH_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     )
     assert status in (200, 400)
