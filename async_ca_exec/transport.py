@@ -19,7 +19,7 @@ import asyncio
 import ipaddress
 import ssl
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -194,22 +194,33 @@ class AiohttpTransport:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.url = url.rstrip("/") + path
-        connector = aiohttp.TCPConnector(
-            limit=limit,
-            limit_per_host=0,
-            ssl=ssl_context if ssl_context is not None else True,
-            keepalive_timeout=60.0,  # replicas close idle connections after 75 s
-        )
         self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            trust_env=not _is_loopback(parts.hostname),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
-            skip_auto_headers=("Accept", "Accept-Encoding"),
-            headers={"User-Agent": "async_ca_exec"},
+            connector=aiohttp.TCPConnector(**self.connector_options(limit, ssl_context)),
+            **self.session_options(parts.hostname, connect_timeout, read_timeout),
             trace_configs=trace_configs,
         )
+
+    def connector_options(self, limit: int, ssl_context: ssl.SSLContext | None) -> dict[str, Any]:
+        """The ``TCPConnector``'s arguments (methods, so that benchmarks/transport_tuning.py can
+        show what each one is worth)."""
+        return {
+            "limit": limit,
+            "limit_per_host": 0,
+            "ssl": ssl_context if ssl_context is not None else True,
+            "keepalive_timeout": 60.0,  # replicas close idle connections after 75 s
+        }
+
+    def session_options(self, host: str, connect_timeout: float, read_timeout: float | None) -> dict[str, Any]:
+        """The ``ClientSession``'s arguments: no cookies, no decompression (the frames are
+        binary), no ``Accept`` headers, one timeout object for every request."""
+        return {
+            "cookie_jar": aiohttp.DummyCookieJar(),
+            "auto_decompress": False,
+            "trust_env": not _is_loopback(host),
+            "timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
+            "skip_auto_headers": ("Accept", "Accept-Encoding"),
+            "headers": {"User-Agent": "async_ca_exec"},
+        }
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> AiohttpReply:
         try:
