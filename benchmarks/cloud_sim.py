@@ -101,7 +101,7 @@ def slow_add7(x: int, seconds: float) -> int:
 
 SIM = "/_sim"  # the proxy's own paths (reset, stats); everything else is forwarded
 _SIM = SIM.encode()
-#: An idle connection to a replica is not reused after this long (as wire.Pool; replicas cut at 75 s).
+#: An idle connection to a replica is not reused after this long (as the SDK's TCPConnector; replicas cut at 75 s).
 _UPSTREAM_IDLE = 60.0
 #: asyncio runs a timer when the clock is within this of its time: pieces due that soon go with it.
 _CLOCK = time.get_clock_info("monotonic").resolution
