@@ -812,6 +812,13 @@ class Invoker:
             ) from None
         except transport.ConnectError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(str(exc), unavailable=True) from None
+        except (transport.DisconnectedError, transport.ReadTimeoutError) as exc:
+            if not req.durable:
+                raise _Retry(self._cause(exc)) from None
+            # Sent, and no answer's head came: a durable call may be running on, its outcome
+            # bound for Blob storage (a resend would run it twice).
+            await self._recover(req, self._cause(exc))
+            return
         except transport.TransportError as exc:
             raise _Retry(self._cause(exc)) from None
         del headers, body  # sent: not kept while the call runs

@@ -5,7 +5,7 @@ The invoker sends a signed request and reads the answer's frames as they arrive 
 is aiohttp's (:class:`AiohttpTransport`: one long-lived ``ClientSession`` per executor, its
 ``TCPConnector`` sized to the executor's connections, llhttp parsing every answer). Tests of
 retries, backoff, the concurrency window, hedging and recovery put a double in its place
-(``tests/transport_double.py``) and run without sockets.
+(``tests/test_invoker_double.py``) and run without sockets.
 
 Errors are typed so the invoker can tell what was sent: :class:`ConnectError` (nothing was
 sent: the runtime is not there), :class:`TLSError` (a failed certificate check, never
