@@ -810,6 +810,13 @@ class Invoker:
                 f"TLS verification of {self._url} failed: {exc}; behind a proxy or with a private CA, "
                 "name its certificates with azure.ca_bundle"
             ) from None
+        except transport.ProxyError as exc:
+            if exc.status >= 500:  # the proxy could not reach the runtime (yet): as a refused connection
+                raise _Retry(str(exc), unavailable=True) from None
+            raise InvocationError(  # 407 wants credentials, 403 forbids the host: no retry mends that
+                f"the proxy refused to connect to {self._url}: {exc}; check HTTPS_PROXY/HTTP_PROXY (credentials "
+                "go in its URL: http://user:password@host:port) or name the runtime's host in NO_PROXY"
+            ) from None
         except transport.ConnectError as exc:  # nothing was sent: the runtime is not there
             raise _Retry(str(exc), unavailable=True) from None
         except (transport.DisconnectedError, transport.ReadTimeoutError) as exc:

@@ -37,6 +37,14 @@ class TLSError(ConnectError):
     """The TLS handshake failed (certificate verification, most likely)."""
 
 
+class ProxyError(ConnectError):
+    """The proxy (HTTPS_PROXY / HTTP_PROXY) would not open a tunnel to the runtime: nothing was sent."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class DisconnectedError(TransportError):
     """The connection closed before the answer was complete."""
 
@@ -161,6 +169,8 @@ def _translate(exc: BaseException) -> TransportError:
         return ConnectError(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
         return ReadTimeoutError(f"no data from the runtime within the read timeout ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # before ClientResponseError, its base
+        return ProxyError(f"the proxy answered HTTP {exc.status} {exc.message} to CONNECT", exc.status)
     if isinstance(exc, aiohttp.ClientResponseError):
         return MalformedResponseError(f"a malformed answer ({type(exc).__name__}: {exc.message})")
     if isinstance(exc, aiohttp.ClientPayloadError):

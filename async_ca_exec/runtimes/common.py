@@ -7,11 +7,12 @@ import json
 import platform
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import cloudpickle
 
-from .. import __version__, protocol
+from .. import __version__, protocol, transport
 from ..errors import AuthenticationError, RuntimeMismatchError, RuntimeStartError
 
 
@@ -24,7 +25,9 @@ async def _get_when_up(
 
     deadline = time.monotonic() + startup_timeout
     attempt = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    # Through HTTPS_PROXY / NO_PROXY as the invoke path goes, except to loopback (the local runtime).
+    trust_env = not transport._is_loopback(urlsplit(url).hostname or "")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=trust_env) as session:
         while True:
             headers = protocol.signed_headers(key, "GET", path, "meta", b"") if key is not None else {}
             retry_after: float | None = None
