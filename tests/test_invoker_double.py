@@ -477,16 +477,22 @@ class Replica:
             cut_at = loop.time() + fault.after if fault is not None and kind == "cut" and fault.after is not None else None
             cut_by_outcome = fault is not None and kind == "cut" and fault.after is None
             outcomes = fault.outcomes if fault is not None else 0
-            await asyncio.wait({runner}, timeout=self.heartbeat)
-            if call.finished:  # within a heartbeat: one plain answer
-                frames = [*call.take(), protocol.END_FRAME]
-                reply = ex.answer(200, hdrs, sum(map(len, frames)))
+
+            def feed(reply: Any, frames: list[bytes]) -> None:
+                """Write ``frames``; a "cut" fault after N outcomes cuts before the (N+1)th."""
+                nonlocal outcomes
                 for f in frames:
                     if cut_by_outcome and f[0] == protocol.F_OUTCOME:
                         if outcomes == 0:
                             ex.cut()
                         outcomes -= 1
                     reply.body.feed(f)
+
+            await asyncio.wait({runner}, timeout=self.heartbeat)
+            if call.finished:  # within a heartbeat: one plain answer
+                frames = [*call.take(), protocol.END_FRAME]
+                reply = ex.answer(200, hdrs, sum(map(len, frames)))
+                feed(reply, frames)
                 reply.body.end()
                 delivered = True
                 return
@@ -499,12 +505,7 @@ class Replica:
                 frames = call.take()
                 if heartbeat_due:
                     frames.append(protocol.HEARTBEAT_FRAME)
-                for f in frames:
-                    if cut_by_outcome and f[0] == protocol.F_OUTCOME:
-                        if outcomes == 0:
-                            ex.cut()
-                        outcomes -= 1
-                    reply.body.feed(f)
+                feed(reply, frames)
                 if frames:
                     last_write = loop.time()
                 if call.finished:

@@ -267,7 +267,7 @@ async def refusing_proxy(status: int) -> AsyncIterator[ForwardProxy]:
 
 
 @pytest.mark.parametrize(("status", "phrase"), REFUSALS)
-async def test_a_proxy_that_refuses_connect_fails_clearly_and_is_not_retried_forever(
+async def test_a_proxy_that_refuses_connect_is_named_and_fails_at_once(
     status: int, phrase: str, monkeypatch: pytest.MonkeyPatch, replica: ServerProcess, front: TLSFront, ca_bundle: str
 ) -> None:
     async with refusing_proxy(status) as refusing:
@@ -275,9 +275,11 @@ async def test_a_proxy_that_refuses_connect_fails_clearly_and_is_not_retried_for
         async with sdk(monkeypatch, f"https://{NAME}:{front.port}", replica, ca_bundle) as ex:
             with pytest.raises(InvocationError, match=rf"(?i)proxy.*{phrase}"):
                 await asyncio.wait_for(ex.submit(abs, -1), 30)
-        # A bounded number of attempts (the retry budget at most), each one CONNECT.
-        assert 1 <= len(refusing.seen) <= RETRIES + 1, refusing.seen
-        assert set(refusing.seen) == {("CONNECT", f"{NAME}:{front.port}")}
+            with pytest.raises(InvocationError, match=rf"proxy .*HTTP {status} {phrase}") as err:
+                await asyncio.wait_for(ex.submit(abs, -2), 30)
+        assert "malformed" not in str(err.value) and "HTTPS_PROXY" in str(err.value)
+        # One CONNECT per call: a refusal is not retried.
+        assert refusing.seen == [("CONNECT", f"{NAME}:{front.port}")] * 2
     assert front.connections == 0
 
 
@@ -291,19 +293,6 @@ async def test_a_proxy_that_refuses_an_http_request_fails_at_once(
             with pytest.raises(InvocationError, match=rf"HTTP {status} to call .*: {phrase}"):
                 await asyncio.wait_for(ex.submit(abs, -1), 30)
         assert refusing.seen == [("POST", f"http://{NAME}:{replica.port}{protocol.INVOKE_PATH}")]
-
-
-@pytest.mark.parametrize(("status", "phrase"), REFUSALS)
-async def test_a_refused_connect_is_named_as_the_proxys_and_fails_at_once(
-    status: int, phrase: str, monkeypatch: pytest.MonkeyPatch, replica: ServerProcess, front: TLSFront, ca_bundle: str
-) -> None:
-    async with refusing_proxy(status) as refusing:
-        monkeypatch.setenv("HTTPS_PROXY", refusing.url)
-        async with sdk(monkeypatch, f"https://{NAME}:{front.port}", replica, ca_bundle) as ex:
-            with pytest.raises(InvocationError, match=rf"proxy .*HTTP {status} {phrase}") as err:
-                await asyncio.wait_for(ex.submit(abs, -1), 30)
-        assert "malformed" not in str(err.value) and "HTTPS_PROXY" in str(err.value)
-        assert refusing.seen == [("CONNECT", f"{NAME}:{front.port}")]
 
 
 async def test_the_start_up_health_check_goes_through_the_proxy(
