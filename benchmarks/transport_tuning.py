@@ -1,15 +1,17 @@
 """What each aiohttp client setting is worth on the invoke path, in one run.
 
-    python benchmarks/transport_tuning.py [--calls 20000] [--repeat 3] [--concurrency 64]
+    python benchmarks/transport_tuning.py [--calls 20000] [--repeat 4] [--concurrency 64]
 
 Runs ``map(add7, range(N))`` at chunksize 1 on the local runtime with the invoke path's
 ``AiohttpTransport`` first as one would write it from aiohttp's docs (a ``TCPConnector`` of the
 executor's size and nothing else: aiohttp's cookie jar, decompression, ``Accept`` headers, and a
 ``ClientTimeout`` built per request), then with each of the settings the SDK uses added in turn,
 up to the SDK's own transport; beside them the raw aiohttp floor of ``fanout.py`` and, for
-scale, the tuned transport without keep-alive (``force_close``). Prints calls/s (best of the
-runs) and the client's CPU per call (``time.process_time()``; replicas are other processes).
-No targets: it explains the figures ``fanout.py`` checks. Never run by tests.
+scale, the tuned transport without keep-alive (``force_close``). The rows take turns: each of
+``--repeat`` rounds runs every row once, so the machine's drift does not favour one row. Prints
+calls/s (best and median of the rounds) and the client's CPU per call (least and median;
+``time.process_time()``; replicas are other processes). No targets: it explains the figures
+``fanout.py`` checks. Never run by tests.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import os
 import ssl
+import statistics
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -98,32 +101,39 @@ def run_with(cls: type[transport.AiohttpTransport], calls: int, repeat: int, con
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=20_000)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=64)
     a = p.parse_args(argv)
     print(
-        f"map(add7, range({a.calls})) at chunksize 1, concurrency {a.concurrency}, best of {a.repeat}; "
+        f"map(add7, range({a.calls})) at chunksize 1, concurrency {a.concurrency}, {a.repeat} rounds, each row once per round; "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}",
         flush=True,
     )
-    rows: list[tuple[str, list[tuple[float, float]]]] = []
-    rows.append(("aiohttp as its docs show it (untuned)", run_with(transport_with(set()), a.calls, a.repeat, a.concurrency)))
+    variants: list[tuple[str, Any]] = [("aiohttp as its docs show it (untuned)", transport_with(set()))]
     done: set[str] = set()
     for name, step in STEPS:
         done.add(step)
-        rows.append((name, run_with(transport_with(set(done)), a.calls, a.repeat, a.concurrency)))
-        print(f"  {name} ...", flush=True)
-    rows.append(
-        (
-            "the SDK's transport with force_close (no keep-alive)",
-            run_with(transport_with(done, True), a.calls, a.repeat, a.concurrency),
-        )
-    )
-    rows.append(("raw aiohttp floor (bare client and server, no SDK)", bench_raw(a.calls, a.repeat, a.concurrency)))
+        variants.append((name, transport_with(set(done))))
+    variants.append(("the SDK's transport with force_close (no keep-alive)", transport_with(done, True)))
+    raw = "raw aiohttp floor (bare client and server, no SDK)"
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in variants}
+    runs[raw] = []
+    # Round-robin: each round runs every variant once, so the machine's drift (calls/s move by
+    # up to a third within minutes here) spreads over all rows instead of favouring the first.
+    for k in range(a.repeat):
+        for name, cls in variants:
+            runs[name] += run_with(cls, a.calls, 1, a.concurrency)
+        runs[raw] += bench_raw(a.calls, 1, a.concurrency)
+        print(f"  round {k + 1} of {a.repeat} done", flush=True)
+    rows = list(runs.items())
     width = max(len(n) for n, _ in rows)
-    print(f"\n{'':<{width}}  {'best calls/s':>13}  {'client CPU us/call':>18}")
-    for name, runs in rows:
-        print(f"{name:<{width}}  {max(r for r, _ in runs):>13,.0f}  {min(c for _, c in runs) * 1e6:>18.1f}")
+    print(f"\n{'':<{width}}  {'best calls/s':>13}  {'median':>8}  {'client CPU us/call':>18}  {'median':>7}")
+    for name, row in rows:
+        rates, cpus = [r for r, _ in row], [c * 1e6 for _, c in row]
+        print(
+            f"{name:<{width}}  {max(rates):>13,.0f}  {statistics.median(rates):>8,.0f}"
+            f"  {min(cpus):>18.1f}  {statistics.median(cpus):>7.1f}"
+        )
     return 0
 
 
