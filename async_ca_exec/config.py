@@ -213,6 +213,11 @@ class AzureSection(_Section):
     )
     polling_interval: float = Field(5.0, ge=0, description="Seconds between polls of a long-running ARM operation.")
     arm_retries: int = Field(3, ge=0, le=20, description="Retries of a failed ARM request (network errors, 5xx).")
+    operation_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds an ARM change may take, waiting out another one under way on the same app (409) included.",
+    )
 
 
 class AzureContainersSection(_Section):

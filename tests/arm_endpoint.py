@@ -71,6 +71,18 @@ class IngressHit:
 
 
 @dataclass
+class Operation:
+    """A long-running ARM operation: its status reads answer InProgress ``polls`` times at
+    least and until ``until``; while it runs, other writes to the same resource get a 409."""
+
+    resource: tuple[str, str, str]  # (kind, resource group, name)
+    polls: int
+    until: float
+    patch: bool = False  # a PATCH: held InProgress while hold_patches is set
+    app: tuple[str, str] | None = None  # what its Location answers once done (a PATCH's: the app)
+
+
+@dataclass
 class ArmState:
     subscription: str
     resource_groups: set[str]
@@ -130,9 +142,18 @@ class ArmEndpoint:
         self.ingress_hits: list[IngressHit] = []
         self.replicas: dict[str, Replica] = {}
         self.fail_next: dict[str, tuple[int, str]] = {}  # "PUT app" -> (status, code)
-        self._ops: dict[str, int] = {}
-        #: What an operation's Location URL answers once done (a PATCH's: the app).
-        self._op_apps: dict[str, tuple[str, str]] = {}
+        #: Long-running operations. Container Apps' creates and updates take several polls
+        #: (minutes, for a new revision), so each one here answers InProgress to at least
+        #: ``op_polls`` status reads and for ``op_seconds``; a write to an app (or environment)
+        #: while one of its operations runs is refused, 409 ContainerAppOperationInProgress
+        #: (ManagedEnvironmentOperationInProgress), as ARM refuses a second modification of a
+        #: resource under way ("Cannot modify container App ... because another modification is
+        #: in progress. Please retry the operation.", microsoft/azure-container-apps#175; the
+        #: codes are not documented on any Microsoft page).
+        self._ops: dict[str, Operation] = {}
+        self.op_polls = 2
+        self.op_seconds = 0.1
+        self.conflicts = 0
         #: While set, PATCH operations stay InProgress (polled every 50 ms), as a slow revision
         #: would keep them: a test shows what does not wait for them.
         self.hold_patches = False
@@ -314,30 +335,58 @@ class ArmEndpoint:
             return web.json_response({"value": [{"name": f"{name}-r0"}] if running else []})
         return self._error(404, "NotFound", f"no route {request.method} {request.path}")
 
-    def _new_op(self, polls: int = 1) -> str:
+    def busy(self, kind: str, name: str, seconds: float, rg: str = "rg-acx") -> None:
+        """Another client's change to app (or environment) ``name`` under way for ``seconds``:
+        what the SDK meets when the portal, a pipeline or a second machine changes it."""
+        self._ops[uuid.uuid4().hex] = Operation((kind, rg, name), 0, time.monotonic() + seconds)
+
+    def _new_op(self, kind: str, rg: str, name: str, *, patch: bool = False) -> str:
         op = uuid.uuid4().hex
-        self._ops[op] = polls
+        app = (rg, name) if patch else None
+        self._ops[op] = Operation((kind, rg, name), self.op_polls, time.monotonic() + self.op_seconds, patch, app)
         return op
 
+    def _running(self, op: Operation) -> bool:
+        return time.monotonic() < op.until or (op.patch and self.hold_patches)
+
+    def _in_progress(self, kind: str, rg: str, name: str) -> web.Response | None:
+        """The 409 for a write to a resource one of whose operations is still running."""
+        if not any(op.resource == (kind, rg, name) and self._running(op) for op in self._ops.values()):
+            return None
+        self.conflicts += 1
+        if kind == "managedEnvironments":
+            code, what = "ManagedEnvironmentOperationInProgress", f"Container Apps environment {name}"
+        else:
+            code, what = "ContainerAppOperationInProgress", f"container App '{name}'"
+        return self._error(
+            409, code, f"Cannot modify {what} because another operation is in progress. Please retry the operation."
+        )
+
+    def _poll(self, op_id: str) -> bool | None:
+        """Whether this status read still finds the operation in progress (None: no such one)."""
+        op = self._ops.get(op_id)
+        if op is None:
+            return None
+        if self._running(op) or op.polls > 0:
+            op.polls = max(0, op.polls - 1)
+            return True
+        return False
+
     def _operation(self, op: str) -> web.Response:
-        left = self._ops.get(op)
-        if left is None:
+        running = self._poll(op)
+        if running is None:
             return self._error(404, "NotFound", "no such operation")
-        if self.hold_patches and op in self._op_apps:
+        if running:
             return web.json_response({"status": "InProgress"}, headers={"retry-after-ms": "50"})
-        if left > 0:
-            self._ops[op] = left - 1
-            return web.json_response({"status": "InProgress"})
         return web.json_response({"status": "Succeeded"})
 
     def _operation_result(self, op: str) -> web.Response:
-        left = self._ops.get(op)
-        if left is None:
+        running = self._poll(op)
+        if running is None:
             return self._error(404, "NotFound", "no such operation")
-        if left > 0:
-            self._ops[op] = left - 1
-            return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
-        key = self._op_apps.get(op)
+        if running:
+            return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}", "retry-after-ms": "50"})
+        key = self._ops[op].app
         if key is not None and key in self.state.apps:
             return web.json_response(self._public(self.state.apps[key]))
         return web.Response(status=200)
@@ -351,9 +400,12 @@ class ArmEndpoint:
                 )
             return web.json_response(env)
         if method == "PUT":
+            conflict = self._in_progress("managedEnvironments", rg, name)
+            if conflict is not None:
+                return conflict
             profiles = bool((body.get("properties") or {}).get("workloadProfiles"))
             self._add_environment(rg, name, body["location"], profiles=profiles)
-            op = self._new_op()
+            op = self._new_op("managedEnvironments", rg, name)
             return web.json_response(
                 self.state.environments[(rg, name)], status=201,
                 headers={"Azure-AsyncOperation": f"{self.url}/operations/{op}"},
@@ -373,6 +425,9 @@ class ArmEndpoint:
             if key not in self.state.apps:
                 return self._error(404, "ContainerAppNotFound", f"Container app '{name}' was not found.")
             return web.json_response(self._public(self.state.apps[key]))
+        conflict = self._in_progress("containerApps", rg, name)
+        if conflict is not None:
+            return conflict
         if method == "PUT":
             problem = self._validate(body) or self._check_placement(body)
             if problem:
@@ -387,7 +442,7 @@ class ArmEndpoint:
             props["latestRevisionName"] = props["latestReadyRevisionName"] = f"{name}--{uuid.uuid4().hex[:7]}"
             props["configuration"]["ingress"]["fqdn"] = f"127.0.0.1:{replica.port}"
             self.state.apps[key] = app
-            op = self._new_op()
+            op = self._new_op("containerApps", rg, name)
             return web.json_response(
                 self._public(app), status=201, headers={"Azure-AsyncOperation": f"{self.url}/operations/{op}"}
             )
@@ -399,7 +454,7 @@ class ArmEndpoint:
             del self.state.apps[key]
             self.state.secrets.pop(key, None)
             await self._stop_replica(name)
-            op = self._new_op()
+            op = self._new_op("containerApps", rg, name)
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
         return self._error(405, "MethodNotAllowed", method)
 
@@ -437,8 +492,7 @@ class ArmEndpoint:
             if app["properties"]["template"]["containers"] != old["properties"]["template"]["containers"]:
                 await self._swap_replica(rg, name, app)
         self.state.apps[key] = app
-        op = self._new_op()
-        self._op_apps[op] = key
+        op = self._new_op("containerApps", rg, name, patch=True)
         return web.Response(
             status=202,
             headers={

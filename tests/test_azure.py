@@ -328,13 +328,63 @@ async def test_arm_errors_become_one_line_instructions(arm: ArmEndpoint, tmp_pat
         with pytest.raises(ConfigError, match=r"az group create -n rg-missing") as e404:
             await apps.deploy("default")
     async with apps_for(config(arm, tmp_path)) as apps:
-        arm.fail_next["PUT containerApps"] = (409, "ContainerAppOperationInProgress")
-        with pytest.raises(DeploymentError, match="wait for it and run the command again") as e409:
+        arm.fail_next["PUT containerApps"] = (409, "Conflict")  # not an operation in progress: no retry
+        with pytest.raises(DeploymentError, match=r"refused creating Container App .* with a conflict \(Conflict\)") as e409:
             await apps.deploy("default")
+        assert len(arm.bodies("PUT")) == 1
         with pytest.raises(RuntimeNotFoundError, match=r"acx runtime deploy myregistry\.azurecr\.io/x/y:2"):
             await apps.delete("myregistry.azurecr.io/x/y:2")
     for e in (e403, e404, e409):
         assert "\n" not in str(e.value)
+
+
+async def test_the_twin_refuses_a_write_while_an_operation_runs_and_its_operations_take_several_polls(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    from azure.core.exceptions import HttpResponseError
+
+    async with apps_for(config(arm, tmp_path)) as apps:
+        info = await apps.deploy("default")
+        # The PUT's operation: InProgress to op_polls reads at least, then Succeeded.
+        assert len([r for r in arm.requests if r.path.startswith("/operations/")]) >= arm.op_polls + 1
+        arm.busy("containerApps", info.app, 3600)
+        for send in (
+            lambda: apps.client.container_apps.begin_update("rg-acx", info.app, {"tags": {"a": "b"}}),
+            lambda: apps.client.container_apps.begin_delete("rg-acx", info.app),
+        ):
+            with pytest.raises(HttpResponseError) as refused:
+                await send()
+            assert refused.value.status_code == 409
+            assert refused.value.error is not None and refused.value.error.code == "ContainerAppOperationInProgress"
+        arm.busy("managedEnvironments", "acx", 3600)
+        with pytest.raises(HttpResponseError, match="ManagedEnvironmentOperationInProgress"):
+            await apps.client.managed_environments.begin_create_or_update("rg-acx", "acx", {"location": "westeurope"})
+    assert arm.conflicts == 3
+
+
+async def test_a_change_while_another_operation_runs_is_sent_again_once_it_ends(arm: ArmEndpoint, tmp_path: Path) -> None:
+    said: list[str] = []
+    async with apps_for(config(arm, tmp_path), progress=said.append) as apps:
+        info = await apps.deploy("default")
+        arm.busy("containerApps", info.app, 2.5)  # the portal, a pipeline, another machine
+        again = await apps.deploy("default")  # a new revision of the same app
+        assert again.app == info.app and arm.conflicts >= 1
+        assert any("another operation is changing it (ContainerAppOperationInProgress); trying again" in m for m in said)
+        arm.busy("containerApps", info.app, 1.5)
+        assert await apps.delete("default") == [info.app]
+    assert arm.conflicts >= 2 and info.app not in {n for (_g, n) in arm.state.apps}
+
+
+async def test_a_conflict_that_outlasts_operation_timeout_names_it(arm: ArmEndpoint, tmp_path: Path) -> None:
+    async with apps_for(config(arm, tmp_path, azure={"operation_timeout": 2})) as apps:
+        info = await apps.deploy("default")
+        arm.busy("containerApps", info.app, 3600)
+        with pytest.raises(DeploymentError) as refused:
+            await apps.deploy("default")
+    text = str(refused.value)
+    assert "kept refusing updating Container App" in text and "for 2 s (azure.operation_timeout)" in text
+    assert "ContainerAppOperationInProgress" in text and "raise azure.operation_timeout" in text and "\n" not in text
+    assert arm.conflicts >= 2  # retried with backoff before giving up
 
 
 async def test_subscription_without_the_container_apps_provider_says_how_to_register_it(arm: ArmEndpoint, tmp_path: Path) -> None:
@@ -606,7 +656,7 @@ async def test_secrets_never_reach_logs_arm_bodies_errors_or_files(
         with pytest.raises(AuthenticationError) as arm_error:
             await apps.deploy("default")
         errors.append(arm_error.value)
-    arm.fail_next["PUT containerApps"] = (409, "ContainerAppOperationInProgress")
+    arm.fail_next["PUT containerApps"] = (409, "Conflict")
     async with apps_for(cfg) as apps:
         with pytest.raises(DeploymentError) as deploy_error:
             await apps.deploy("default")

@@ -269,7 +269,7 @@ async def test_arm_403_on_warm_is_a_one_line_authentication_error(arm: ArmEndpoi
 
 
 async def test_a_failed_restore_is_logged_with_the_fix_and_never_raised_from_aclose(
-    arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = config(arm, tmp_path)
     app, _put = await deployed(arm, cfg)
@@ -278,11 +278,15 @@ async def test_a_failed_restore_is_logged_with_the_fix_and_never_raised_from_acl
     assert await ex.warm(3) == 3
     futures = [ex.submit(add7, i) for i in range(3)]
     assert await asyncio.gather(*futures) == [7, 8, 9]
-    arm.fail_next["PATCH containerApps"] = (409, "ContainerAppOperationInProgress")
+    # Another client's change to the app outlasts what closing waits for it (a minute; 1 s here).
+    monkeypatch.setattr(az, "RESTORE_WAIT", 1.0)
+    arm.busy("containerApps", app, 3600)
     with caplog.at_level(logging.WARNING, logger="async_ca_exec"):
         await ex.aclose()  # does not raise
     assert [f.result() for f in futures] == [7, 8, 9]  # results are kept
     assert f"could not restore minReplicas=0 of Container App {app}" in caplog.text
+    assert "another operation was changing the same resource (ContainerAppOperationInProgress)" in caplog.text
+    assert arm.conflicts >= 2  # sent again before giving up
     assert f"az containerapp update -n {app} -g rg-acx --min-replicas 0" in caplog.text
     assert min_replicas(arm, app) == 3 and lease_tag(arm, app) is not None  # the lease stays for the next start
 

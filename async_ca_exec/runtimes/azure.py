@@ -22,7 +22,7 @@ import secrets
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,20 @@ MAX_GRACE = 600
 #: Consumption-only environments stop at 2 vCPU / 4 GiB per replica.
 CONSUMPTION_ONLY_MAX_MEMORY = 4096
 #: Longest a single ARM operation (create, update, delete) may take before we give up.
-OPERATION_TIMEOUT = 1800.0
+#: What ARM answers (409) to a change while another operation changes the same app or
+#: environment: wait for it and send the change again. No Microsoft page lists these codes:
+#: they are the ones Container Apps is reported returning (ContainerAppLockConflict, "Cannot
+#: modify container App ... because another modification is in progress. Please retry the
+#: operation.", microsoft/azure-container-apps#175; ManagedEnvironmentOperationInProgress,
+#: #701; ContainerAppOperationInProgress, retried on by deployment scripts). Any other 409 is
+#: a real conflict and fails at once.
+IN_PROGRESS_CODES = frozenset(
+    {"ContainerAppOperationInProgress", "ContainerAppLockConflict", "ManagedEnvironmentOperationInProgress"}
+)
+#: Backoff between those retries: doubling from the first, capped.
+CONFLICT_BACKOFF = (1.0, 30.0)
+#: How long closing an executor waits to put back a pre-warm through such conflicts.
+RESTORE_WAIT = 60.0
 _SIGN_IN_HELP = (
     "sign in with `az login`, or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
     "principal, or run where a managed identity is assigned, or pass credential= to the executor"
@@ -239,6 +252,7 @@ class AzureTarget:
     polling_interval: float
     arm_retries: int
     startup_timeout: float
+    operation_timeout: float
     registry: tuple[str, str, str] | None = field(repr=False)
     min_replicas: int = 0
     max_replicas: int = 100
@@ -277,6 +291,7 @@ class AzureTarget:
             polling_interval=az.polling_interval,
             arm_retries=az.arm_retries,
             startup_timeout=ac.startup_timeout,
+            operation_timeout=az.operation_timeout,
             registry=registry,
             min_replicas=ac.min_workers,
             max_replicas=ac.max_workers,
@@ -403,11 +418,8 @@ async def arm_errors(
                 f"subscription {sub} is not registered for Container Apps: run `az provider register -n Microsoft.App` "
                 "(once per subscription) and try again"
             ) from None
-        if status == 409:
-            raise DeploymentError(
-                f"Azure reports a conflict while {what} ({code or 409}): {message}; another operation is changing "
-                "the same resource: wait for it and run the command again"
-            ) from None
+        if status == 409:  # not one that waiting out another operation solves (see AzureApps._change)
+            raise DeploymentError(f"Azure refused {what} with a conflict ({code or 409}): {message}") from None
         if status is None or 200 <= status < 300:  # a long-running operation that ended in failure
             raise DeploymentError(f"Azure could not finish {what} ({code or 'Failed'}): {message}") from None
         raise DeploymentError(f"Azure answered HTTP {status} while {what} ({code}): {message}") from None
@@ -417,8 +429,8 @@ async def arm_errors(
         raise DeploymentError(f"Azure Resource Manager stopped answering while {what}: {exc}; try again") from None
     except asyncio.TimeoutError:
         raise DeploymentError(
-            f"Azure did not finish {what} within {OPERATION_TIMEOUT:.0f} s; look at the app's revisions in the portal "
-            "(a revision that never becomes ready keeps the operation running)"
+            f"Azure did not finish {what} within {target.operation_timeout:g} s (azure.operation_timeout); look at the "
+            "app's revisions in the portal (a revision that never becomes ready keeps the operation running)"
         ) from None
 
 
@@ -690,9 +702,39 @@ class AzureApps:
             raise RuntimeError("AzureApps is not open")
         return self._client
 
-    async def _finish(self, poller: Any) -> Any:
-        """The result of a long-running ARM operation, within OPERATION_TIMEOUT."""
-        return await asyncio.wait_for(poller.result(), OPERATION_TIMEOUT)
+    async def _change(self, what: str, begin: Callable[[], Awaitable[Any]], *, budget: float | None = None) -> Any:
+        """Start a long-running ARM change with ``begin()`` and return its result, all within
+        ``budget`` seconds (default ``azure.operation_timeout``). A 409 saying another operation
+        is changing the resource (another client, the portal, a revision still provisioning) is
+        waited out: the change is sent again with backoff until the deadline, which the error
+        names. Call it inside :func:`arm_errors`."""
+        from azure.core.exceptions import HttpResponseError
+
+        loop = asyncio.get_running_loop()
+        setting = " (azure.operation_timeout)" if budget is None else ""
+        budget = self.target.operation_timeout if budget is None else budget
+        deadline = loop.time() + budget
+        delay, cap = CONFLICT_BACKOFF
+        while True:
+            try:
+                poller = await begin()  # one request: azure-core's own timeouts bound it
+                break
+            except HttpResponseError as exc:
+                status, code, _ = _arm_message(exc)
+                if status != 409 or code not in IN_PROGRESS_CODES:
+                    raise
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise DeploymentError(
+                        f"Azure kept refusing {what} for {budget:g} s{setting} because another operation was changing "
+                        f"the same resource ({code}): see it in the portal or with `az containerapp revision list -g "
+                        f"{self.target.resource_group}`, then run the command again"
+                        + (" (or raise azure.operation_timeout)" if setting else "")
+                    ) from None
+                self._progress(f"{what}: another operation is changing it ({code}); trying again in {min(delay, left):g} s")
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, cap)
+        return await asyncio.wait_for(poller.result(), max(0.0, deadline - loop.time()))
 
     # -- resolving ---------------------------------------------------------------------
 
@@ -749,8 +791,12 @@ class AzureApps:
             "properties": {"workloadProfiles": [{"name": "Consumption", "workloadProfileType": "Consumption"}]},
         }
         async with arm_errors(t, f"creating environment {name}"):
-            poller = await self.client.managed_environments.begin_create_or_update(group, name, body)
-            env = _plain(await self._finish(poller))
+            env = _plain(
+                await self._change(
+                    f"creating environment {name}",
+                    lambda: self.client.managed_environments.begin_create_or_update(group, name, body),
+                )
+            )
         self._progress(f"environment {name} is ready")
         return env
 
@@ -803,8 +849,9 @@ class AzureApps:
             )
         return app
 
-    async def apply(self, name: str, change: ScaleChange) -> int:
-        """Send a scale PATCH (a long-running operation); returns the minReplicas in effect after it."""
+    async def apply(self, name: str, change: ScaleChange, *, budget: float | None = None) -> int:
+        """Send a scale PATCH (a long-running operation); returns the minReplicas in effect after
+        it. ``budget``: seconds it may take (default ``azure.operation_timeout``)."""
         t = self.target
 
         def gone() -> BaseException:
@@ -812,8 +859,13 @@ class AzureApps:
 
         log.debug("%s (tag %s=%s)", change.what, TAG_WARM, change.lease.tag if change.lease else "removed")
         async with arm_errors(t, change.what, not_found=gone):
-            poller = await self.client.container_apps.begin_update(t.resource_group, name, change.body)
-            app = _plain(await self._finish(poller))
+            app = _plain(
+                await self._change(
+                    change.what,
+                    lambda: self.client.container_apps.begin_update(t.resource_group, name, change.body),
+                    budget=budget,
+                )
+            )
         return _scale(app)[0] if app else change.min_replicas
 
     async def warm(
@@ -833,16 +885,24 @@ class AzureApps:
             before_patch(change.lease)
         return await self.apply(name, change), change.lease
 
-    async def cool(self, name: str, *, leases: Collection[WarmLease] | None = None, expired_only: bool = False) -> int | None:
+    async def cool(
+        self,
+        name: str,
+        *,
+        leases: Collection[WarmLease] | None = None,
+        expired_only: bool = False,
+        budget: float | None = None,
+    ) -> int | None:
         """Put back the scale recorded by the app's pre-warm lease and remove it (see
-        :func:`plan_restore`); returns the minReplicas restored, None if nothing was done."""
+        :func:`plan_restore`); returns the minReplicas restored, None if nothing was done.
+        ``budget`` as in :meth:`apply`."""
         app = await self.get_app(name)
         if app is None:
             return None
         change = plan_restore(app, leases=leases, expired_only=expired_only, min_workers=self.target.min_replicas)
         if change is None:
             return None
-        await self.apply(name, change)
+        await self.apply(name, change, budget=budget)
         return change.min_replicas
 
     # -- deploying ---------------------------------------------------------------------
@@ -955,8 +1015,12 @@ class AzureApps:
             )
         self._progress(f"{verb} Container App {name} for runtime {image} ({memory} MB) ...")
         async with arm_errors(self.target, f"{verb} Container App {name}"):
-            poller = await self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body)
-            app = _plain(await self._finish(poller))
+            app = _plain(
+                await self._change(
+                    f"{verb} Container App {name}",
+                    lambda: self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body),
+                )
+            )
         info = runtime_info(app)
         if not info.fqdn:
             raise DeploymentError(f"Container App {name} has no ingress address; check it in the portal")
@@ -1051,8 +1115,10 @@ class AzureApps:
     async def _delete(self, name: str) -> None:
         self._progress(f"deleting Container App {name} ...")
         async with arm_errors(self.target, f"deleting Container App {name}"):
-            poller = await self.client.container_apps.begin_delete(self.target.resource_group, name)
-            await self._finish(poller)
+            await self._change(
+                f"deleting Container App {name}",
+                lambda: self.client.container_apps.begin_delete(self.target.resource_group, name),
+            )
         forget_meta(self.target, name)
         if self._storage is not None:
             await self._storage.delete(runtime_blob(name))
@@ -1217,7 +1283,9 @@ class AzureRuntime:
         lease = leases[-1]
         try:
             async with AzureApps(self.config, credential=self.credential) as apps:
-                restored = await apps.cool(name, leases=leases)
+                # Closing waits out another client's change for a minute, not for operation_timeout:
+                # the lease in the tag lets a later start restore it.
+                restored = await apps.cool(name, leases=leases, budget=RESTORE_WAIT)
         except Exception as exc:  # noqa: BLE001 - logged with the fix; closing must not lose results
             log.warning(
                 "could not restore minReplicas=%d of Container App %s after pre-warming (%s); it keeps its warm replicas "
