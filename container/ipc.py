@@ -52,10 +52,23 @@ STATE_IDLE = 0
 STATE_RUNNING = 1  # running user code for (task, index) since started
 STATE_PREPARING = 2  # unpickling the function or the items of task
 STATE_REPORTING = 3  # pickling and sending outcomes of task up to index
+#: Tries at a whole read before giving up (a worker that died mid-write leaves the sequence
+#: odd for ever; a worker on a batch of very fast calls writes almost without pause).
+_READ_TRIES = 1000
 
 
 class Progress:
-    """A few bytes of memory shared by the server and one worker."""
+    """A few bytes of memory shared by the server and one worker (the only writer).
+
+    The server reads the block from another process at any moment, so a write is guarded by a
+    sequence number (a seqlock): odd while the worker writes, the record after it. Without it
+    a read could take the new task id with a half-written start time (``struct.pack_into``
+    zeroes its bytes first), and the watchdog killed a worker for "running past its timeout of
+    3600 s" a few milliseconds into a big fast map. The sequence is one aligned 8-byte word
+    written and read through a memoryview: one 8-byte store, one load, never ``pack_into``,
+    which passes through 0 and partial values. That is correct where stores are seen in the
+    order made (x86-64); a weakly ordered CPU (arm64) would need barriers Python does not give,
+    and a torn read there stays possible, if rarer."""
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
@@ -67,14 +80,37 @@ class Progress:
             os.ftruncate(fd, mmap.PAGESIZE)
         self.fd = fd
         self.mm = mmap.mmap(fd, mmap.PAGESIZE)
+        self._words = memoryview(self.mm).cast("Q")
+        self._seq = self._words[0] & ~1
 
     def set(self, task_id: int, index: int, started: float, state: int) -> None:
-        PROGRESS.pack_into(self.mm, 0, task_id, index, started, state)
+        words, seq = self._words, self._seq
+        words[0] = seq + 1
+        PROGRESS.pack_into(self.mm, 8, task_id, index, started, state)
+        self._seq = seq + 2
+        words[0] = seq + 2
+
+    def read(self) -> tuple[int, int, float, int] | None:
+        """One whole write, or None if every try met the worker in the middle of one (it is
+        writing progress as fast as it can: busy, not stuck)."""
+        words, mm = self._words, self.mm
+        for _ in range(_READ_TRIES):
+            before = words[0]
+            if before & 1:
+                continue
+            value = PROGRESS.unpack_from(mm, 8)
+            if words[0] == before:
+                return value  # type: ignore[return-value]
+        return None
 
     def get(self) -> tuple[int, int, float, int]:
-        return PROGRESS.unpack_from(self.mm, 0)  # type: ignore[return-value]
+        """:meth:`read`, or else what the block holds (for a worker that is gone: it may have
+        died in the middle of a write)."""
+        value = self.read()
+        return value if value is not None else PROGRESS.unpack_from(self.mm, 8)  # type: ignore[return-value]
 
     def close(self) -> None:
+        self._words.release()
         self.mm.close()
         try:
             os.close(self.fd)

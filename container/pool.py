@@ -513,7 +513,12 @@ class WorkerPool:
         for w in self.workers:
             if task not in w.inflight:
                 continue
-            tid, _index, _started, state = w.progress.get()
+            now = w.progress.read()
+            if now is None:  # writing progress without pause: on its first task, most likely
+                if w.inflight[0] is task:
+                    w.kill("cancel")
+                return
+            tid, _index, _started, state = now
             if tid == task.id and state != ipc.STATE_IDLE:
                 w.kill("cancel")  # running it now
             elif w.inflight[0] is task and not any(t.id == tid for t in w.inflight):
@@ -649,7 +654,10 @@ class WorkerPool:
             for w in list(self.workers):
                 if not w.inflight or w.kill_reason is not None:
                     continue
-                tid, _index, started, state = w.progress.get()
+                now_at = w.progress.read()
+                if now_at is None:  # writing progress as fast as it can: not stuck
+                    continue
+                tid, _index, started, state = now_at
                 head = w.inflight[0]
                 if tid != head.id or state == ipc.STATE_IDLE:
                     continue

@@ -311,10 +311,7 @@ class Worker:
         cpu_clock = time.process_time
         last_flush = clock()
         group_cpu = cpu_clock()
-        set_progress = self.progress.set
-        # The per-item progress write, without a method call: on a batch of fast calls the
-        # loop's own cost is what counts.
-        pack_progress, progress_mm, running = ipc.PROGRESS.pack_into, self.progress.mm, ipc.STATE_RUNNING
+        set_progress, running = self.progress.set, ipc.STATE_RUNNING
         out, err = self.out, self.err
         real_out, real_err = sys.stdout, sys.stderr
         last_pos = len(todo) - 1
@@ -324,7 +321,7 @@ class Worker:
         try:
             for pos, i in enumerate(todo):
                 t0 = clock()
-                pack_progress(progress_mm, 0, task_id, i, mono(), running)
+                set_progress(task_id, i, mono(), running)
                 if written[0]:  # the last call (or a thread) wrote: count this one's output afresh
                     written[0] = 0
                     out.new_call()

@@ -147,6 +147,9 @@ class FakeWorker:
     def get(self) -> tuple[int, int, float, int]:
         return self._progress
 
+    def read(self) -> tuple[int, int, float, int] | None:
+        return self._progress
+
     def kill(self, reason: str) -> None:
         self.killed = reason
 
@@ -180,6 +183,44 @@ def test_cancelling_a_call_kills_its_worker_only_when_that_worker_is_on_it(runni
     pool.cancel(a)
     assert (worker.killed == "cancel") is expect_kill
     assert a.cancelled
+
+
+def _write_progress(fd: int, seconds: float) -> None:
+    """A worker's progress writes, as fast as they go: (k, k % 2**32, float(k), k % 4)."""
+    progress = ipc.Progress(fd)
+    deadline, k = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        for _ in range(1000):
+            k += 1
+            progress.set(k, k % 2**32, float(k), k % 4)
+
+
+def test_the_server_never_reads_half_of_one_progress_write_and_half_of_another() -> None:
+    """The watchdog reads a worker's progress block from another process at any moment; a
+    read that took the new task id with a half-written start time once killed a worker for
+    'running past its timeout of 3600 s' a few ms into a big fast map (seen at 1,000 calls
+    in flight). Every read here must be one whole write."""
+    import multiprocessing
+
+    progress = ipc.Progress()
+    writer = multiprocessing.get_context("fork").Process(target=_write_progress, args=(progress.fd, 2.0))
+    writer.start()
+    try:
+        reads, changed, last = 0, 0, None
+        while writer.is_alive() or reads == 0:
+            value = progress.read()
+            if value is None:  # every try met a write under way: said so, not guessed
+                continue
+            k, index, started, state = value
+            assert (index, started, state) == (k % 2**32, float(k), k % 4), f"a torn read: {value}"
+            reads += 1
+            changed += value != last
+            last = value
+        assert reads > 1_000 and changed > 100  # the reads did meet the writes under way
+    finally:
+        writer.join(10)
+        progress.close()
+    assert writer.exitcode == 0
 
 
 async def test_a_worker_starting_while_the_pool_closes_is_stopped_too(monkeypatch: pytest.MonkeyPatch) -> None:
