@@ -35,6 +35,9 @@ PROTOCOL_VERSION = 2
 
 INVOKE_PATH = "/v1/invoke"
 HEALTH_PATH = "/v1/health"
+#: Liveness: 200 while the server's event loop answers (draining included), 503 only when its
+#: workers cannot start (a restart may help). Readiness is HEALTH_PATH (200 once workers are up).
+LIVE_PATH = "/v1/live"
 META_PATH = "/v1/meta"
 
 H_TIMESTAMP = "X-Acx-Timestamp"

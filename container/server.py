@@ -230,6 +230,9 @@ class Server:
         self.handling: set[asyncio.Task[Any]] = set()
         self._sockets: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
+        #: The health port's: open until the calls have drained, so probes still get answers.
+        self._probe_sockets: list[socket.socket] = []
+        self._probe_acceptors: list[asyncio.Task[None]] = []
         #: Requests refused (bad signature, replay), and those waiting out the delay now.
         self.refused = 0
         self._delayed = 0
@@ -263,13 +266,15 @@ class Server:
             if method == "POST":
                 return await self.invoke(request)
             allowed = "POST"
-        elif path == protocol.HEALTH_PATH or path == protocol.META_PATH:
+        elif path == protocol.HEALTH_PATH or path == protocol.META_PATH or path == protocol.LIVE_PATH:
             if method == "GET" or method == "HEAD":
+                if path == protocol.LIVE_PATH:
+                    return self.live()
                 return await (self.health() if path == protocol.HEALTH_PATH else self.meta(request))
             allowed = "GET, HEAD"
         else:
             return self.error(404, f"no such path: {path[:100]!r} (the paths are {protocol.INVOKE_PATH}, "
-                                   f"{protocol.HEALTH_PATH} and {protocol.META_PATH})")  # fmt: skip
+                                   f"{protocol.HEALTH_PATH}, {protocol.LIVE_PATH} and {protocol.META_PATH})")  # fmt: skip
         return self.error(405, f"method {method} is not allowed for {path} (only {allowed})", headers={"Allow": allowed})
 
     async def _unauthenticated(self, exc: protocol.ProtocolError, request: web.BaseRequest) -> web.Response:
@@ -313,6 +318,13 @@ class Server:
         if code:
             doc["code"] = code
         return json_response(status, doc, headers=headers, close=close)
+
+    def live(self) -> web.Response:
+        """The liveness probe's answer: alive unless the workers cannot start. Draining is
+        alive too: a replica finishing its calls after SIGTERM must not be restarted."""
+        if self.pool.broken:
+            return self.error(503, self.pool.broken)
+        return json_response(200, {"status": "alive", "draining": self.draining})
 
     async def health(self) -> web.Response:
         ready = self.pool.ready_workers
@@ -630,8 +642,8 @@ class Server:
             # Health probes get a port of their own, never paused by the tarpit and not behind
             # the ingress: a flood cannot make the platform think this replica is down.
             probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
-            self._sockets += probe_sockets
-            self._acceptors += [loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets]
+            self._probe_sockets = probe_sockets
+            self._probe_acceptors = [loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets]
         self._ticker = loop.create_task(self._tick())
         self._sweeper = loop.create_task(self._sweep_connections())
         log.info(
@@ -668,13 +680,18 @@ class Server:
             if shared:
                 await asyncio.sleep(SHARED_ACCEPT_PAUSE)  # the other replicas' turn
 
-    async def _stop_listening(self) -> None:
-        for task in self._acceptors:
-            task.cancel()
-        await asyncio.gather(*self._acceptors, return_exceptions=True)
-        for sock in self._sockets:
-            sock.close()
+    async def _stop_listening(self, *, probes: bool = False) -> None:
+        """Close the main port (and, with ``probes``, the health port)."""
+        acceptors, sockets = self._acceptors, self._sockets
         self._acceptors, self._sockets = [], []
+        if probes:
+            acceptors, sockets = acceptors + self._probe_acceptors, sockets + self._probe_sockets
+            self._probe_acceptors, self._probe_sockets = [], []
+        for task in acceptors:
+            task.cancel()
+        await asyncio.gather(*acceptors, return_exceptions=True)
+        for sock in sockets:
+            sock.close()
 
     def request_stop(self, grace: float | None = None) -> None:
         if grace is not None:
@@ -702,6 +719,9 @@ class Server:
                 t.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
+        # Until here the probes were answered (alive; not ready): a draining replica is not
+        # restarted for a failed liveness probe while it finishes its calls.
+        await self._stop_listening(probes=True)
         # Answers still on their way out get the rest of the grace (at least a second) to go.
         for conn in self.web.connections:
             tr = conn.transport

@@ -16,7 +16,7 @@ import pytest
 
 from async_ca_exec import protocol, serialize
 
-from conftest import ServerProcess, children, start_server, stop_server, wait_gone
+from conftest import ServerProcess, children, free_port, start_server, stop_server, wait_gone
 
 
 def touch(path: str) -> str:
@@ -129,6 +129,37 @@ async def test_health_is_open_and_meta_needs_a_signature(server: ServerProcess) 
         assert meta["python"].count(".") == 2 and meta["packages"]["cloudpickle"]
         async with s.get(server.url + "/nope") as r:
             assert r.status == 404
+
+
+async def test_a_draining_replica_is_alive_but_not_ready(tmp_path: Path) -> None:
+    """After SIGTERM, with a call still running: the main port takes no new connection;
+    on the health port readiness (/v1/health) says 503 so no traffic comes, and liveness
+    (/v1/live) stays 200 so the platform does not restart the replica and kill the call,
+    whose answer still arrives."""
+    probes = free_port()
+    srv = start_server(tmp_path, extra_env={"ACX_SHUTDOWN_GRACE": "30", "ACX_HEALTH_PORT": str(probes)})
+    probe_url = f"http://127.0.0.1:{probes}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(probe_url + protocol.LIVE_PATH) as r:
+                assert r.status == 200 and (await r.json()) == {"status": "alive", "draining": False}
+            body = make_body(time.sleep, 2.0)
+            call = asyncio.ensure_future(post(srv, body, signed(srv, body)))
+            await asyncio.sleep(0.5)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async with aiohttp.ClientSession() as fresh:  # new connections, as probes make them
+                async with fresh.get(probe_url + protocol.HEALTH_PATH) as r:
+                    assert r.status == 503
+                async with fresh.get(probe_url + protocol.LIVE_PATH) as r:
+                    assert r.status == 200 and (await r.json())["draining"] is True
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await fresh.get(srv.url + protocol.HEALTH_PATH)  # the main port is closed
+            status, raw = await call
+            assert status == 200 and decode_result(raw)[1] == [None]
+        assert srv.proc.wait(15) == 0
+    finally:
+        stop_server(srv)
 
 
 async def test_timeout_above_the_runtime_maximum_is_refused(tmp_path: Path) -> None:
