@@ -80,20 +80,20 @@ class Progress:
             os.ftruncate(fd, mmap.PAGESIZE)
         self.fd = fd
         self.mm = mmap.mmap(fd, mmap.PAGESIZE)
-        self._words = memoryview(self.mm).cast("Q")
-        self._seq = self._words[0] & ~1
+        #: ``words[0]`` is the sequence (the worker, its only writer, reads it back to write).
+        self.words = memoryview(self.mm).cast("Q")
 
     def set(self, task_id: int, index: int, started: float, state: int) -> None:
-        words, seq = self._words, self._seq
-        words[0] = seq + 1
+        words = self.words
+        seq = words[0] | 1  # odd: a write under way (| 1: after a writer that died mid-write too)
+        words[0] = seq
         PROGRESS.pack_into(self.mm, 8, task_id, index, started, state)
-        self._seq = seq + 2
-        words[0] = seq + 2
+        words[0] = seq + 1
 
     def read(self) -> tuple[int, int, float, int] | None:
         """One whole write, or None if every try met the worker in the middle of one (it is
         writing progress as fast as it can: busy, not stuck)."""
-        words, mm = self._words, self.mm
+        words, mm = self.words, self.mm
         for _ in range(_READ_TRIES):
             before = words[0]
             if before & 1:
@@ -110,7 +110,7 @@ class Progress:
         return value if value is not None else PROGRESS.unpack_from(self.mm, 8)  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._words.release()
+        self.words.release()
         self.mm.close()
         try:
             os.close(self.fd)
