@@ -262,6 +262,7 @@ class Job:
     """
 
     __slots__ = (
+        "_changed",
         "_hedge_after",
         "_hedge_samples",
         "_hedge_seen",
@@ -316,6 +317,7 @@ class Job:
         self.work_seconds = 0.0
         self.sink = sink
         self._waiter: asyncio.Future[None] | None = None
+        self._changed: asyncio.Future[None] | None = None
         self.next_index = 0
         #: Result-list mode: results (or exceptions) by input position.
         self.results: list[Any] | None = [] if collect else None
@@ -396,6 +398,20 @@ class Job:
         self.work_items += len(t0)
         self.work_seconds += seconds
         self.stats.record_work(seconds, cpu)
+        self._note_change()
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future set at this job's next outcome, worker timing or failure (what
+        ``chunksize="auto"`` waits for while it sizes batches)."""
+        f = self._changed
+        if f is None or f.done():
+            f = self._changed = asyncio.get_running_loop().create_future()
+        return f
+
+    def _note_change(self) -> None:
+        f = self._changed
+        if f is not None and not f.done():
+            f.set_result(None)
 
     def slots_done(self, n: int, first_error: tuple[int, BaseException] | None, failed: int = 0) -> None:
         self.pending -= n
@@ -405,6 +421,8 @@ class Job:
         self._wake()
 
     def _wake(self) -> None:
+        if self._changed is not None:
+            self._note_change()
         w = self._waiter
         if w is not None and not w.done() and (self.failed is not None or (self.sealed and self.pending == 0)):
             w.set_result(None)
