@@ -50,6 +50,37 @@ class Replica:
     upstream: int  # the replica server's own (HTTP) port
     created: float
     log: Path
+    health: int = 0  # the replica server's probe port (0: none)
+
+
+#: What Container Apps adds for each probe type an app with ingress leaves out: TCP on the
+#: ingress target port ("If ingress is enabled, the following default probes are automatically
+#: added to the main app container if none is defined for each type",
+#: https://learn.microsoft.com/azure/container-apps/health-probes#default-configuration; the
+#: page gives startup 1 s period / 240 failures, readiness 5 s / 48; for liveness it gives no
+#: timings, so Kubernetes' defaults: 10 s period, 1 s timeout, 3 failures,
+#: https://kubernetes.io/docs/concepts/configuration/liveness-readiness-startup-probes/). The page
+#: once said the defaults are not applied on Consumption in workload-profile environments; not
+#: knowing which holds today, the twin adds them everywhere (the harder case for the SDK).
+DEFAULT_PROBES = {
+    "Startup": {"tcpSocket": {}, "initialDelaySeconds": 1, "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 240},
+    "Liveness": {"tcpSocket": {}, "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3},
+    "Readiness": {"tcpSocket": {}, "initialDelaySeconds": 3, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 48},
+}
+#: The REST spec's limits of a probe (ContainerAppProbe, api-version 2025-01-01).
+PROBE_LIMITS = {"failureThreshold": (1, 10), "periodSeconds": (1, 240), "initialDelaySeconds": (0, 60),
+                "timeoutSeconds": (1, 240), "successThreshold": (1, 10)}  # fmt: skip
+
+
+def effective_probes(container: dict[str, Any], target_port: int) -> dict[str, dict[str, Any]]:
+    """The probes a container runs with: its own, and the defaults for the types it lacks."""
+    probes = {p["type"]: copy.deepcopy(p) for p in container.get("probes") or []}
+    for kind, default in DEFAULT_PROBES.items():
+        if kind not in probes:
+            probe = copy.deepcopy(default)
+            probe["tcpSocket"]["port"] = target_port
+            probes[kind] = probe
+    return probes
 
 
 @dataclass
@@ -141,6 +172,16 @@ class ArmEndpoint:
         self.requests: list[Recorded] = []
         self.ingress_hits: list[IngressHit] = []
         self.replicas: dict[str, Replica] = {}
+        #: Liveness probes run as the app defines them (or the defaults); a replica failing
+        #: one failureThreshold times in a row is restarted, as the kubelet restarts a container
+        #: (an ACA page says only that failures "cause different results for each probe type").
+        #: ``probe_time_scale`` shortens every probe's period and timeout for tests.
+        self.probe_time_scale = 1.0
+        self.restarts: dict[str, int] = {}
+        self.probe_failures: list[tuple[str, str]] = []  # (app, what failed)
+        self._probers: dict[str, asyncio.Task[None]] = {}
+        #: Extra environment for the replicas (a test's tarpit settings, say).
+        self.replica_env: dict[str, str] = {}
         self.fail_next: dict[str, tuple[int, str]] = {}  # "PUT app" -> (status, code)
         #: Long-running operations. Container Apps' creates and updates take several polls
         #: (minutes, for a new revision), so each one here answers InProgress to at least
@@ -240,8 +281,7 @@ class ArmEndpoint:
         body = copy.deepcopy(self.state.apps[(rg, name)])
         for s in body["properties"]["configuration"]["secrets"]:
             s["value"] = next(x["value"] for x in self.state.secrets[(rg, name)] if x["name"] == s["name"])
-        proc, upstream, log = await self._spawn(name, body)
-        old.proc, old.upstream, old.log = proc, upstream, log
+        old.proc, old.upstream, old.log, old.health = await self._spawn(name, body)
 
     def replica_pids(self) -> set[int]:
         return {r.proc.pid for r in self.replicas.values()}
@@ -432,6 +472,10 @@ class ArmEndpoint:
             problem = self._validate(body) or self._check_placement(body)
             if problem:
                 return self._error(400, "ContainerAppInvalidSchema", problem)
+            pull = self._pull_problem(body["properties"])
+            if pull:
+                return self._error(400, "InvalidParameterValueInContainerTemplate", "The following field(s) are "
+                                   f"either invalid or missing. {pull}")  # fmt: skip
             secrets = body["properties"]["configuration"].get("secrets") or []
             self.state.secrets[key] = copy.deepcopy(secrets)
             replica = await self._start_replica(name, body)
@@ -486,6 +530,11 @@ class ArmEndpoint:
             problem = f"ContainerAppInvalidScaleSettings: need 0 <= minReplicas ({low}) <= maxReplicas ({high}) <= 1000"
         if problem:
             return self._error(400, "ContainerAppInvalidSchema", problem)
+        if app["properties"]["template"]["containers"] != old["properties"]["template"]["containers"]:
+            pull = self._pull_problem(app["properties"])
+            if pull:
+                return self._error(400, "InvalidParameterValueInContainerTemplate", "The following field(s) are "
+                                   f"either invalid or missing. {pull}")  # fmt: skip
         if app["properties"]["template"] != old["properties"]["template"]:
             revision = f"{name}--{uuid.uuid4().hex[:7]}"
             app["properties"]["latestRevisionName"] = app["properties"]["latestReadyRevisionName"] = revision
@@ -509,7 +558,7 @@ class ArmEndpoint:
             s["value"] = values.get(s["name"], "")
         replica = self.replicas[name]
         old = replica.proc
-        replica.proc, replica.upstream, replica.log = await self._spawn(name, body)
+        replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
         if old.poll() is None:
             old.send_signal(signal.SIGTERM)
         try:
@@ -604,6 +653,38 @@ class ArmEndpoint:
                 return web.json_response({"logLink": await st.read_url(f"acr-logs/{rest[1]}.log")})
         return self._error(404, "NotFound", f"no ACR route {method} {'/'.join(rest)}")
 
+    def _pull_problem(self, props: dict[str, Any]) -> str | None:
+        """What Container Apps says at PUT when it cannot pull the image: it resolves the image
+        with the app's registry credentials before it accepts the template, and answers 400
+        InvalidParameterValueInContainerTemplate with the registry's error (MANIFEST_UNKNOWN,
+        UNAUTHORIZED) instead of creating a revision that never starts (seen in
+        microsoft/azure-container-apps#352 and azd output; the symptoms are on
+        https://learn.microsoft.com/azure/container-apps/deployment-errors#image-pull-failures).
+        Images elsewhere than this registry exist only if a test put their full name in
+        ``images``."""
+        container = props["template"]["containers"][0]
+        image = container["image"]
+        field = f"Field 'template.containers.{container['name']}.image' is invalid with details: 'Invalid value"
+        if not image.startswith(self.registry + "/"):
+            if image in self.images:
+                return None
+            return f'{field}: "{image}": GET https:: MANIFEST_UNKNOWN: manifest unknown; map[Tag:...]\';.'
+        repo, _, tag = image.removeprefix(self.registry + "/").rpartition(":")
+        if self.registry_auth is not None:
+            values = {s["name"]: s.get("value", "") for s in props["configuration"].get("secrets") or []}
+            logins = [
+                (r.get("username"), values.get(r.get("passwordSecretRef", "")))
+                for r in props["configuration"].get("registries") or []
+                if r.get("server") == self.registry
+            ]
+            if tuple(self.registry_login) not in logins:
+                return f'{field}: "{image}": GET https:: UNAUTHORIZED: authentication required; [map[Action:pull]]\';.'
+        if f"{repo}:{tag}" not in self.images:
+            return (
+                f'{field}: "{image}": GET https:: MANIFEST_UNKNOWN: manifest tagged by "{tag}" is not found; map[Tag:{tag}]\';.'
+            )
+        return None
+
     def _check_placement(self, body: dict[str, Any]) -> str | None:
         """What real ARM refuses: a region other than the environment's, a workload profile the
         environment lacks (or any, in a Consumption-only one), more than 2 vCPU there."""
@@ -630,6 +711,14 @@ class ArmEndpoint:
             container["image"]
             props["environmentId"]
             body["location"]
+            for probe in container.get("probes") or []:
+                if probe.get("type") not in DEFAULT_PROBES:
+                    return f"ContainerAppInvalidProbe: type {probe.get('type')!r} is not Startup, Liveness or Readiness"
+                for key, (low, high) in PROBE_LIMITS.items():
+                    if key in probe and not low <= probe[key] <= high:
+                        return f"ContainerAppInvalidProbe: {probe['type']} {key} {probe[key]} is not in {low}..{high}"
+                if sum(k in probe for k in ("httpGet", "tcpSocket")) != 1:
+                    return f"ContainerAppInvalidProbe: {probe['type']} needs exactly one of httpGet, tcpSocket"
             secret_names = {s["name"] for s in props["configuration"].get("secrets") or []}
             for env in container.get("env") or []:
                 if "secretRef" in env and env["secretRef"] not in secret_names:
@@ -642,7 +731,7 @@ class ArmEndpoint:
 
     async def _start_replica(self, name: str, body: dict[str, Any]) -> Replica:
         await self._stop_replica(name)
-        proc, port, log = await self._spawn(name, body)
+        proc, port, log, health = await self._spawn(name, body)
         ingress = _free_port()
         # Envoy sets no small body limit: neither does this ingress (aiohttp's default is 1 MiB).
         app = web.Application(client_max_size=1024**3)
@@ -651,11 +740,12 @@ class ArmEndpoint:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self.ingress_ssl).start()
         self._runners[f"ingress-{name}"] = runner
-        replica = Replica(name, proc, ingress, port, time.monotonic(), log)
+        replica = Replica(name, proc, ingress, port, time.monotonic(), log, health)
         self.replicas[name] = replica
+        self._probers[name] = asyncio.get_running_loop().create_task(self._probe_liveness(name))
         return replica
 
-    async def _spawn(self, name: str, body: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path]:
+    async def _spawn(self, name: str, body: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path, int]:
         """A replica process configured from the app's template, as Container Apps would (or,
         for an image that lacks the server, a web server that answers 404 to everything)."""
         if body["properties"]["template"]["containers"][0]["image"] in self.serverless_images:
@@ -675,22 +765,23 @@ class ArmEndpoint:
                     break
                 except OSError:
                     await asyncio.sleep(0.05)
-            return proc, port, log
+            return proc, port, log, 0
         secrets = {s["name"]: s.get("value", "") for s in body["properties"]["configuration"].get("secrets") or []}
         env = {k: v for k, v in os.environ.items() if not k.startswith("ACX_")}
         for var in body["properties"]["template"]["containers"][0].get("env") or []:
             env[var["name"]] = secrets[var["secretRef"]] if "secretRef" in var else var.get("value", "")
-        port = _free_port()
+        port, health = _free_port(), _free_port()
         ready_r, ready_w = os.pipe()
         env.update({
             "ACX_SERVER_HOST": "127.0.0.1",
             "ACX_SERVER_PORT": str(port),
-            "ACX_HEALTH_PORT": str(_free_port()),  # the probes' port (8081 in Azure)
+            "ACX_HEALTH_PORT": str(health),  # the probes' port (8081 in Azure)
             "ACX_READY_FD": str(ready_w),
             "ACX_REPLICA_ID": f"{name}-r0",
             "ACX_SHUTDOWN_GRACE": "2",
             "ACX_LOG_LEVEL": "DEBUG",
         })  # fmt: skip
+        env.update(self.replica_env)
         log = self.workdir / f"replica-{name}-{port}.log"
         with open(log, "wb") as logf:  # noqa: ASYNC230 - a test double; a fork/exec is quick
             proc = subprocess.Popen(  # noqa: ASYNC220
@@ -702,9 +793,87 @@ class ArmEndpoint:
         if not line:
             proc.wait(10)
             raise RuntimeError(f"replica {name} did not start: {log.read_text()}")
-        return proc, port, log
+        return proc, port, log, health
+
+    def _probes(self, name: str) -> dict[str, dict[str, Any]]:
+        app = next((a for (_g, n), a in self.state.apps.items() if n == name), None)
+        if app is None:  # deleted: its replica's prober is being stopped
+            raise asyncio.CancelledError
+        container = app["properties"]["template"]["containers"][0]
+        return effective_probes(container, app["properties"]["configuration"]["ingress"]["targetPort"])
+
+    def _local_port(self, replica: Replica, name: str, port: int) -> int:
+        """Where a probe of the template's port goes: the replica's own ports stand in for
+        the container's (ACX_SERVER_PORT, ACX_HEALTH_PORT)."""
+        app = next(a for (_g, n), a in self.state.apps.items() if n == name)
+        env = {v["name"]: v.get("value") for v in app["properties"]["template"]["containers"][0].get("env") or []}
+        if str(port) == env.get("ACX_HEALTH_PORT"):
+            return replica.health
+        if str(port) == env.get("ACX_SERVER_PORT") or port == app["properties"]["configuration"]["ingress"]["targetPort"]:
+            return replica.upstream
+        return port
+
+    async def _probe_once(self, replica: Replica, name: str, probe: dict[str, Any]) -> str | None:
+        """None if the probe passes, else what failed."""
+        timeout = probe.get("timeoutSeconds", 1) * self.probe_time_scale
+        try:
+            if "tcpSocket" in probe:
+                port = self._local_port(replica, name, probe["tcpSocket"]["port"])
+                _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+                w.close()
+                return None
+            get = probe["httpGet"]
+            port = self._local_port(replica, name, get["port"])
+            assert self._session is not None
+            async with self._session.get(
+                f"http://127.0.0.1:{port}{get['path']}", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                return None if 200 <= resp.status < 400 else f"HTTP {resp.status} from {get['path']}"
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            return f"{type(exc).__name__} {exc}".strip()
+
+    async def _probe_liveness(self, name: str) -> None:
+        """The kubelet's liveness loop for one replica: restart it after failureThreshold
+        failures in a row (SIGTERM, then a new process behind the same ingress)."""
+        failures = 0
+        replica = self.replicas[name]
+        await asyncio.sleep(0)  # the PUT that started the replica records the app first
+        await asyncio.sleep(self._probes(name)["Liveness"].get("initialDelaySeconds", 0) * self.probe_time_scale)
+        while True:
+            probe = self._probes(name)["Liveness"]
+            await asyncio.sleep(probe.get("periodSeconds", 10) * self.probe_time_scale)
+            if replica.proc.poll() is not None:
+                continue  # a crashed replica is crash_and_restart's (a test's) business
+            failed = await self._probe_once(replica, name, probe)
+            failures = failures + 1 if failed else 0
+            if failed:
+                self.probe_failures.append((name, failed))
+            if failures >= probe.get("failureThreshold", 3):
+                failures = 0
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                await self._restart(name)
+
+    async def _restart(self, name: str) -> None:
+        replica = self.replicas[name]
+        old = replica.proc
+        old.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, old.wait, 15)
+        except subprocess.TimeoutExpired:
+            old.kill()
+            old.wait()
+        rg = next(g for (g, n) in self.state.apps if n == name)
+        body = copy.deepcopy(self.state.apps[(rg, name)])
+        for sec in body["properties"]["configuration"]["secrets"]:
+            sec["value"] = next(x["value"] for x in self.state.secrets[(rg, name)] if x["name"] == sec["name"])
+        replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
+        replica.created = time.monotonic()
 
     async def _stop_replica(self, name: str) -> None:
+        prober = self._probers.pop(name, None)
+        if prober is not None:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
         replica = self.replicas.pop(name, None)
         runner = self._runners.pop(f"ingress-{name}", None)
         if runner is not None:

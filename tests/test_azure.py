@@ -145,6 +145,7 @@ async def test_app_resource_body_is_exact(
 ) -> None:
     cfg = config(arm, tmp_path, azure_containers={"max_workers": 250, "runtime_timeout": 900})
     image = "myregistry.azurecr.io/me/rt:1"
+    arm.images.add(image)  # a registry the twin does not serve: the image exists there
     async with apps_for(cfg) as apps:
         info = await apps.deploy(image, memory=memory)
     [body] = arm.bodies("PUT")
@@ -181,8 +182,14 @@ async def test_app_resource_body_is_exact(
                         {"name": "ACX_RUNTIME_TIMEOUT", "value": "900"},
                         {"name": "ACX_SHUTDOWN_GRACE", "value": "595"},
                     ],
-                    "probes": [{"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8081},
-                                "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}],
+                    "probes": [
+                        {"type": "Startup", "httpGet": {"path": "/v1/live", "port": 8081},
+                         "initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 10},
+                        {"type": "Liveness", "httpGet": {"path": "/v1/live", "port": 8081},
+                         "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+                        {"type": "Readiness", "httpGet": {"path": "/v1/health", "port": 8081},
+                         "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+                    ],
                 }],
                 "scale": {"minReplicas": 0, "maxReplicas": 250, "rules": [
                     {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}]},

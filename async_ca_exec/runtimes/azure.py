@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, protocol
 from ..config import Config, memory_pair
 from ..errors import (
     AsyncCAExecError,
@@ -47,6 +47,24 @@ SERVER_PORT = 8080
 #: Health probes' own port: not behind the ingress, never paused when a flood fills the
 #: replica's tarpit of refused requests.
 HEALTH_PORT = 8081
+#: Every probe type, on the health port. For each type an app leaves out, Container Apps adds a
+#: TCP probe on the ingress target port ("If ingress is enabled, the following default probes
+#: are automatically added to the main app container if none is defined for each type",
+#: https://learn.microsoft.com/azure/container-apps/health-probes#default-configuration): a
+#: flood that fills the main port's accept queue would fail that liveness probe and get a
+#: healthy replica restarted. Startup and liveness ask /v1/live (the server is up; draining
+#: counts as alive), readiness /v1/health (workers ready). Limits from the REST spec
+#: (ContainerAppProbe): failureThreshold 1-10, periodSeconds 1-240, initialDelaySeconds 1-60.
+PROBES: list[dict[str, Any]] = [
+    # Up to 1 + 2 x 10 = 21 s for the server to listen (its imports, on a quarter of a vCPU).
+    {"type": "Startup", "httpGet": {"path": protocol.LIVE_PATH, "port": HEALTH_PORT},
+     "initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 10},
+    # 30 s without an answer: the server's event loop is stuck, or its workers cannot start.
+    {"type": "Liveness", "httpGet": {"path": protocol.LIVE_PATH, "port": HEALTH_PORT},
+     "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+    {"type": "Readiness", "httpGet": {"path": protocol.HEALTH_PATH, "port": HEALTH_PORT},
+     "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+]  # fmt: skip
 CONTAINER_NAME = "acx-runtime"
 HMAC_SECRET = "acx-hmac-key"
 REGISTRY_SECRET = "acx-registry-password"
@@ -203,15 +221,7 @@ def app_body(
                         "image": image,
                         "resources": {"cpu": cpu, "memory": mem},
                         "env": env,
-                        "probes": [
-                            {
-                                "type": "Readiness",
-                                "httpGet": {"path": "/v1/health", "port": HEALTH_PORT},
-                                "periodSeconds": 5,
-                                "timeoutSeconds": 3,
-                                "failureThreshold": 3,
-                            }
-                        ],
+                        "probes": copy.deepcopy(PROBES),
                     }
                 ],
                 "scale": {
@@ -375,9 +385,14 @@ def _arm_message(exc: Any) -> tuple[int | None, str, str]:
 
 @contextlib.asynccontextmanager
 async def arm_errors(
-    target: AzureTarget, what: str, *, not_found: Callable[[], BaseException] | None = None
+    target: AzureTarget,
+    what: str,
+    *,
+    not_found: Callable[[], BaseException] | None = None,
+    bad_image: Callable[[str], BaseException] | None = None,
 ) -> AsyncIterator[None]:
-    """Turn azure-core errors into one-line errors that say what to do."""
+    """Turn azure-core errors into one-line errors that say what to do. ``bad_image`` makes
+    the error for a template whose image Azure cannot pull (given Azure's message)."""
     from azure.core.exceptions import (
         ClientAuthenticationError,
         HttpResponseError,
@@ -413,6 +428,8 @@ async def arm_errors(
             raise ConfigError(f"subscription {sub!r} was not found: fix azure.subscription_id") from None
         if status == 404 and not_found is not None:
             raise not_found() from None
+        if status == 400 and code == "InvalidParameterValueInContainerTemplate" and bad_image is not None:
+            raise bad_image(message) from None
         if code == "MissingSubscriptionRegistration":
             raise ConfigError(
                 f"subscription {sub} is not registered for Container Apps: run `az provider register -n Microsoft.App` "
@@ -940,6 +957,27 @@ class AzureApps:
         self._progress(f"the default runtime image {image} is not in its registry yet: building it")
         await build_image(self.cfg, image, credential=self._credential, progress=self._progress)
 
+    def _pull_error(self, image: str, message: str) -> BaseException:
+        """Container Apps checks at PUT that it can pull the image (400
+        InvalidParameterValueInContainerTemplate, with the registry's answer): say which image,
+        which registry, and the command that fixes it."""
+        from .images import split_image
+
+        server = split_image(image)[0]
+        if "UNAUTHORIZED" in message or "DENIED" in message:
+            return RuntimeNotFoundError(
+                f"Azure cannot pull runtime image {image}: registry {server} refused the app's credentials (UNAUTHORIZED); "
+                f"set azure_containers.docker_user and docker_password for {server} (for Azure Container Registry, an "
+                f"admin user or a token: `az acr credential show -n {server.split('.')[0]}`), check them with "
+                f"`docker login {server}`, then run `acx runtime deploy {image}` again"
+            )
+        if "MANIFEST_UNKNOWN" in message or "NAME_UNKNOWN" in message or "not found" in message:
+            return RuntimeNotFoundError(
+                f"Azure cannot pull runtime image {image}: registry {server} has no such image (MANIFEST_UNKNOWN); build "
+                f"and push it with `acx runtime build {image}`, then run `acx runtime deploy {image}` again"
+            )
+        return DeploymentError(f"Azure refused runtime image {image}: {message}")
+
     async def _image_missing(self, image: str) -> bool:
         """Whether the registry says it lacks ``image`` (False when it cannot tell)."""
         from .images import BuildError, image_exists, registry_login, split_image
@@ -1014,7 +1052,7 @@ class AzureApps:
                 f"min_workers={self.target.min_replicas}"
             )
         self._progress(f"{verb} Container App {name} for runtime {image} ({memory} MB) ...")
-        async with arm_errors(self.target, f"{verb} Container App {name}"):
+        async with arm_errors(self.target, f"{verb} Container App {name}", bad_image=lambda m: self._pull_error(image, m)):
             app = _plain(
                 await self._change(
                     f"{verb} Container App {name}",
