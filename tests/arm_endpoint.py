@@ -156,6 +156,8 @@ class ArmEndpoint:
         self.images: set[str] = {f"acx-default-py{sys.version_info.major}{sys.version_info.minor}:{_version()}"}
         #: Images that do not run the async_ca_exec server: their replica answers 404 to everything.
         self.serverless_images: set[str] = set()
+        #: Images pushed by the tests' recording engine (tests/fakes/docker, FAKE_REGISTRY_PUSHES).
+        self.pushes = workdir / "registry-pushes"
         #: How the registry wants to be asked: None (anonymous), "basic" or "bearer" (a token
         #: service at /oauth2/token that takes Basic credentials, as ACR and Docker Hub do).
         self.registry_auth: str | None = None
@@ -588,7 +590,12 @@ class ArmEndpoint:
             )
             return web.Response(status=401, headers={"WWW-Authenticate": challenge})
         repo, _, tag = request.path.removeprefix("/v2/").rpartition("/manifests/")
-        return web.Response(status=200 if f"{repo}:{tag}" in self.images else 404)
+        return web.Response(status=200 if self._has_image(repo, tag) else 404)
+
+    def _has_image(self, repo: str, tag: str) -> bool:
+        """Whether this registry holds repo:tag (put there by a test, ACR Tasks or a push)."""
+        pushed = self.pushes.read_text().split() if self.pushes.exists() else []
+        return bool({f"{repo}:{tag}", f"{self.registry}/{repo}:{tag}"} & (self.images | set(pushed)))
 
     async def _acr(self, method: str, registry: str, rest: list[str], body: Any) -> web.Response:
         """ACR Tasks: an upload URL (a blob in Azurite), a run that 'builds' the uploaded context
@@ -679,7 +686,7 @@ class ArmEndpoint:
             ]
             if tuple(self.registry_login) not in logins:
                 return f'{field}: "{image}": GET https:: UNAUTHORIZED: authentication required; [map[Action:pull]]\';.'
-        if f"{repo}:{tag}" not in self.images:
+        if not self._has_image(repo, tag):
             return (
                 f'{field}: "{image}": GET https:: MANIFEST_UNKNOWN: manifest tagged by "{tag}" is not found; map[Tag:{tag}]\';.'
             )
@@ -850,8 +857,8 @@ class ArmEndpoint:
                 self.probe_failures.append((name, failed))
             if failures >= probe.get("failureThreshold", 3):
                 failures = 0
-                self.restarts[name] = self.restarts.get(name, 0) + 1
                 await self._restart(name)
+                self.restarts[name] = self.restarts.get(name, 0) + 1
 
     async def _restart(self, name: str) -> None:
         replica = self.replicas[name]

@@ -547,6 +547,7 @@ def test_seed_commands_run_against_the_test_endpoint(arm: ArmEndpoint, tmp_path:
     r = run("runtime", "deploy", "default")
     assert r.returncode == 0, r.stderr
     assert f"deployed runtime {default_image(arm)} (512 MB)" in r.stdout and "recorded runtime metadata" in r.stderr
+    arm.images.add("myregistry.azurecr.io/me/rt:1")  # in a registry of its own (the twin checks at PUT)
     r = run("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "--memory", "2048", "--timeout", "120")
     assert r.returncode == 0, r.stderr
     (body,) = [b for b in arm.bodies("PUT", "containerApps") if b["properties"]["template"]["containers"][0]["image"]
@@ -640,6 +641,7 @@ async def test_secrets_never_reach_logs_arm_bodies_errors_or_files(
             await ex.submit(divmod, 1, 0)
         errors.append(remote.value)
         endpoint_repr = repr(ex.endpoint)
+    arm.images.add("myregistry.azurecr.io/me/rt:1")
     r = _cli("runtime", "deploy", "myregistry.azurecr.io/me/rt:1", "-c", str(cfg), "--debug", tmp=tmp_path)
     assert r.returncode == 0 and "DEBUG" in r.stderr, r.stderr
 
