@@ -276,14 +276,18 @@ class ArmEndpoint:
         self._call(self._crash_and_restart(name))
 
     async def _crash_and_restart(self, name: str) -> None:
-        old = self.replicas[name]
-        old.proc.kill()
-        await asyncio.get_running_loop().run_in_executor(None, old.proc.wait)
+        await self._respawn(name, kill=True)
+
+    async def _respawn(self, name: str, *, kill: bool) -> None:
+        """End an app's replica process (SIGKILL, or SIGTERM with up to 15 s to drain) and start
+        a fresh one from the app's template behind the same ingress."""
+        replica = self.replicas[name]
+        await _end(replica.proc, kill=kill)
         rg = next(g for (g, n) in self.state.apps if n == name)
         body = copy.deepcopy(self.state.apps[(rg, name)])
         for s in body["properties"]["configuration"]["secrets"]:
             s["value"] = next(x["value"] for x in self.state.secrets[(rg, name)] if x["name"] == s["name"])
-        old.proc, old.upstream, old.log, old.health = await self._spawn(name, body)
+        replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
 
     def replica_pids(self) -> set[int]:
         return {r.proc.pid for r in self.replicas.values()}
@@ -561,13 +565,7 @@ class ArmEndpoint:
         replica = self.replicas[name]
         old = replica.proc
         replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
-        if old.poll() is None:
-            old.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, old.wait, 15)
-        except subprocess.TimeoutExpired:
-            old.kill()
-            old.wait()
+        await _end(old)
 
     def _registry(self, request: web.Request) -> web.Response:
         """The Docker Registry API v2 (HEAD /v2/<repository>/manifests/<tag>) and its token service."""
@@ -861,20 +859,9 @@ class ArmEndpoint:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
 
     async def _restart(self, name: str) -> None:
-        replica = self.replicas[name]
-        old = replica.proc
-        old.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, old.wait, 15)
-        except subprocess.TimeoutExpired:
-            old.kill()
-            old.wait()
-        rg = next(g for (g, n) in self.state.apps if n == name)
-        body = copy.deepcopy(self.state.apps[(rg, name)])
-        for sec in body["properties"]["configuration"]["secrets"]:
-            sec["value"] = next(x["value"] for x in self.state.secrets[(rg, name)] if x["name"] == sec["name"])
-        replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
-        replica.created = time.monotonic()
+        """What the kubelet does to a container failing liveness: stop it, start it again."""
+        await self._respawn(name, kill=False)
+        self.replicas[name].created = time.monotonic()
 
     async def _stop_replica(self, name: str) -> None:
         prober = self._probers.pop(name, None)
@@ -886,13 +873,7 @@ class ArmEndpoint:
         if runner is not None:
             await runner.cleanup()
         if replica is not None:
-            if replica.proc.poll() is None:
-                replica.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, replica.proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                replica.proc.kill()
-                replica.proc.wait()
+            await _end(replica.proc)
 
     async def _ingress(self, request: web.Request, name: str) -> web.StreamResponse:
         """Container Apps' ingress: TLS in front of the replica; 503 while it 'starts'."""
@@ -947,6 +928,17 @@ class ArmEndpoint:
             return resp
         finally:
             await ctx.__aexit__(None, None, None)
+
+
+async def _end(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
+    """SIGKILL, or SIGTERM and up to 15 s to drain (then SIGKILL); wait for the process."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, proc.wait, 15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
