@@ -514,9 +514,9 @@ class WorkerPool:
             if task not in w.inflight:
                 continue
             now = w.progress.read()
-            if now is None:  # writing progress without pause: on its first task, most likely
-                if w.inflight[0] is task:
-                    w.kill("cancel")
+            if now is None:
+                # Writing progress without pause: a batch of very fast calls, soon done. Killing
+                # on a guess could take an innocent next task with it; its output is dropped.
                 return
             tid, _index, _started, state = now
             if tid == task.id and state != ipc.STATE_IDLE:
@@ -659,6 +659,8 @@ class WorkerPool:
                     continue
                 tid, _index, started, state = now_at
                 head = w.inflight[0]
+                if started < head.dispatched - 1.0:
+                    continue  # not a time of this task (a record from before it): never kill on it
                 if tid != head.id or state == ipc.STATE_IDLE:
                     continue
                 limit = head.timeout if state == ipc.STATE_RUNNING else head.timeout + 60.0
