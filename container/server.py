@@ -625,11 +625,23 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> list[Any]:
-        await self.pool.start()
+        loop = asyncio.get_running_loop()
+        if self.settings.health_port:
+            # Health probes get a port of their own, never paused by the tarpit and not behind
+            # the ingress: a flood cannot make the platform think this replica is down. It
+            # listens before the workers start (which can take a while on a small replica), so
+            # startup and liveness probes see the server up; readiness says 503 until workers are.
+            probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
+            self._probe_sockets = probe_sockets
+            self._probe_acceptors = [loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets]
+        try:
+            await self.pool.start()
+        except BaseException:
+            await self._stop_listening(probes=True)
+            raise
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300), auto_decompress=False
         )
-        loop = asyncio.get_running_loop()
         # Our own accept loop rather than loop.create_server: accepting pauses while the
         # refusal tarpit is full.
         if self.settings.listen_fd is not None:
@@ -638,12 +650,6 @@ class Server:
             self._sockets = _listening_sockets(self.settings.host, self.settings.port, self.settings.reuse_port)
         self._acceptors = [loop.create_task(self._accept(sock, self.web)) for sock in self._sockets]
         addresses = [sock.getsockname() for sock in self._sockets]
-        if self.settings.health_port:
-            # Health probes get a port of their own, never paused by the tarpit and not behind
-            # the ingress: a flood cannot make the platform think this replica is down.
-            probe_sockets = _listening_sockets(self.settings.host, self.settings.health_port, False)
-            self._probe_sockets = probe_sockets
-            self._probe_acceptors = [loop.create_task(self._accept(sock, self.web, pausable=False)) for sock in probe_sockets]
         self._ticker = loop.create_task(self._tick())
         self._sweeper = loop.create_task(self._sweep_connections())
         log.info(
@@ -719,9 +725,6 @@ class Server:
                 t.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
-        # Until here the probes were answered (alive; not ready): a draining replica is not
-        # restarted for a failed liveness probe while it finishes its calls.
-        await self._stop_listening(probes=True)
         # Answers still on their way out get the rest of the grace (at least a second) to go.
         for conn in self.web.connections:
             tr = conn.transport
@@ -741,6 +744,9 @@ class Server:
             self._sweeper.cancel()
         if self._background:  # durable calls finishing after their client was cut off
             await asyncio.wait(self._background, timeout=self._grace)
+        # Until here the probes were answered (alive; not ready): a draining replica is not
+        # restarted for a failed liveness probe while it finishes its calls.
+        await self._stop_listening(probes=True)
         await self.pool.close()
         if self._http is not None:
             await self._http.close()
