@@ -428,7 +428,7 @@ async def arm_errors(
             raise ConfigError(f"subscription {sub!r} was not found: fix azure.subscription_id") from None
         if status == 404 and not_found is not None:
             raise not_found() from None
-        if status == 400 and code == "InvalidParameterValueInContainerTemplate" and bad_image is not None:
+        if status == 400 and code == "InvalidParameterValueInContainerTemplate" and ".image'" in message and bad_image:
             raise bad_image(message) from None
         if code == "MissingSubscriptionRegistration":
             raise ConfigError(
@@ -751,7 +751,15 @@ class AzureApps:
                 self._progress(f"{what}: another operation is changing it ({code}); trying again in {min(delay, left):g} s")
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, cap)
-        return await asyncio.wait_for(poller.result(), max(0.0, deadline - loop.time()))
+        # Accepted: the operation itself gets the whole budget again (an accepted change must not
+        # be reported as timed out because waiting out another one used the time up).
+        try:
+            return await asyncio.wait_for(poller.result(), budget)
+        except asyncio.TimeoutError:
+            raise DeploymentError(
+                f"Azure did not finish {what} within {budget:g} s{setting}; look at the app's revisions in the portal "
+                "(a revision that never becomes ready keeps the operation running)"
+            ) from None
 
     # -- resolving ---------------------------------------------------------------------
 
