@@ -182,6 +182,7 @@ class ArmEndpoint:
         self.restarts: dict[str, int] = {}
         self.probe_failures: list[tuple[str, str]] = []  # (app, what failed)
         self._probers: dict[str, asyncio.Task[None]] = {}
+        self._replica_locks: dict[str, asyncio.Lock] = {}
         #: Extra environment for the replicas (a test's tarpit settings, say).
         self.replica_env: dict[str, str] = {}
         self.fail_next: dict[str, tuple[int, str]] = {}  # "PUT app" -> (status, code)
@@ -281,6 +282,15 @@ class ArmEndpoint:
     async def _respawn(self, name: str, *, kill: bool) -> None:
         """End an app's replica process (SIGKILL, or SIGTERM with up to 15 s to drain) and start
         a fresh one from the app's template behind the same ingress."""
+        async with self._replica_lock(name):
+            await self._respawn_now(name, kill=kill)
+
+    def _replica_lock(self, name: str) -> asyncio.Lock:
+        """One replacement of an app's replica process at a time (a liveness restart, a crash
+        a test makes, a revision swap), so none leaves a process behind."""
+        return self._replica_locks.setdefault(name, asyncio.Lock())
+
+    async def _respawn_now(self, name: str, *, kill: bool) -> None:
         replica = self.replicas[name]
         await _end(replica.proc, kill=kill)
         rg = next(g for (g, n) in self.state.apps if n == name)
@@ -562,9 +572,10 @@ class ArmEndpoint:
         values = {s["name"]: s.get("value", "") for s in self.state.secrets.get((rg, name), [])}
         for s in body["properties"]["configuration"].get("secrets") or []:
             s["value"] = values.get(s["name"], "")
-        replica = self.replicas[name]
-        old = replica.proc
-        replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
+        async with self._replica_lock(name):
+            replica = self.replicas[name]
+            old = replica.proc
+            replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
         await _end(old)
 
     def _registry(self, request: web.Request) -> web.Response:
