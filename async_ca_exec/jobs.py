@@ -114,8 +114,8 @@ class CallRows:
         """``n`` rows that share a request's times (and, if given, each its worker's times):
         one extend per column instead of six appends per call."""
         take = min(n, self.limit - len(self.received))
-        self.dropped += n - max(take, 0)
-        if take <= 0:
+        self.dropped += n - take
+        if take == 0:
             return
         self.submitted.extend(array("d", (submitted,)) * take)
         self.sent.extend(array("d", (_NAN if sent is None else sent,)) * take)
@@ -449,8 +449,7 @@ class Job:
         self._wake()
 
     def _wake(self) -> None:
-        if self._changed is not None:
-            self._note_change()
+        self._note_change()
         w = self._waiter
         if w is not None and not w.done() and (self.failed is not None or (self.sealed and self.pending == 0)):
             w.set_result(None)

@@ -92,13 +92,15 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _is_loopback(host: str) -> bool:
+def trust_env(host: str) -> bool:
+    """Whether a session to ``host`` takes proxies from the environment (``HTTPS_PROXY``,
+    ``NO_PROXY``): yes, except to loopback (the local runtime), which no proxy can reach."""
     if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
         return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 class AiohttpReply:
@@ -226,7 +228,7 @@ class AiohttpTransport:
         return {
             "cookie_jar": aiohttp.DummyCookieJar(),
             "auto_decompress": False,
-            "trust_env": not _is_loopback(host),
+            "trust_env": trust_env(host),
             "timeout": aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
             "skip_auto_headers": ("Accept", "Accept-Encoding"),
             "headers": {"User-Agent": "async_ca_exec"},

@@ -811,17 +811,21 @@ class ArmEndpoint:
             raise RuntimeError(f"replica {name} did not start: {log.read_text()}")
         return proc, port, log, health
 
-    def _probes(self, name: str) -> dict[str, dict[str, Any]]:
+    def _app_named(self, name: str) -> dict[str, Any]:
         app = next((a for (_g, n), a in self.state.apps.items() if n == name), None)
         if app is None:  # deleted: its replica's prober is being stopped
             raise asyncio.CancelledError
+        return app
+
+    def _probes(self, name: str) -> dict[str, dict[str, Any]]:
+        app = self._app_named(name)
         container = app["properties"]["template"]["containers"][0]
         return effective_probes(container, app["properties"]["configuration"]["ingress"]["targetPort"])
 
     def _local_port(self, replica: Replica, name: str, port: int) -> int:
         """Where a probe of the template's port goes: the replica's own ports stand in for
         the container's (ACX_SERVER_PORT, ACX_HEALTH_PORT)."""
-        app = next(a for (_g, n), a in self.state.apps.items() if n == name)
+        app = self._app_named(name)
         env = {v["name"]: v.get("value") for v in app["properties"]["template"]["containers"][0].get("env") or []}
         if str(port) == env.get("ACX_HEALTH_PORT"):
             return replica.health

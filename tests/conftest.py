@@ -129,6 +129,16 @@ def start_server(tmp: Path, *, workers: int = 1, extra_env: dict[str, str] | Non
     return ServerProcess(key, port, proc, log)
 
 
+@pytest.fixture(scope="module")
+def quick_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One replica server for a test module: one worker, refused requests answered at once."""
+    s = start_server(tmp_path_factory.mktemp("server"), workers=1, extra_env={"ACX_AUTH_DELAY": "0"})
+    try:
+        yield s
+    finally:
+        stop_server(s)
+
+
 def stop_server(server: ServerProcess) -> None:
     kids = children(server.proc.pid)
     if server.proc.poll() is None:

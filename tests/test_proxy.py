@@ -17,7 +17,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from async_ca_exec.invoker import Endpoint
 from async_ca_exec.runtimes import common
 from async_ca_exec.runtimes.azure import AzureTarget
 
-from conftest import ServerProcess, children, start_server, stop_server
+from conftest import ServerProcess, children
 
 NAME = "replica.acx.test"
 PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -40,12 +40,8 @@ RETRIES = 2
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = start_server(tmp_path_factory.mktemp("proxy"), workers=1, extra_env={"ACX_AUTH_DELAY": "0"})
-    try:
-        yield s
-    finally:
-        stop_server(s)
+def replica(quick_server: ServerProcess) -> ServerProcess:
+    return quick_server
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pickle
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,8 @@ from conftest import ServerProcess, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = start_server(tmp_path_factory.mktemp("http11"), workers=1, extra_env={"ACX_AUTH_DELAY": "0"})
-    try:
-        yield s
-    finally:
-        stop_server(s)
+def srv(quick_server: ServerProcess) -> ServerProcess:
+    return quick_server
 
 
 def call(srv: ServerProcess, call_id: str, fn: object = len, *args: object) -> bytes:

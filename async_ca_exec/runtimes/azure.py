@@ -444,11 +444,6 @@ async def arm_errors(
         raise DeploymentError(f"cannot reach Azure Resource Manager at {target.arm_endpoint} while {what}: {exc}") from None
     except ServiceResponseError as exc:
         raise DeploymentError(f"Azure Resource Manager stopped answering while {what}: {exc}; try again") from None
-    except asyncio.TimeoutError:
-        raise DeploymentError(
-            f"Azure did not finish {what} within {target.operation_timeout:g} s (azure.operation_timeout); look at the "
-            "app's revisions in the portal (a revision that never becomes ready keeps the operation running)"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------
@@ -719,12 +714,25 @@ class AzureApps:
             raise RuntimeError("AzureApps is not open")
         return self._client
 
-    async def _change(self, what: str, begin: Callable[[], Awaitable[Any]], *, budget: float | None = None) -> Any:
-        """Start a long-running ARM change with ``begin()`` and return its result, all within
-        ``budget`` seconds (default ``azure.operation_timeout``). A 409 saying another operation
-        is changing the resource (another client, the portal, a revision still provisioning) is
-        waited out: the change is sent again with backoff until the deadline, which the error
-        names. Call it inside :func:`arm_errors`."""
+    async def _change(
+        self,
+        what: str,
+        begin: Callable[[], Awaitable[Any]],
+        *,
+        budget: float | None = None,
+        not_found: Callable[[], BaseException] | None = None,
+        bad_image: Callable[[str], BaseException] | None = None,
+    ) -> Any:
+        """Start a long-running ARM change with ``begin()`` and return its result, its errors
+        turned into ours by :func:`arm_errors` (``not_found``, ``bad_image`` as there). A 409
+        saying another operation is changing the resource (another client, the portal, a
+        revision still provisioning) is waited out: the change is sent again with backoff for up
+        to ``budget`` seconds (default ``azure.operation_timeout``), which the error names; the
+        accepted change then has that long again to finish."""
+        async with arm_errors(self.target, what, not_found=not_found, bad_image=bad_image):
+            return await self._change_once_accepted(what, begin, budget)
+
+    async def _change_once_accepted(self, what: str, begin: Callable[[], Awaitable[Any]], budget: float | None) -> Any:
         from azure.core.exceptions import HttpResponseError
 
         loop = asyncio.get_running_loop()
@@ -815,13 +823,11 @@ class AzureApps:
             "location": t.region,
             "properties": {"workloadProfiles": [{"name": "Consumption", "workloadProfileType": "Consumption"}]},
         }
-        async with arm_errors(t, f"creating environment {name}"):
-            env = _plain(
-                await self._change(
-                    f"creating environment {name}",
-                    lambda: self.client.managed_environments.begin_create_or_update(group, name, body),
-                )
+        env = _plain(
+            await self._change(
+                f"creating environment {name}", lambda: self.client.managed_environments.begin_create_or_update(group, name, body)
             )
+        )
         self._progress(f"environment {name} is ready")
         return env
 
@@ -883,14 +889,14 @@ class AzureApps:
             return RuntimeNotFoundError(f"Container App {name} disappeared from resource group {t.resource_group}")
 
         log.debug("%s (tag %s=%s)", change.what, TAG_WARM, change.lease.tag if change.lease else "removed")
-        async with arm_errors(t, change.what, not_found=gone):
-            app = _plain(
-                await self._change(
-                    change.what,
-                    lambda: self.client.container_apps.begin_update(t.resource_group, name, change.body),
-                    budget=budget,
-                )
+        app = _plain(
+            await self._change(
+                change.what,
+                lambda: self.client.container_apps.begin_update(t.resource_group, name, change.body),
+                budget=budget,
+                not_found=gone,
             )
+        )
         return _scale(app)[0] if app else change.min_replicas
 
     async def warm(
@@ -1060,13 +1066,13 @@ class AzureApps:
                 f"min_workers={self.target.min_replicas}"
             )
         self._progress(f"{verb} Container App {name} for runtime {image} ({memory} MB) ...")
-        async with arm_errors(self.target, f"{verb} Container App {name}", bad_image=lambda m: self._pull_error(image, m)):
-            app = _plain(
-                await self._change(
-                    f"{verb} Container App {name}",
-                    lambda: self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body),
-                )
+        app = _plain(
+            await self._change(
+                f"{verb} Container App {name}",
+                lambda: self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body),
+                bad_image=lambda m: self._pull_error(image, m),
             )
+        )
         info = runtime_info(app)
         if not info.fqdn:
             raise DeploymentError(f"Container App {name} has no ingress address; check it in the portal")
@@ -1160,11 +1166,9 @@ class AzureApps:
 
     async def _delete(self, name: str) -> None:
         self._progress(f"deleting Container App {name} ...")
-        async with arm_errors(self.target, f"deleting Container App {name}"):
-            await self._change(
-                f"deleting Container App {name}",
-                lambda: self.client.container_apps.begin_delete(self.target.resource_group, name),
-            )
+        await self._change(
+            f"deleting Container App {name}", lambda: self.client.container_apps.begin_delete(self.target.resource_group, name)
+        )
         forget_meta(self.target, name)
         if self._storage is not None:
             await self._storage.delete(runtime_blob(name))

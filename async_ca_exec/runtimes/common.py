@@ -26,8 +26,8 @@ async def _get_when_up(
     deadline = time.monotonic() + startup_timeout
     attempt = 0
     # Through HTTPS_PROXY / NO_PROXY as the invoke path goes, except to loopback (the local runtime).
-    trust_env = not transport._is_loopback(urlsplit(url).hostname or "")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=trust_env) as session:
+    proxies = transport.trust_env(urlsplit(url).hostname or "")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=proxies) as session:
         while True:
             headers = protocol.signed_headers(key, "GET", path, "meta", b"") if key is not None else {}
             retry_after: float | None = None
