@@ -44,6 +44,7 @@ class ProcessWatch:
     def __init__(self) -> None:
         self.before = children(os.getpid())
         self.seen: dict[int, list[str]] = {}
+        self.parents: dict[int, int] = {}
         self.listening: dict[int, set[str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -67,7 +68,9 @@ class ProcessWatch:
             if argv:
                 self.seen[pid] = argv
             try:
-                conns = psutil.Process(pid).net_connections(kind="inet")
+                proc = psutil.Process(pid)
+                self.parents.setdefault(pid, proc.ppid())
+                conns = proc.net_connections(kind="inet")
             except psutil.Error:
                 continue
             addrs = {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
@@ -97,7 +100,9 @@ def run_notebook(
     with ProcessWatch() as watch:
         client.execute(env=env, cleanup_kc=True)  # shut the kernel down, on failure too
     assert not km.has_kernel
-    kernels = watch.named("ipykernel_launcher")
+    # The kernel is this process's child; a child the kernel forks carries the kernel's argv
+    # until it calls exec, and one sampled only then must not count as a second kernel.
+    kernels = {pid for pid in watch.named("ipykernel_launcher") if watch.parents.get(pid) == os.getpid()}
     assert len(kernels) == 1, watch.seen
     assert watch.seen[next(iter(kernels))][0] == sys.executable
     servers = watch.named("acx_server")
