@@ -144,3 +144,58 @@ async def test_a_pull_azure_refuses_at_put_names_the_image_the_registry_and_the_
     async with apps_for(config(arm, tmp_path)) as apps:
         info = await apps.deploy(image)
     assert info.runtime == image and arm.replicas
+
+
+async def test_the_twin_pulls_as_an_identity_only_when_the_app_has_it_and_it_holds_acr_pull(
+    arm: ArmEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry entry naming an identity the app was not given is a 400 (its code is not
+    sourced: one the SDK does not know); one the app has pulls only with AcrPull."""
+    from test_azure import UAI, private_registry
+
+    private_registry(arm)
+    arm.acr_pull_identities.add(UAI)
+    real = az.app_body
+
+    def without_identity(**kw: object) -> dict[str, object]:
+        body = real(**kw)  # type: ignore[arg-type]
+        body.pop("identity")
+        return body
+
+    monkeypatch.setattr(az, "app_body", without_identity)
+    cfg = config(arm, tmp_path, azure_containers={"registry_identity": UAI, "docker_user": None, "docker_password": None})
+    async with apps_for(cfg) as apps:
+        with pytest.raises(DeploymentError, match=r"HTTP 400 .*ContainerAppInvalidRegistryIdentity.*is not assigned"):
+            await apps.deploy("default")
+        monkeypatch.setattr(az, "app_body", real)
+        arm.acr_pull_identities.clear()
+        with pytest.raises(RuntimeNotFoundError, match="UNAUTHORIZED"):
+            await apps.deploy("default")
+        assert not arm.replicas and not arm.state.apps
+        arm.acr_pull_identities.add(UAI)
+        assert (await apps.deploy("default")).state == "Succeeded"
+
+
+async def test_the_twin_reports_the_environments_cores_and_fails_a_revision_past_its_quota(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """Usages count every active replica's cores; a new revision whose minReplicas do not fit
+    what is free ends Failed with the message the quotas page quotes, the old one running on."""
+    arm.core_quota = 1
+    async with apps_for(config(arm, tmp_path)) as apps:
+        info = await apps.deploy("default")
+        quota = await apps.core_quota("rg-acx", "acx")
+        assert (quota.limit, quota.used) == (1, 0.25)
+        app = await apps.get_app(info.app)
+        assert app is not None
+        _min, change = az.plan_warm(app, 5, lease=60, min_workers=0, max_workers=100)  # 1.25 cores
+        assert change is not None
+        pid = arm.replicas[info.app].proc.pid
+        with pytest.raises(DeploymentError, match=r"Maximum Allowed Cores exceeded for the Managed Environment\."):
+            await apps.apply(info.app, change)  # past the SDK's own check
+        state = arm.state.apps[("rg-acx", info.app)]["properties"]
+        assert state["template"]["scale"]["minReplicas"] == 0 and state["provisioningState"] == "Failed"
+        assert arm.replicas[info.app].proc.pid == pid and arm.replicas[info.app].proc.poll() is None
+        _min, fits = az.plan_warm(app, 3, lease=60, min_workers=0, max_workers=100)  # 0.75 of 0.75 free
+        assert fits is not None and await apps.apply(info.app, fits) == 3
+        assert (await apps.core_quota("rg-acx", "acx")).used == 0.75

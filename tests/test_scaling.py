@@ -1,0 +1,230 @@
+"""How replicas follow a job on Azure: the twin's scaling model (tests/scaling.py) on its own,
+then the SDK's demand queue against the twin, which scales real replica processes from the real
+(Azurite) queue and from arrivals at its ingress. Times are scaled down: a 15 s HTTP window
+becomes 1.5 s, the 30 s polling interval 1 s, the 300 s cooldown 3 s."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from arm_endpoint import ArmEndpoint
+from scaling import ScaleModel, ScaleSettings
+from test_azure import apps_for, config, executor
+
+from async_ca_exec.runtimes import azure as az
+from async_ca_exec.runtimes import demand as dq
+
+TESTS = Path(__file__).resolve().parent
+
+#: Scaled-down platform timings for these tests (see the module docstring).
+FAST = {"scale_polling_interval": 1, "scale_cooldown": 3, "demand_ttl": 4, "worker_processes": 4, "max_workers": 8}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def test_http_rule_counts_arrivals_per_window_not_requests_in_flight() -> None:
+    clock = Clock()
+    model = ScaleModel(ScaleSettings(max_replicas=100, cooldown=300, http_target=1), clock)
+    for _ in range(150):  # a burst of 150 long calls, all arriving in the first second
+        model.arrival()
+    clock.now += 15
+    assert model.decide(1) == 4  # 150 / 15 s = 10 per second wanted 10 replicas: the first step is 4
+    assert model.decide(4) == 8  # then 100 % of current
+    assert model.decide(8) == 10
+    clock.now += 15  # nothing new arrived: the rule reads 0 although 150 calls still run
+    assert model.decide(10) == 10  # kept only by the stabilization window...
+    clock.now += 301
+    assert model.decide(10) == 0  # ...and scaled to zero a cooldown later, calls or not
+    assert model.http_evaluations == 2 + 20
+
+
+def test_queue_rule_asks_one_replica_per_queue_length_messages_and_honours_min_and_max() -> None:
+    clock = Clock()
+    model = ScaleModel(ScaleSettings(min_replicas=1, max_replicas=5, polling=30, cooldown=300, queue_target=2), clock)
+    assert model.queue_due()
+    model.queue_reading(9)
+    assert not model.queue_due()
+    assert model.decide(1) == 4  # ceil(9 / 2) = 5 wanted: the first step is 4
+    assert model.decide(4) == 5  # maxReplicas caps the next one
+    clock.now += 30
+    model.queue_reading(0)  # the last event was the poll 30 s ago
+    clock.now += 269
+    assert model.decide(5) == 5  # within the cooldown of the last event
+    clock.now += 2
+    assert model.decide(5) == 1  # minReplicas
+    model.queue_reading(None)  # a read that failed asks for nothing
+    assert model.decide(1) == 1
+
+
+# -- the twin ----------------------------------------------------------------------------------
+
+
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+async def deploy(arm: ArmEndpoint, cfg: Path) -> str:
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+    return info.app
+
+
+def rules(arm: ArmEndpoint, app: str) -> list[dict[str, Any]]:
+    return arm.state.apps[("rg-acx", app)]["properties"]["template"]["scale"]["rules"]
+
+
+async def settle(arm: ArmEndpoint, app: str, count: int, limit: float) -> float:
+    """Seconds until the twin runs ``count`` replicas of ``app``."""
+    t0 = time.monotonic()
+    while arm.replica_count(app) != count:
+        assert time.monotonic() - t0 < limit, f"{app}: {arm.replica_count(app)} replicas, not {count}, after {limit:g} s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
+
+
+async def test_deploy_gives_the_app_a_demand_queue_rule_with_a_read_only_secret(arm: ArmEndpoint, tmp_path: Path) -> None:
+    app = await deploy(arm, config(arm, tmp_path, azure_containers=FAST))
+    put = arm.bodies("PUT")[-1]
+    scale = put["properties"]["template"]["scale"]
+    assert scale["pollingInterval"] == 1 and scale["cooldownPeriod"] == 3
+    queue = next(r["azureQueue"] for r in scale["rules"] if r["name"] == dq.DEMAND_RULE)
+    assert queue["queueName"] == dq.queue_name(app) and queue["queueLength"] == 1
+    secret = next(s["value"] for s in put["properties"]["configuration"]["secrets"] if s["name"] == dq.DEMAND_SECRET)
+    assert "AccountKey" not in secret and "sp=r&" in secret  # a read-only SAS, not the account key
+    # The twin reads the queue with that secret alone (a poll every second).
+    await asyncio.sleep(2.5)
+    assert arm.fleets[app].model.queue_polls >= 2 and not arm.queue_errors
+
+
+async def test_long_calls_keep_their_replicas_until_they_end_then_the_app_scales_to_zero(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """24 calls of 6 s at max_concurrency 24, 4 workers a replica: 6 replicas, up within a
+    polling interval and the cold start, none scaled in under a call; zero after the cooldown."""
+    arm.http_window = 1.5
+    cfg = config(arm, tmp_path, azure_containers=FAST, lithops={"max_concurrency": 24})
+    app = await deploy(arm, cfg)
+    await settle(arm, app, 0, 20)  # the deploy's replica scales in after the cooldown
+    async with executor(cfg) as ex:
+        t0 = time.monotonic()
+        job = asyncio.ensure_future(ex.map(sleep_for, [6.0] * 24))
+        up = await settle(arm, app, 6, 15)
+        assert arm.replica_count(app) == 6
+        results = await job
+        took = time.monotonic() - t0
+    assert results == [6.0] * 24
+    # All 6 up within settle()'s 15 s (a polling interval, 1 s, and the replicas' cold start);
+    # how long exactly is printed, not asserted (tests never assert on wall-clock time).
+    print(f"6 replicas up after {up:.1f} s; the job took {took:.1f} s")
+    # No replica was told to stop while every call still ran (they all run 6 s from t0 at the
+    # earliest). Later, as calls end, the demand falls and replicas go; one still running calls
+    # queued on it drains them before it exits (its grace is runtime_timeout + 10 s).
+    early = [s for s in arm.scale_ins if s[0] < t0 + 6 and s[2]]
+    assert not early, f"replicas sent SIGTERM mid-call: {early}"
+    await settle(arm, app, 0, 3 + 1 + 5)  # cooldown + polling + a margin
+    assert max(n for _t, a, n in arm.scale_log if a == app) <= 8
+
+
+async def test_without_the_demand_queue_the_http_rule_scales_in_replicas_running_long_calls(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """What the demand queue is for: on arrivals alone, a replica is told to stop mid-call."""
+    arm.http_window = 1.5
+    fast = {**FAST, "demand_queue": False}
+    cfg = config(arm, tmp_path, azure_containers=fast, lithops={"max_concurrency": 8})
+    app = await deploy(arm, cfg)
+    assert not [r for r in rules(arm, app) if r["name"] == dq.DEMAND_RULE]
+    async with executor(cfg) as ex:
+        t0 = time.monotonic()
+        results = await ex.map(sleep_for, [8.0] * 8)
+    assert results == [8.0] * 8  # the server drains (and the SDK retries a refused call)
+    early = [s for s in arm.scale_ins if s[0] < t0 + 8 and s[2]]
+    assert early, f"the HTTP rule alone should have scaled in a busy replica mid-call: {arm.scale_ins}"
+
+
+async def test_many_short_calls_scale_out_on_the_http_rule_without_passing_max_workers(arm: ArmEndpoint, tmp_path: Path) -> None:
+    arm.http_window = 1.0
+    cfg = config(arm, tmp_path, azure_containers={**FAST, "max_workers": 3, "worker_processes": 1})
+    app = await deploy(arm, cfg)
+    async with executor(cfg) as ex:
+        results = await ex.map(abs, range(-3000, 0), chunksize=1)
+    assert results == list(range(3000, 0, -1))
+    counts = [n for _t, a, n in arm.scale_log if a == app]
+    assert counts and max(counts) == 3, counts
+
+
+async def test_a_client_killed_mid_job_stops_asking_and_the_app_returns_to_zero(arm: ArmEndpoint, tmp_path: Path) -> None:
+    arm.queue_gc = 1.0
+    arm.http_window = 1.5  # the calls' own arrivals keep a replica for a window (15 s unscaled) too
+    cfg = config(arm, tmp_path, azure_containers=FAST, lithops={"max_concurrency": 12})
+    app = await deploy(arm, cfg)
+    script = textwrap.dedent(f"""
+        import asyncio, sys, time
+        sys.path.insert(0, {str(TESTS)!r})
+        from arm_endpoint import StaticToken
+        from async_ca_exec import AsyncExecutor
+
+        async def main():
+            async with AsyncExecutor(config={str(cfg)!r}, credential=StaticToken()) as ex:
+                await ex.map(time.sleep, [30] * 12)
+
+        asyncio.run(main())
+    """)
+    env = {**os.environ, "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", "")}
+    log = open(tmp_path / "client.log", "wb")  # noqa: ASYNC230 - a test's short-lived client
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=log)  # noqa: ASYNC220
+    try:
+        await settle(arm, app, 3, 30)  # 12 calls / 4 workers
+        queue = dq.queue_client(*_account(cfg, app))
+        async with queue:
+            assert (await queue.get_queue_properties()).approximate_message_count == 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        # The messages expire (demand_ttl 4 s), then the cooldown (3 s): zero replicas.
+        await settle(arm, app, 0, 4 + 1 + 3 + 1 + 8)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _account(cfg: Path, app: str) -> tuple[dq.QueueAccount, str]:
+    from async_ca_exec.config import load_config
+
+    acct, why = dq.queue_account(load_config(cfg, env={}))
+    assert acct is not None, why
+    return acct, dq.queue_name(app)
+
+
+async def test_warm_a_job_and_cool_create_no_revision(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers=FAST, lithops={"max_concurrency": 8})
+    app = await deploy(arm, cfg)
+    revisions = list(arm.revisions[app])
+    async with executor(cfg) as ex:
+        assert await ex.warm(5) == 5
+        await settle(arm, app, 5, 15)
+        assert await ex.map(sleep_for, [1.0] * 8) == [1.0] * 8
+        assert arm.replica_count(app) >= 5  # the floor holds through the job
+    await settle(arm, app, 0, 3 + 1 + 8)  # closing cools: the queue empties, the cooldown ends
+    assert arm.revisions[app] == revisions
+    assert not [r for r in arm.requests if r.method == "PATCH"]
+    assert az.TAG_WARM not in (arm.state.apps[("rg-acx", app)].get("tags") or {})
