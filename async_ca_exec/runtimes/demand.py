@@ -1,0 +1,265 @@
+"""The demand queue: how an executor tells Container Apps how many replicas its calls need.
+
+Container Apps' HTTP scale rule counts requests *arriving* in 15 s windows, not requests in
+flight (https://learn.microsoft.com/azure/container-apps/scale-app#http): a burst of long calls
+reads as ~0 once it has arrived, and the app scales in replicas still running them. So each
+runtime's app also has an ``azure-queue`` scale rule on a queue of its own in the user's storage
+account, with ``queueLength`` 1: the platform runs one replica per message
+(``desiredReplicas = ceil(messages / queueLength)``, scale-app "Scale behavior"; the scaler
+counts visible and invisible messages, https://keda.sh/docs/latest/scalers/azure-storage-queue/).
+The executor keeps as many messages there as it needs replicas, for the calls it has in flight
+and queued, and for :meth:`warm`'s floor.
+
+Every message has a time-to-live (``demand_ttl``): the executor replaces its messages before
+they expire, so a client that dies (SIGKILL, a lost network) stops asking on its own, and the
+app scales to zero a cooldown after that. Changing the count changes no template, so it creates
+no revision (unlike raising minReplicas).
+
+The app reads the queue with a connection string holding a queue SAS with read permission only
+(Queue service SAS "r": read metadata, including the message count; peek), kept as an app
+secret; the executor writes with the account's own credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError
+
+log = logging.getLogger("async_ca_exec")
+
+#: The app secret with the read-only connection string, and the scale rule using it.
+DEMAND_SECRET = "acx-demand-connection"
+DEMAND_RULE = "acx-demand"
+#: How long the app's read-only SAS is valid; every deploy and update writes a new one.
+SAS_DAYS = 365
+#: At most this many queue requests at once (a job that needs hundreds of replicas).
+PARALLEL = 16
+
+
+def queue_name(app: str) -> str:
+    """The app's demand queue: 3-63 lowercase letters, digits and single hyphens, starting and
+    ending with a letter or digit (Storage's naming rules for queues)."""
+    name = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"acx-demand-{app}".lower())).strip("-")
+    return name[:63].rstrip("-")
+
+
+@dataclass(frozen=True)
+class QueueAccount:
+    """Where the demand queues live and the key that signs their SAS (never logged)."""
+
+    account: str
+    endpoint: str  # https://<account>.queue.core.windows.net, or Azurite's
+    key: str
+
+    def __repr__(self) -> str:
+        return f"QueueAccount({self.account!r}, {self.endpoint!r})"
+
+
+def queue_account(cfg: Config) -> tuple[QueueAccount | None, str]:
+    """The account for demand queues, or None and why there is none (for the warning)."""
+    if not cfg.azure_containers.demand_queue:
+        return None, "azure_containers.demand_queue is off"
+    s = cfg.azure_storage
+    if s.connection_string is not None:
+        from azure.storage.queue import QueueServiceClient
+
+        try:
+            svc = QueueServiceClient.from_connection_string(s.connection_string.get_secret_value())
+        except ValueError:
+            return None, "azure_storage.connection_string cannot be parsed"
+        cred = svc.credential
+        if not getattr(cred, "account_key", None):
+            return None, "azure_storage.connection_string holds no account key (a SAS cannot sign the app's read-only SAS)"
+        return QueueAccount(str(svc.account_name), svc.url.rstrip("/"), cred.account_key), ""
+    if s.storage_account_name and s.storage_account_key is not None:
+        endpoint = f"https://{s.storage_account_name}.queue.core.windows.net"
+        return QueueAccount(s.storage_account_name, endpoint, s.storage_account_key.get_secret_value()), ""
+    if cfg.storage_configured:
+        return None, "azure_storage has no account key (a SAS or an Entra credential cannot sign the app's read-only SAS)"
+    return None, "azure_storage is not configured"
+
+
+def read_only_connection(acct: QueueAccount, queue: str, *, now: dt.datetime | None = None) -> str:
+    """The connection string the app's scale rule reads the queue with: read permission on that
+    one queue only, for SAS_DAYS."""
+    from azure.storage.queue import QueueSasPermissions, generate_queue_sas
+
+    start = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(minutes=5)
+    sas = generate_queue_sas(
+        acct.account, queue, acct.key, permission=QueueSasPermissions(read=True),
+        start=start, expiry=start + dt.timedelta(days=SAS_DAYS),
+    )  # fmt: skip
+    return f"QueueEndpoint={acct.endpoint};SharedAccessSignature={sas}"
+
+
+def scale_rule(acct: QueueAccount, queue: str) -> dict[str, Any]:
+    """The app's azure-queue rule: one replica per message."""
+    return {
+        "name": DEMAND_RULE,
+        "azureQueue": {
+            "accountName": acct.account,
+            "queueName": queue,
+            "queueLength": 1,
+            "auth": [{"secretRef": DEMAND_SECRET, "triggerParameter": "connection"}],
+        },
+    }
+
+
+def queue_client(acct: QueueAccount, queue: str) -> Any:
+    from azure.storage.queue.aio import QueueClient
+
+    # The default (exponential) retry policy, fewer retries: the loop retries on its own.
+    return QueueClient(
+        acct.endpoint, queue, credential={"account_name": acct.account, "account_key": acct.key},
+        retry_total=2, initial_backoff=1, increment_base=2, connection_timeout=10, read_timeout=30,
+    )  # fmt: skip
+
+
+async def ensure_queue(acct: QueueAccount, queue: str) -> None:
+    """Create the app's demand queue if it is missing (deploy and update)."""
+    from azure.core.exceptions import AzureError, ResourceExistsError
+
+    async with queue_client(acct, queue) as client:
+        try:
+            await client.create_queue()
+        except ResourceExistsError:
+            pass
+        except (AzureError, OSError) as exc:
+            raise ConfigError(
+                f"could not create the demand queue {queue} at {acct.endpoint}: {str(exc).splitlines()[0]}; check "
+                "azure_storage (the account's queue service must be reachable), or set azure_containers.demand_queue: "
+                "false (calls longer than the scale window may then lose their replicas)"
+            ) from None
+
+
+@dataclass
+class _Message:
+    id: str
+    receipt: str
+    expires: float  # monotonic
+
+
+class DemandQueue:
+    """Keeps the app's demand queue at ``want()`` messages while it runs.
+
+    ``want`` is sampled every ``sample`` seconds (cheap: the executor's counters); the queue is
+    written only when the number changes or messages near their end of life, so a steady job
+    costs about two transactions per replica per ``ttl``. Storage errors are logged once and
+    retried: a job never fails for its demand queue (the HTTP rule still scales it).
+    """
+
+    def __init__(self, client: Any, want: Callable[[], int], *, ttl: int, sample: float = 0.5, name: str = "") -> None:
+        self._client = client
+        self._want = want
+        self.ttl = ttl
+        self.sample = min(sample, ttl / 4)
+        self.name = name
+        self._held: list[_Message] = []
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self.writes = 0  # queue transactions sent (puts and deletes), for docs and tests
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"demand {self.name}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+                if self._failing:
+                    log.info("demand queue %s reachable again", self.name)
+                    self._failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged; the HTTP rule still scales the app
+                if not self._failing:
+                    log.warning(
+                        "could not update the demand queue %s (%s); retrying. Until it works, Container Apps scales "
+                        "this app on arrivals only, and may scale in replicas still running long calls",
+                        self.name, str(exc).splitlines()[0],
+                    )  # fmt: skip
+                    self._failing = True
+            await asyncio.sleep(self.sample)
+
+    async def sync(self) -> None:
+        """Make the queue hold ``want()`` live messages: new ones first, then the expiring and
+        surplus ones go, so the count never dips below what is wanted."""
+        now = time.monotonic()
+        target = max(0, int(self._want()))
+        # Replaced when less than two sampling periods and a margin are left (the platform
+        # counts a message until it expires).
+        margin = max(2 * self.sample, self.ttl / 6)
+        fresh = [m for m in self._held if m.expires - now > margin]
+        stale = [m for m in self._held if m.expires - now <= margin]
+        add = target - len(fresh)
+        if add > 0:
+            fresh.extend(await self._gather([self._put() for _ in range(add)]))
+        elif add < 0:
+            stale.extend(fresh[target:])
+            fresh = fresh[:target]
+        self._held = fresh
+        if stale:
+            try:
+                await self._gather([self._delete(m) for m in stale])
+            except BaseException:
+                self._held.extend(m for m in stale if m.expires > time.monotonic())
+                raise
+
+    async def _gather(self, coros: list[Any]) -> list[Any]:
+        sem = asyncio.Semaphore(PARALLEL)
+
+        async def one(c: Any) -> Any:
+            async with sem:
+                return await c
+
+        return list(await asyncio.gather(*(one(c) for c in coros)))
+
+    async def _put(self) -> _Message:
+        msg = await self._client.send_message("1", time_to_live=self.ttl)
+        self.writes += 1
+        return _Message(msg.id, msg.pop_receipt, time.monotonic() + self.ttl)
+
+    async def _delete(self, m: _Message) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            await self._client.delete_message(m.id, m.receipt)
+        except ResourceNotFoundError:
+            pass  # expired already
+        self.writes += 1
+
+    async def aclose(self) -> None:
+        """Stop asking: delete this client's messages (the app then scales in after its
+        cooldown), close the client. Never raises but for cancellation."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._want = lambda: 0
+        try:
+            await self.sync()
+        except Exception as exc:  # noqa: BLE001 - the messages expire by themselves
+            log.warning(
+                "could not empty the demand queue %s (%s): its messages expire within %d s, then the app scales in",
+                self.name, str(exc).splitlines()[0], self.ttl,
+            )  # fmt: skip
+        await self._client.close()
+
+
+def replicas_needed(requests: int, per_replica: int, max_replicas: int) -> int:
+    return min(max_replicas, math.ceil(max(0, requests) / max(1, per_replica)))
