@@ -14,8 +14,12 @@ What it follows (Microsoft's pages, quoted where it matters):
   ``desiredReplicas = ceil(currentMetricValue / targetMetricValue)``; the azure-queue scaler's
   metric is the queue's message count, visible *and* invisible ones by default
   (https://keda.sh/docs/latest/scalers/azure-storage-queue/, ``queueLengthStrategy``: all).
-* Scale-up steps "1, 4, 100% of current" per evaluation: at most ``max(4, 2 * current)``; no
-  scale-up stabilization (0 s).
+* Scale-up steps "1, 4, 100% of current" (scale-app, "Scale behavior"), over a 15 s period as
+  the Kubernetes HPA's default behaviour that KEDA scales through has them (Pods 4 or Percent
+  100 per ``periodSeconds: 15``, selectPolicy Max, no scale-up stabilization:
+  https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/#default-behavior):
+  an app that starts a period at ``n`` replicas grows to at most ``max(n + 4, 2 * n)`` within
+  it (from zero: 4), however often the rules are read. Growing no faster is the harder case.
 * "Cool down period is how long after the last event was observed before the application
   scales down to its minimum replica count" (``cooldownPeriod``, default 300 s). Between
   minimum and current, Azure applies a scale-down stabilization window of 300 s that an app
@@ -104,6 +108,9 @@ class ScaleModel:
     #: How many times each rule was evaluated (tests read them).
     http_evaluations: int = 0
     queue_polls: int = 0
+    #: The current scale-up period: when it began and the replicas running then.
+    _up_start: float = -math.inf
+    _up_base: int = 0
 
     def __post_init__(self) -> None:
         # A new revision starts a replica (it is ready when one is) and counts as an event:
@@ -158,7 +165,10 @@ class ScaleModel:
         while self._history and now - self._history[0][0] > s.cooldown:
             self._history.popleft()
         if wanted > current:
-            return min(wanted, max(4, 2 * current))  # scale-up steps: 1, 4, 100 % of current
+            if now - self._up_start >= self.http_window:  # a new scale-up period
+                self._up_start, self._up_base = now, current
+            base = self._up_base
+            return max(current, min(wanted, max(base + 4, 2 * base)))
         if now - self._last_active < s.cooldown:
             # Scaling in, but not below the most asked for in the stabilization window, nor to
             # the minimum before cooldownPeriod since the last event.

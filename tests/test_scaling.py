@@ -45,14 +45,31 @@ def test_http_rule_counts_arrivals_per_window_not_requests_in_flight() -> None:
     for _ in range(150):  # a burst of 150 long calls, all arriving in the first second
         model.arrival()
     clock.now += 15
-    assert model.decide(1) == 4  # 150 / 15 s = 10 per second wanted 10 replicas: the first step is 4
-    assert model.decide(4) == 8  # then 100 % of current
-    assert model.decide(8) == 10
-    clock.now += 15  # nothing new arrived: the rule reads 0 although 150 calls still run
-    assert model.decide(10) == 10  # kept only by the stabilization window...
+    assert model.decide(1) == 5  # 150 / 15 s = 10 per second wanted 10 replicas: 4 more per 15 s period
+    clock.now += 14
+    assert model.decide(5) == 5  # however often the rules are read within the period
+    clock.now += 1  # nothing new arrived: the rule reads 0 although 150 calls still run
+    assert model.decide(5) == 5  # kept only by the stabilization window...
     clock.now += 301
-    assert model.decide(10) == 0  # ...and scaled to zero a cooldown later, calls or not
+    assert model.decide(5) == 0  # ...and scaled to zero a cooldown later, calls or not
     assert model.http_evaluations == 2 + 20
+
+
+def test_scale_up_grows_by_four_or_doubles_per_fifteen_second_period() -> None:
+    clock = Clock()
+    model = ScaleModel(ScaleSettings(max_replicas=100, polling=1, queue_target=1), clock)
+    model.queue_reading(100)
+    assert model.decide(0) == 4  # from zero: 4
+    clock.now += 10
+    model.queue_reading(100)
+    assert model.decide(4) == 4  # the rest of the period adds nothing, however often it is read
+    grown = [4]
+    for _ in range(3):
+        clock.now += 5
+        model.queue_reading(100)
+        grown.append(model.decide(grown[-1]))
+        clock.now += 10
+    assert grown == [4, 8, 16, 32]  # then max(4 more, 100 % of current) per period
 
 
 def test_queue_rule_asks_one_replica_per_queue_length_messages_and_honours_min_and_max() -> None:
@@ -61,8 +78,9 @@ def test_queue_rule_asks_one_replica_per_queue_length_messages_and_honours_min_a
     assert model.queue_due()
     model.queue_reading(9)
     assert not model.queue_due()
-    assert model.decide(1) == 4  # ceil(9 / 2) = 5 wanted: the first step is 4
-    assert model.decide(4) == 5  # maxReplicas caps the next one
+    assert model.decide(1) == 5  # ceil(9 / 2) = 5 wanted: 1 + 4 in the first 15 s period
+    model.queue_reading(40)
+    assert model.decide(5) == 5  # maxReplicas caps it
     clock.now += 30
     model.queue_reading(0)  # the last event was the poll 30 s ago
     clock.now += 269
