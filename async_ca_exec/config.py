@@ -249,7 +249,9 @@ class AzureContainersSection(_Section):
         240.0, gt=0, description="Seconds after which the ingress cuts a request (longer calls return through Blob)."
     )
     scale_polling_interval: int = Field(
-        30, ge=1, description="Seconds between Container Apps' reads of the demand queue (the app's pollingInterval)."
+        5,
+        ge=1,
+        description="Seconds between Container Apps' reads of the demand queue (its pollingInterval; Azure's default is 30).",
     )
     scale_cooldown: int = Field(
         300, ge=1, description="Seconds without demand before the app scales in to min_workers (its cooldownPeriod)."

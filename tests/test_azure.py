@@ -202,7 +202,7 @@ async def test_app_resource_body_is_exact(
                          "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
                     ],
                 }],
-                "scale": {"minReplicas": 0, "maxReplicas": 250, "pollingInterval": 30, "cooldownPeriod": 300, "rules": [
+                "scale": {"minReplicas": 0, "maxReplicas": 250, "pollingInterval": 5, "cooldownPeriod": 300, "rules": [
                     {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}]},
                 "terminationGracePeriodSeconds": 600,
             },

@@ -179,7 +179,7 @@ def app_body(
     registry_identity: tuple[str, str] | None = None,
     workload_profile: str | None = None,
     deployed_at: str | None = None,
-    polling_interval: int = 30,
+    polling_interval: int = 5,
     cooldown: int = 300,
     demand: tuple[dict[str, Any], str] | None = None,
 ) -> dict[str, Any]:
