@@ -73,6 +73,7 @@ class Fleet:
     model: ScaleModel
     replicas: list[Replica] = field(default_factory=list)
     starting: int = 0  # replicas being started (counted as running by the scaler)
+    swapping: bool = False  # a new revision's replicas are starting: the old revision's stay as they are
     serial: int = 0
     turn: int = 0  # round robin (Envoy's default policy; the ingress's own is not documented)
     scaler: asyncio.Task[None] | None = None
@@ -341,6 +342,17 @@ class ArmEndpoint:
     def replica_count(self, name: str) -> int:
         fleet = self.fleets.get(name)
         return len(fleet.live()) if fleet else 0
+
+    def scale_in(self, name: str, replica_id: str) -> None:
+        """Scale in one replica of app ``name`` now, as the scaler does: SIGTERM, then SIGKILL
+        when the app's terminationGracePeriodSeconds ends."""
+
+        async def retire() -> None:
+            fleet = self.fleets[name]
+            replica = next(r for r in fleet.replicas if r.id == replica_id)
+            self._retire(fleet, replica, self._grace(self.state.apps[(fleet.rg, name)]))
+
+        self._call(retire())
 
     def crash_and_restart(self, name: str) -> None:
         """SIGKILL an app's (first) replica and start a fresh one behind the same ingress, as
@@ -1041,7 +1053,11 @@ class ArmEndpoint:
         revision = app["properties"]["latestRevisionName"]
         old = fleet.live()
         want = max(1, len(old) + fleet.starting)
-        await asyncio.gather(*(self._add_replica(fleet, app, revision) for _ in range(want)))
+        fleet.swapping = True  # (the old revision's scaler must not take the new replicas for its own)
+        try:
+            await asyncio.gather(*(self._add_replica(fleet, app, revision) for _ in range(want)))
+        finally:
+            fleet.swapping = False
         fleet.revision, fleet.model = revision, self._model(app)
         grace = self._grace(app)
         for replica in old:
@@ -1080,7 +1096,7 @@ class ArmEndpoint:
         while True:
             await asyncio.sleep(self.scale_tick)
             app = self.state.apps.get((fleet.rg, fleet.name))
-            if app is None:
+            if app is None or fleet.swapping:
                 continue
             model = fleet.model
             if model.queue_due():
