@@ -258,6 +258,7 @@ class Settings:
 
     def scale(self) -> ScaleSettings:
         return ScaleSettings(
+            min_replicas=self.start_active,  # in rotation from the start: as a minReplicas would keep them
             max_replicas=len(self.upstreams),
             polling=self.polling,
             cooldown=self.cooldown,
@@ -1056,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="route to a scaled-out replica at once (its first request waits the cold start), not once it is ready",
     )
-    p.add_argument("--start-active", type=int, default=1, help="replicas in rotation from the start")
+    p.add_argument("--start-active", type=int, default=1, help="replicas in rotation from the start (the app's minReplicas)")
     p.add_argument(
         "--slow-replica",
         type=float,
