@@ -165,6 +165,8 @@ async def test_app_resource_body_is_exact(
     assert demand_secret["name"] == dq.DEMAND_SECRET and "sp=r&" in demand_secret["value"]
     demand_rule = body["properties"]["template"]["scale"]["rules"].pop()
     assert demand_rule["name"] == dq.DEMAND_RULE and demand_rule["azureQueue"]["queueName"] == dq.queue_name(info.app)
+    expiry = int(body["tags"].pop(az.TAG_DEMAND_SAS))  # when that SAS expires (deploy and update renew it)
+    assert abs(expiry - (time.time() + dq.SAS_DAYS * 86400)) < 600
     assert body == {
         "location": "westeurope",
         "tags": {"acx-managed-by": "async_ca_exec", "acx-version": acx.__version__, "acx-runtime": image,

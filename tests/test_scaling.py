@@ -1,11 +1,12 @@
 """How replicas follow a job on Azure: the twin's scaling model (tests/scaling.py) on its own,
 then the SDK's demand queue against the twin, which scales real replica processes from the real
 (Azurite) queue and from arrivals at its ingress. Times are scaled down: a 15 s HTTP window
-becomes 1.5 s, the 30 s polling interval 1 s, the 300 s cooldown 3 s."""
+becomes 1.5 s, the 5 s polling interval 1 s, the 300 s cooldown 3 s."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from arm_endpoint import ArmEndpoint
 from scaling import ScaleModel, ScaleSettings
 from test_azure import apps_for, config, executor
@@ -246,3 +248,34 @@ async def test_warm_a_job_and_cool_create_no_revision(arm: ArmEndpoint, tmp_path
     assert arm.revisions[app] == revisions
     assert not [r for r in arm.requests if r.method == "PATCH"]
     assert az.TAG_WARM not in (arm.state.apps[("rg-acx", app)].get("tags") or {})
+
+
+def test_the_demand_sas_warning_says_when_it_expires_and_how_to_renew_it() -> None:
+    now = 1_800_000_000.0
+    assert dq.sas_warning("app", int(now + 31 * 86400), now=now) is None
+    soon = dq.sas_warning("app", int(now + 10 * 86400 - 60), now=now)
+    assert soon is not None and "in 10 days" in soon and "acx runtime update" in soon
+    gone = dq.sas_warning("app", int(now - 60), now=now)
+    assert gone is not None and "expired on" in gone and "acx runtime update" in gone
+
+
+async def test_an_executor_warns_when_the_apps_demand_sas_is_about_to_expire(
+    arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(arm, tmp_path)
+    app = await deploy(arm, cfg)
+    tags = arm.state.apps[("rg-acx", app)]["tags"]
+    assert int(tags[az.TAG_DEMAND_SAS]) > time.time() + (dq.SAS_DAYS - 1) * 86400  # a fresh deploy: a year ahead
+    async with executor(cfg) as ex:
+        assert await ex.map(abs, [-1]) == [1]
+    assert not [r for r in caplog.records if "read-only SAS" in r.getMessage()]
+    tags[az.TAG_DEMAND_SAS] = str(int(time.time() + 5 * 86400))  # as it will be 360 days after the deploy
+    with caplog.at_level(logging.WARNING, logger="async_ca_exec"):
+        async with executor(cfg) as ex:
+            assert await ex.map(abs, [-1]) == [1]
+    [warning] = [r.getMessage() for r in caplog.records if "read-only SAS" in r.getMessage()]
+    assert app in warning and "in 5 days" in warning and "acx runtime update" in warning
+    assert "sig=" not in warning  # names the expiry, never the SAS
+    async with apps_for(cfg) as apps:
+        await apps.update("default")  # renews it
+    assert int(arm.state.apps[("rg-acx", app)]["tags"][az.TAG_DEMAND_SAS]) > time.time() + (dq.SAS_DAYS - 1) * 86400

@@ -80,6 +80,8 @@ TAG_MEMORY = "acx-memory"
 #: the client that raised it puts it back, and should that client die, the next executor start
 #: after the lease's end (or ``acx runtime update``) does.
 TAG_WARM = "acx-warm"
+#: When the read-only SAS of the app's demand-queue rule expires (epoch s; not a secret).
+TAG_DEMAND_SAS = "acx-demand-sas-expiry"
 #: A lease is only extended by more than this many seconds: each extension is an ARM write.
 LEASE_SLACK = 60.0
 #: Container Apps' maxReplicas when a template does not say.
@@ -181,7 +183,7 @@ def app_body(
     deployed_at: str | None = None,
     polling_interval: int = 5,
     cooldown: int = 300,
-    demand: tuple[dict[str, Any], str] | None = None,
+    demand: tuple[dict[str, Any], str, int] | None = None,
 ) -> dict[str, Any]:
     """The Container App resource for a runtime (the JSON sent to ARM).
 
@@ -189,8 +191,8 @@ def app_body(
     identity a user-assigned one's resource id or ``system``, and wins over ``registry``;
     ``workload_profile`` names the environment's profile to run on (None in a Consumption-only
     environment); ``deployed_at`` makes every deploy a new revision, so an image rebuilt under
-    the same tag is pulled again; ``demand`` is the demand queue's scale rule and the read-only
-    connection string it uses (see :mod:`.demand`).
+    the same tag is pulled again; ``demand`` is the demand queue's scale rule, the read-only
+    connection string it uses and when that expires (see :mod:`.demand`).
     """
     cpu, mem = memory_pair(memory)
     secrets_: list[dict[str, str]] = [{"name": HMAC_SECRET, "value": hmac_key}]
@@ -218,7 +220,7 @@ def app_body(
         {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}
     ]
     if demand is not None:
-        rule, connection = demand
+        rule, connection, _expiry = demand
         secrets_.append({"name": dq.DEMAND_SECRET, "value": connection})
         rules.append(rule)
     grace = int(min(MAX_GRACE, max(30, runtime_timeout + 10)))
@@ -240,6 +242,7 @@ def app_body(
             TAG_VERSION: __version__,
             TAG_RUNTIME: image,
             TAG_MEMORY: str(memory),
+            **({TAG_DEMAND_SAS: str(demand[2])} if demand is not None else {}),
         },
         "properties": {
             "environmentId": environment_id,
@@ -1272,7 +1275,7 @@ class AzureApps:
         if acct is not None:
             queue = dq.queue_name(name)
             await dq.ensure_queue(acct, queue)
-            demand = (dq.scale_rule(acct, queue), dq.read_only_connection(acct, queue))
+            demand = (dq.scale_rule(acct, queue), *dq.read_only_connection(acct, queue))
         else:
             self._progress(
                 f"warning: no demand queue ({why_not}): Container Apps then scales {name} on arriving requests only "
@@ -1491,6 +1494,10 @@ class AzureRuntime:
                 "and may scale in replicas still running long calls; run `acx runtime update` to add it", name,
             )  # fmt: skip
             return
+        expiry = ((app or {}).get("tags") or {}).get(TAG_DEMAND_SAS, "")
+        warning = dq.sas_warning(name, int(expiry)) if expiry.isdigit() else None
+        if warning:
+            log.warning("%s", warning)
         client = dq.queue_client(acct, dq.queue_name(name))
         self.demand = dq.DemandQueue(client, self._wanted, ttl=self.config.azure_containers.demand_ttl, name=name)
         self.demand.start()

@@ -42,6 +42,8 @@ DEMAND_SECRET = "acx-demand-connection"
 DEMAND_RULE = "acx-demand"
 #: How long the app's read-only SAS is valid; every deploy and update writes a new one.
 SAS_DAYS = 365
+#: An executor starting this close to the SAS's expiry (or after it) warns: run `acx runtime update`.
+SAS_WARN_DAYS = 30
 #: At most this many queue requests at once (a job that needs hundreds of replicas).
 PARALLEL = 16
 
@@ -89,17 +91,29 @@ def queue_account(cfg: Config) -> tuple[QueueAccount | None, str]:
     return None, "azure_storage is not configured"
 
 
-def read_only_connection(acct: QueueAccount, queue: str, *, now: dt.datetime | None = None) -> str:
-    """The connection string the app's scale rule reads the queue with: read permission on that
-    one queue only, for SAS_DAYS."""
+def read_only_connection(acct: QueueAccount, queue: str, *, now: dt.datetime | None = None) -> tuple[str, int]:
+    """The connection string the app's scale rule reads the queue with (read permission on that
+    one queue only, for SAS_DAYS) and when its SAS expires (epoch seconds)."""
     from azure.storage.queue import QueueSasPermissions, generate_queue_sas
 
     start = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(minutes=5)
-    sas = generate_queue_sas(
-        acct.account, queue, acct.key, permission=QueueSasPermissions(read=True),
-        start=start, expiry=start + dt.timedelta(days=SAS_DAYS),
-    )  # fmt: skip
-    return f"QueueEndpoint={acct.endpoint};SharedAccessSignature={sas}"
+    expiry = start + dt.timedelta(days=SAS_DAYS)
+    sas = generate_queue_sas(acct.account, queue, acct.key, permission=QueueSasPermissions(read=True), start=start, expiry=expiry)
+    return f"QueueEndpoint={acct.endpoint};SharedAccessSignature={sas}", int(expiry.timestamp())
+
+
+def sas_warning(app: str, expiry: int, *, now: float | None = None) -> str | None:
+    """What to say when the app's read-only SAS expires within SAS_WARN_DAYS (None otherwise):
+    past it, Container Apps can no longer read the queue, and the app scales on arrivals only."""
+    left = expiry - (time.time() if now is None else now)
+    if left > SAS_WARN_DAYS * 86400:
+        return None
+    when = dt.datetime.fromtimestamp(expiry, dt.timezone.utc).strftime("%Y-%m-%d")
+    state = f"expired on {when}" if left <= 0 else f"expires on {when} (in {math.ceil(left / 86400)} days)"
+    return (
+        f"the read-only SAS Container App {app} reads its demand queue with {state}: past it the app scales on "
+        "arriving requests only and may scale in replicas running long calls; run `acx runtime update` to renew it"
+    )
 
 
 def scale_rule(acct: QueueAccount, queue: str) -> dict[str, Any]:
