@@ -279,3 +279,23 @@ async def test_an_executor_warns_when_the_apps_demand_sas_is_about_to_expire(
     async with apps_for(cfg) as apps:
         await apps.update("default")  # renews it
     assert int(arm.state.apps[("rg-acx", app)]["tags"][az.TAG_DEMAND_SAS]) > time.time() + (dq.SAS_DAYS - 1) * 86400
+
+
+async def test_past_the_core_quota_the_app_scales_out_to_what_fits_and_the_job_still_completes(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """The quotas page: past the environment's cores "the app may be restricted from scaling
+    out". The demand asks for 8 replicas of 0.25 vCPU; 0.75 cores fit 3, and the job runs on them."""
+    arm.core_quota = 0.75
+    arm.http_window = 1.5
+    fast = {**FAST, "worker_processes": 1, "max_workers": 8}
+    cfg = config(arm, tmp_path, azure_containers=fast, lithops={"max_concurrency": 12})
+    app = await deploy(arm, cfg)  # (deploy warns: 8 x 0.25 = 2 cores, above the 0.75 allowed)
+    async with executor(cfg) as ex:
+        job = asyncio.ensure_future(ex.map(sleep_for, [2.0] * 12))
+        await settle(arm, app, 3, 15)
+        queue = dq.queue_client(*_account(cfg, app))
+        async with queue:
+            assert (await queue.get_queue_properties()).approximate_message_count == 8  # what the calls need
+        assert await job == [2.0] * 12
+    assert max(n for _t, a, n in arm.scale_log if a == app) == 3  # what fits, never more
