@@ -254,7 +254,10 @@ class AzureContainersSection(_Section):
         description="Seconds between Container Apps' reads of the demand queue (its pollingInterval; Azure's default is 30).",
     )
     scale_cooldown: int = Field(
-        300, ge=1, description="Seconds without demand before the app scales in to min_workers (its cooldownPeriod)."
+        300,
+        ge=1,
+        description="Seconds without demand before the app scales in to min_workers (its cooldownPeriod; a scale-in "
+        "that leaves replicas running follows Azure's fixed 300 s window).",
     )
     demand_queue: bool = Field(
         True,

@@ -6,6 +6,7 @@ becomes 1.5 s, the 5 s polling interval 1 s, the 300 s cooldown 3 s."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from arm_endpoint import ArmEndpoint
 from scaling import ScaleModel, ScaleSettings
 from test_azure import apps_for, config, executor
 
+from async_ca_exec import ConfigError
 from async_ca_exec.runtimes import azure as az
 from async_ca_exec.runtimes import demand as dq
 
@@ -299,3 +301,133 @@ async def test_past_the_core_quota_the_app_scales_out_to_what_fits_and_the_job_s
             assert (await queue.get_queue_properties()).approximate_message_count == 8  # what the calls need
         assert await job == [2.0] * 12
     assert max(n for _t, a, n in arm.scale_log if a == app) == 3  # what fits, never more
+
+
+# -- the demand queue's bookkeeping, against Azurite's queue service ----------------------------
+
+
+class FailingEvery:
+    """The real queue client, but every ``n``-th send_message fails after Storage stored the
+    message's predecessors (a throttled put among successful ones)."""
+
+    def __init__(self, client: Any, n: int) -> None:
+        self.client, self.n, self.sends = client, n, 0
+
+    async def send_message(self, *args: Any, **kw: Any) -> Any:
+        self.sends += 1
+        if self.sends % self.n == 0:
+            raise OSError("503 Server Busy (injected)")
+        return await self.client.send_message(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+async def _queue(azurite: Any, name: str) -> tuple[dq.QueueAccount, Any]:
+    from conftest import AZURITE_ACCOUNT, AZURITE_KEY
+
+    acct = dq.QueueAccount(AZURITE_ACCOUNT, azurite.queue_endpoint, AZURITE_KEY)
+    await dq.ensure_queue(acct, name)
+    return acct, dq.queue_client(acct, name)
+
+
+async def _count(client: Any) -> int:
+    return int((await client.get_queue_properties()).approximate_message_count)
+
+
+async def test_syncs_at_once_put_each_missing_message_once(azurite: Any) -> None:
+    """warm(), cool() and the loop may sync together: the queue gets what is wanted, once."""
+    acct, probe = await _queue(azurite, "acx-demand-race")
+    async with probe:
+        queue = dq.DemandQueue(dq.queue_client(acct, "acx-demand-race"), lambda: 5, ttl=60)
+        await asyncio.gather(queue.sync(), queue.sync(), queue.sync())
+        assert queue.held == 5 and await _count(probe) == 5
+        await queue.aclose()
+        assert await _count(probe) == 0  # closing deletes every message it put
+
+
+async def test_a_failed_put_loses_track_of_no_message_that_was_stored(azurite: Any) -> None:
+    acct, probe = await _queue(azurite, "acx-demand-partial")
+    async with probe:
+        client = FailingEvery(dq.queue_client(acct, "acx-demand-partial"), 3)
+        queue = dq.DemandQueue(client, lambda: 7, ttl=60)
+        with pytest.raises(OSError, match="injected"):
+            await queue.sync()  # 2 of 3 puts stored, and so on
+        stored = await _count(probe)
+        assert 0 < stored < 7 and queue.held == stored  # each stored message is tracked
+        for _ in range(5):  # the loop's retries (every third put keeps failing)
+            with contextlib.suppress(OSError):
+                await queue.sync()
+        assert queue.held == await _count(probe) == 7
+        await queue.aclose()
+        assert await _count(probe) == 0
+
+
+async def test_a_smaller_warm_does_not_lower_the_floor_in_effect(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers=FAST)
+    app = await deploy(arm, cfg)
+    async with dq.queue_client(*_account(cfg, app)) as queue:
+        async with executor(cfg) as ex:
+            assert await ex.warm(4) == 4
+            assert await _count(queue) == 4
+            # A prewarm map of one item asks for one replica under its own short lease.
+            assert await ex.map(abs, [-1], prewarm=True) == [1]
+            assert await _count(queue) == 4  # the explicit warm's floor holds
+        assert await _count(queue) == 0
+
+
+async def test_warm_on_an_app_without_the_demand_rule_raises_min_replicas_instead(arm: ArmEndpoint, tmp_path: Path) -> None:
+    """An app deployed with demand_queue off (or by an older version) has no queue rule:
+    messages would ask no one, so warm() takes the ARM way (a new revision)."""
+    app = await deploy(arm, config(arm, tmp_path, azure_containers={**FAST, "demand_queue": False}))
+    assert not [r for r in rules(arm, app) if r["name"] == dq.DEMAND_RULE]
+    async with executor(config(arm, tmp_path, azure_containers=FAST)) as ex:
+        assert await ex.warm(2) == 2
+        assert arm.state.apps[("rg-acx", app)]["properties"]["template"]["scale"]["minReplicas"] == 2
+    assert arm.state.apps[("rg-acx", app)]["properties"]["template"]["scale"]["minReplicas"] == 0  # restored
+
+
+async def test_warming_through_the_queue_counts_the_replicas_already_running(arm: ArmEndpoint, tmp_path: Path) -> None:
+    """No new revision: only the replicas to add need free cores (1 core: 2 run, 2 more fit)."""
+    arm.core_quota = 1.0
+    cfg = config(arm, tmp_path, azure_containers=FAST)
+    app = await deploy(arm, cfg)
+    async with executor(cfg) as ex:
+        assert await ex.warm(2) == 2
+        await settle(arm, app, 2, 15)
+        assert await ex.warm(4) == 4  # 2 more x 0.25 = 0.5 of the 0.5 free
+        await settle(arm, app, 4, 15)
+        with pytest.raises(ConfigError, match=r"cannot pre-warm 5 replicas .*\(4 of them run already\).*warm at most 4"):
+            await ex.warm(5)
+
+
+def test_the_queue_service_follows_blob_endpoint_for_other_clouds() -> None:
+    from async_ca_exec.config import Config
+
+    def account(endpoint: str) -> tuple[dq.QueueAccount | None, str]:
+        storage = {"storage_account_name": "acct", "storage_account_key": "a2V5", "blob_endpoint": endpoint}
+        return dq.queue_account(Config.model_validate({"azure_storage": storage}))
+
+    acct, _ = account("https://acct.blob.core.chinacloudapi.cn")
+    assert acct is not None and acct.endpoint == "https://acct.queue.core.chinacloudapi.cn"
+    none, why = account("http://127.0.0.1:10000/acct")
+    assert none is None and "connection_string with its QueueEndpoint" in why
+
+
+async def test_a_deploy_whose_queue_cannot_be_created_warns_and_goes_on_without_it(arm: ArmEndpoint, tmp_path: Path) -> None:
+    from conftest import AZURITE_ACCOUNT, AZURITE_KEY, free_port
+
+    storage = {
+        "connection_string": (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={arm.storage[0].endpoint};QueueEndpoint=http://127.0.0.1:{free_port()}/{AZURITE_ACCOUNT};"
+        ),
+        "container": arm.storage[1],
+    }
+    said: list[str] = []
+    async with apps_for(config(arm, tmp_path, azure_storage=storage), progress=said.append) as apps:
+        info = await apps.deploy("default")
+    assert info.state == "Succeeded"
+    [warning] = [line for line in said if "no demand queue" in line]
+    assert "could not create the demand queue" in warning and "AccountKey" not in warning and AZURITE_KEY not in warning
+    assert not [r for r in rules(arm, info.app) if r["name"] == dq.DEMAND_RULE]

@@ -1081,24 +1081,45 @@ class AzureApps:
             before_patch(change.lease)
         return await self.apply(name, change), change.lease
 
-    async def _check_warm_cores(self, app: dict[str, Any], replicas: int) -> None:
+    async def _check_warm_cores(self, app: dict[str, Any], replicas: int, *, in_place: bool = False) -> None:
         """Refuse a warm whose replicas cannot fit the environment's free cores. Raising
         minReplicas starts a new revision, whose replicas run beside the old revision's until
-        they are ready: the cores in use now (this app's included) stay in use meanwhile."""
+        they are ready: the cores in use now (this app's included) stay in use meanwhile.
+        ``in_place`` (the demand queue): the app's running replicas are among the ``replicas``,
+        so only the ones to add need free cores."""
         m = _ENV_ID_RE.match(str(_get(app, "properties", "environmentId") or ""))
         if m is None:
             return
         cpu = replica_cpu(app, memory_pair(self.cfg.azure_containers.runtime_memory)[0])
-        need = replicas * cpu
+        running = await self._running_replicas(app) if in_place else 0
+        need = max(0, replicas - running) * cpu
         quota = await self.core_quota(m.group(1), m.group(2))
         if need <= quota.free:
             return
+        held = f"{running} of them run already" if in_place else "those running now stay until the new revision's are ready"
+        more = "more " if in_place else ""
         raise ConfigError(
             f"cannot pre-warm {replicas} replicas of Container App {app.get('name')}: at {cpu:g} vCPU each they need "
-            f"{need:g} cores, and environment {m.group(2)} has {max(0.0, quota.free):g} free of {quota.describe()} (the "
-            "replicas running now stay until the new revision's are ready); warm at most "
-            f"{fitting(quota.free, cpu)} replicas, lower runtime_memory, or request a quota increase: {QUOTA_HELP}"
+            f"{need:g} {more}cores, and environment {m.group(2)} has {max(0.0, quota.free):g} free of {quota.describe()} "
+            f"({held}); warm at most {running + fitting(quota.free, cpu)} replicas, lower runtime_memory, or request a "
+            f"quota increase: {QUOTA_HELP}"
         )
+
+    async def _running_replicas(self, app: dict[str, Any]) -> int:
+        """The replicas of the app's latest revision (0 if ARM cannot say: the stricter check)."""
+        revision = _get(app, "properties", "latestRevisionName")
+        if not revision:
+            return 0
+        try:
+            async with arm_errors(self.target, f"counting the replicas of {app.get('name')}"):
+                listed = _plain(
+                    await self.client.container_apps_revision_replicas.list_replicas(
+                        self.target.resource_group, str(app.get("name")), str(revision)
+                    )
+                )
+        except AsyncCAExecError:
+            return 0
+        return len(listed.get("value") or [])
 
     async def cool(
         self,
@@ -1274,9 +1295,13 @@ class AzureApps:
         demand = None
         if acct is not None:
             queue = dq.queue_name(name)
-            await dq.ensure_queue(acct, queue)
-            demand = (dq.scale_rule(acct, queue), *dq.read_only_connection(acct, queue))
-        else:
+            try:
+                await dq.ensure_queue(acct, queue)
+            except ConfigError as exc:  # (a deploy on first use must not fail for it: the HTTP rule still scales)
+                acct, why_not = None, str(exc)
+            else:
+                demand = (dq.scale_rule(acct, queue), *dq.read_only_connection(acct, queue))
+        if acct is None:
             self._progress(
                 f"warning: no demand queue ({why_not}): Container Apps then scales {name} on arriving requests only "
                 f"(15 s windows), and may scale in replicas still running calls longer than about "
@@ -1470,6 +1495,8 @@ class AzureRuntime:
         self._demand_of: Callable[[], int] = lambda: 0
         self._floor: tuple[int, float] = (0, 0.0)
         self.demand: dq.DemandQueue | None = None
+        #: Whether the app has the demand-queue rule (None: start() has not looked yet).
+        self._has_rule: bool | None = None
 
     def track_demand(self, demand: Callable[[], int]) -> None:
         self._demand_of = demand
@@ -1484,11 +1511,23 @@ class AzureRuntime:
         """Keep the app's demand queue from now on, if the app has the rule (apps deployed with
         demand_queue off, or by an older version, have not: they scale on arrivals only)."""
         acct = self._queue_account
-        if self.demand is not None or acct is None:
+        if self.demand is not None:
             return
         name = self.app_name()
-        rules = (_get(app, "properties", "template", "scale", "rules") or []) if app is not None else [{"name": dq.DEMAND_RULE}]
-        if not any(r.get("name") == dq.DEMAND_RULE for r in rules):
+        if app is None:  # deployed just now, by this config: the rule is there if the config has an account
+            self._has_rule = acct is not None
+        else:
+            rules = _get(app, "properties", "template", "scale", "rules") or []
+            self._has_rule = any(r.get("name") == dq.DEMAND_RULE for r in rules)
+        if acct is None:
+            if self._has_rule and self.config.azure_containers.demand_queue:
+                log.warning(
+                    "Container App %s scales on a demand queue this client cannot write (%s): its replicas follow "
+                    "arriving requests only, and long calls may lose theirs; configure azure_storage with the "
+                    "account key it was deployed with", name, dq.queue_account(self.config)[1],
+                )  # fmt: skip
+            return
+        if not self._has_rule:
             log.warning(
                 "Container App %s has no demand-queue scale rule: Container Apps scales it on arriving requests only, "
                 "and may scale in replicas still running long calls; run `acx runtime update` to add it", name,
@@ -1593,18 +1632,21 @@ class AzureRuntime:
         lease this runtime restores at :meth:`cool`; returns the minReplicas in effect. Works
         while start() still waits for the first replica: then the others start meanwhile."""
         check_warm(replicas, self.target.max_replicas)
-        if self._queue_account is not None and self.config.azure_containers.demand_queue:
+        if self._queue_account is not None and self.config.azure_containers.demand_queue and self._has_rule is not False:
             # Through the demand queue: no template change, so no new revision (a scale change
-            # would start one and restart every replica mid-job).
-            if replicas > self._floor[0]:
+            # would start one and restart every replica mid-job). A floor in effect is never
+            # lowered by a smaller warm (a prewarm map's, say), nor its lease shortened.
+            now = time.monotonic()
+            floor, until = self._floor if self._floor[1] > now else (0, 0.0)
+            if replicas > floor:
                 async with AzureApps(self.config, credential=self.credential) as apps:
                     app = await apps.get_app(self.app_name())
                     if app is not None:  # (the default runtime still being deployed: checked at deploy)
-                        await apps._check_warm_cores(app, replicas)
-            self._floor = (replicas, time.monotonic() + lease)
+                        await apps._check_warm_cores(app, replicas, in_place=True)
+            self._floor = (max(replicas, floor), max(until, now + lease))
             if self.demand is not None:
-                await self.demand.sync()
-            return max(replicas, self.target.min_replicas)
+                await self._sync_demand()
+            return max(replicas, floor, self.target.min_replicas)
 
         def note(lease: WarmLease) -> None:
             # Before the PATCH is sent: one that lands although this task was cancelled is restored too.
@@ -1621,8 +1663,7 @@ class AzureRuntime:
         if self._floor[0]:
             self._floor = (0, 0.0)
             if self.demand is not None:
-                with contextlib.suppress(Exception):  # the queue keeps trying on its own
-                    await self.demand.sync()
+                await self._sync_demand()
         async with self._scale_lock:
             leases, self.leases = self.leases, []
             if leases:
@@ -1648,10 +1689,21 @@ class AzureRuntime:
         else:
             log.info("Container App %s: minReplicas restored to %d", name, restored)
 
+    async def _sync_demand(self) -> None:
+        """Say the new count now; a storage error is the demand loop's to report (once) and retry."""
+        assert self.demand is not None
+        try:
+            await self.demand.sync()
+        except Exception:  # noqa: BLE001 - the loop warns and retries
+            self.demand.poke()
+
     async def aclose(self) -> None:
-        """Restore what warm() raised; nothing else runs locally for this backend (the app
-        scales itself down once the demand queue is empty)."""
-        await self.cool()
-        if self.demand is not None:
-            demand, self.demand = self.demand, None
-            await demand.aclose()
+        """Stop asking for replicas and restore what warm() raised; nothing else runs locally
+        for this backend (the app scales itself down once the demand queue is empty)."""
+        demand, self.demand = self.demand, None
+        self._floor = (0, 0.0)
+        try:
+            if demand is not None:
+                await demand.aclose()
+        finally:
+            await self.cool()

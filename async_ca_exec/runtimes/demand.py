@@ -23,6 +23,7 @@ secret; the executor writes with the account's own credential.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from ..config import Config
 from ..errors import ConfigError
@@ -85,6 +87,14 @@ def queue_account(cfg: Config) -> tuple[QueueAccount | None, str]:
         return QueueAccount(str(svc.account_name), svc.url.rstrip("/"), cred.account_key), ""
     if s.storage_account_name and s.storage_account_key is not None:
         endpoint = f"https://{s.storage_account_name}.queue.core.windows.net"
+        if s.blob_endpoint:  # another cloud (core.chinacloudapi.cn, ...): its queue service beside the blobs
+            parts = urlsplit(s.blob_endpoint)
+            if ".blob." not in (parts.hostname or ""):
+                return None, (
+                    f"the queue service of azure_storage.blob_endpoint {s.blob_endpoint} is not known (not a *.blob.* "
+                    "host): give azure_storage a connection_string with its QueueEndpoint"
+                )
+            endpoint = urlunsplit(parts._replace(netloc=parts.netloc.replace(".blob.", ".queue.", 1))).rstrip("/")
         return QueueAccount(s.storage_account_name, endpoint, s.storage_account_key.get_secret_value()), ""
     if cfg.storage_configured:
         return None, "azure_storage has no account key (a SAS or an Entra credential cannot sign the app's read-only SAS)"
@@ -150,7 +160,7 @@ async def ensure_queue(acct: QueueAccount, queue: str) -> None:
             pass
         except (AzureError, OSError) as exc:
             raise ConfigError(
-                f"could not create the demand queue {queue} at {acct.endpoint}: {str(exc).splitlines()[0]}; check "
+                f"could not create the demand queue {queue} at {acct.endpoint}: {_first_line(exc)}; check "
                 "azure_storage (the account's queue service must be reachable), or set azure_containers.demand_queue: "
                 "false (calls longer than the scale window may then lose their replicas)"
             ) from None
@@ -180,6 +190,11 @@ class DemandQueue:
         self.name = name
         self._held: list[_Message] = []
         self._task: asyncio.Task[None] | None = None
+        #: One sync at a time (the loop's, warm()'s, cool()'s, aclose()'s): two at once would
+        #: each put for the same shortfall and forget the other's messages.
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._stopping = False
         self._failing = False
         self.writes = 0  # queue transactions sent (puts and deletes), for docs and tests
 
@@ -191,62 +206,62 @@ class DemandQueue:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"demand {self.name}")
 
+    def poke(self) -> None:
+        """Sync now rather than at the next sample (warm(), cool()): never raises."""
+        self._wake.set()
+
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.sync()
                 if self._failing:
                     log.info("demand queue %s reachable again", self.name)
                     self._failing = False
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # noqa: BLE001 - logged; the HTTP rule still scales the app
                 if not self._failing:
                     log.warning(
                         "could not update the demand queue %s (%s); retrying. Until it works, Container Apps scales "
                         "this app on arrivals only, and may scale in replicas still running long calls",
-                        self.name, str(exc).splitlines()[0],
+                        self.name, _first_line(exc),
                     )  # fmt: skip
                     self._failing = True
-            await asyncio.sleep(self.sample)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.sample)
+            self._wake.clear()
 
     async def sync(self) -> None:
         """Make the queue hold ``want()`` live messages: new ones first, then the expiring and
-        surplus ones go, so the count never dips below what is wanted."""
-        now = time.monotonic()
-        target = max(0, int(self._want()))
-        # Replaced when less than two sampling periods and a margin are left (the platform
-        # counts a message until it expires).
-        margin = max(2 * self.sample, self.ttl / 6)
-        fresh = [m for m in self._held if m.expires - now > margin]
-        stale = [m for m in self._held if m.expires - now <= margin]
-        add = target - len(fresh)
-        if add > 0:
-            fresh.extend(await self._gather([self._put() for _ in range(add)]))
-        elif add < 0:
-            stale.extend(fresh[target:])
-            fresh = fresh[:target]
-        self._held = fresh
-        if stale:
-            try:
-                await self._gather([self._delete(m) for m in stale])
-            except BaseException:
-                self._held.extend(m for m in stale if m.expires > time.monotonic())
-                raise
+        surplus ones go, so the count never dips below what is wanted. A message is tracked
+        from the moment Storage has it, so one put or delete failing loses track of no other."""
+        async with self._lock:
+            now = time.monotonic()
+            target = max(0, int(self._want()))
+            # Replaced when less than two sampling periods and a margin are left (the platform
+            # counts a message until it expires).
+            margin = max(2 * self.sample, self.ttl / 6)
+            fresh = [m for m in self._held if m.expires - now > margin]
+            doomed = [m for m in self._held if m.expires - now <= margin] + fresh[target:]
+            if target > len(fresh):
+                await self._gather([self._put() for _ in range(target - len(fresh))])
+            if doomed:
+                await self._gather([self._delete(m) for m in doomed])
 
-    async def _gather(self, coros: list[Any]) -> list[Any]:
+    async def _gather(self, coros: list[Any]) -> None:
+        """Run them all (PARALLEL at a time); then raise the first failure, if any."""
         sem = asyncio.Semaphore(PARALLEL)
 
         async def one(c: Any) -> Any:
             async with sem:
                 return await c
 
-        return list(await asyncio.gather(*(one(c) for c in coros)))
+        for outcome in await asyncio.gather(*(one(c) for c in coros), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
-    async def _put(self) -> _Message:
+    async def _put(self) -> None:
         msg = await self._client.send_message("1", time_to_live=self.ttl)
         self.writes += 1
-        return _Message(msg.id, msg.pop_receipt, time.monotonic() + self.ttl)
+        self._held.append(_Message(msg.id, msg.pop_receipt, time.monotonic() + self.ttl))
 
     async def _delete(self, m: _Message) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -256,23 +271,42 @@ class DemandQueue:
         except ResourceNotFoundError:
             pass  # expired already
         self.writes += 1
+        self._held.remove(m)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, timeout: float = 15.0) -> None:
         """Stop asking: delete this client's messages (the app then scales in after its
-        cooldown), close the client. Never raises but for cancellation."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        cooldown), close the client. The loop's sync in progress is let finish (a put
+        cancelled midway could leave a message no one tracks); the whole close takes at most
+        about ``timeout`` seconds, after which what is left expires by itself. Never raises
+        but for cancellation."""
         self._want = lambda: 0
+        self._stopping = True
+        self._wake.set()
         try:
-            await self.sync()
-        except Exception as exc:  # noqa: BLE001 - the messages expire by themselves
-            log.warning(
-                "could not empty the demand queue %s (%s): its messages expire within %d s, then the app scales in",
-                self.name, str(exc).splitlines()[0], self.ttl,
-            )  # fmt: skip
-        await self._client.close()
+            if self._task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), timeout / 2)
+                except Exception:  # noqa: BLE001 - its failures were logged; a hung one is cancelled below
+                    pass
+                finally:
+                    self._task.cancel()
+                    await asyncio.gather(self._task, return_exceptions=True)
+                    self._task = None
+            try:
+                await asyncio.wait_for(self.sync(), timeout / 2)
+            except Exception as exc:  # noqa: BLE001 - the messages expire by themselves
+                why = "timed out" if isinstance(exc, asyncio.TimeoutError) else _first_line(exc)
+                log.warning(
+                    "could not empty the demand queue %s (%s): its messages expire within %d s, then the app scales in",
+                    self.name, why, self.ttl,
+                )  # fmt: skip
+        finally:
+            await self._client.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line for a log message (its type when it has no text)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def replicas_needed(requests: int, per_replica: int, max_replicas: int) -> int:
