@@ -15,6 +15,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -52,6 +53,12 @@ FOREIGN_LITHOPS_SECTIONS = frozenset(
     openwhisk aliyun aliyun_fc aliyun_oss oracle oracle_f oracle_oss ceph minio redis
     infinispan infinispan_hotrod swift openstack_swift vm singularity rabbitmq prometheus
     standalone tencent tencent_scf tencent_cos""".split()
+)
+
+#: A user-assigned managed identity's full ARM resource id (ARM ids are case-insensitive).
+USER_ASSIGNED_IDENTITY_RE = re.compile(
+    r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+$",
+    re.IGNORECASE,
 )
 
 MEMORY_HELP = f"choose one of {', '.join(str(m) for m in ALLOWED_MEMORY)} (MB, in steps of 512)"
@@ -241,6 +248,24 @@ class AzureContainersSection(_Section):
     ingress_timeout: float = Field(
         240.0, gt=0, description="Seconds after which the ingress cuts a request (longer calls return through Blob)."
     )
+    scale_polling_interval: int = Field(
+        5,
+        ge=1,
+        description="Seconds between Container Apps' reads of the demand queue (its pollingInterval; Azure's default is 30).",
+    )
+    scale_cooldown: int = Field(
+        300,
+        ge=1,
+        description="Seconds without demand before the app scales in to min_workers (its cooldownPeriod; a scale-in "
+        "that leaves replicas running follows Azure's fixed 300 s window).",
+    )
+    demand_queue: bool = Field(
+        True,
+        description="Tell Container Apps the replicas a job needs through a Storage queue (needs azure_storage with a key).",
+    )
+    demand_ttl: int = Field(
+        120, ge=1, description="Seconds a demand message lives: a client that dies stops asking for replicas this long after."
+    )
     builder: Literal["auto", "docker", "podman", "buildah", "acr"] = Field(
         "auto", description="How `acx runtime build` builds: a local engine, or ACR Tasks (auto: the first that works)."
     )
@@ -254,6 +279,19 @@ class AzureContainersSection(_Section):
     docker_server: str | None = Field(None, description="Registry of the runtime image, e.g. myregistry.azurecr.io.")
     docker_user: str | None = Field(None, description="Registry user name.")
     docker_password: SecretStr | None = Field(None, description="Registry password (kept as a Container App secret).")
+    registry_identity: str | None = Field(
+        None,
+        description="Managed identity the app pulls from docker_server with, instead of docker_user / docker_password "
+        "(which then serve only this machine's pushes): a user-assigned identity's resource id "
+        "(/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>) "
+        "with AcrPull on the registry, or `system` (the app's own, which has no AcrPull at its first deploy).",
+    )
+    core_quota: float | None = Field(
+        None,
+        gt=0,
+        description="Cores the environment may run at once, for the quota checks of deploy and warm(). Default: the "
+        "environment's quota as Azure reports it, else 100 (Container Apps' default; 10 on trial subscriptions).",
+    )
     resource_group: str | None = Field(None, description="Overrides azure.resource_group.")
     region: str | None = Field(None, description="Overrides azure.region.")
     location: str | None = Field(None, description="Alias of region.")
@@ -273,6 +311,22 @@ class AzureContainersSection(_Section):
     def _memory(cls, v: int) -> int:
         _check_memory(v)
         return v
+
+    @field_validator("registry_identity")
+    @classmethod
+    def _identity(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        value = str(v).strip()
+        if value.lower() == "system":
+            return "system"
+        if not USER_ASSIGNED_IDENTITY_RE.match(value):
+            raise ValueError(
+                f"registry_identity={v!r} is neither `system` nor a user-assigned identity's resource id: use "
+                "/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name> "
+                "(`az identity show -n <name> -g <rg> --query id -o tsv` prints it), or system"
+            )
+        return value
 
 
 class AzureStorageSection(_Section):

@@ -173,6 +173,10 @@ class AsyncExecutor:
         assert self._invoker is not None
         try:
             self._runtime = create_runtime(self.config, log_level=self.config.lithops.log_level, credential=self.credential)
+            invoker = self._invoker
+            track = getattr(self._runtime, "track_demand", None)  # (a test's runtime double may lack it)
+            if track is not None:
+                track(lambda: invoker.demand)  # the calls waiting for a cold start too
             endpoint = await self._runtime.start()
             if self.config.storage_configured:
                 storage = Storage(self.config, credential=self.credential)
@@ -232,15 +236,17 @@ class AsyncExecutor:
 
         >>> async with AsyncExecutor(backend="azure") as ex:   # doctest: +SKIP
         ...     await ex.warm(50)
-        ...     results = await ex.map(fn, items)             # aclose() restores minReplicas
+        ...     results = await ex.map(fn, items)             # aclose() ends the warmth
 
-        On Azure it raises the Container App's ``minReplicas`` through ARM (never lowering it,
-        nor below ``azure_containers.min_workers``; above ``max_workers`` is a ConfigError) and
-        returns once ARM has applied it, without waiting for the replicas to be ready. The
-        change makes a new revision. :meth:`aclose` restores the original value, once however
-        often warm() was called. Idle warm replicas are billed: should this process die first,
-        the app keeps them for ``lease`` seconds, after which the next executor to start
-        restores it. Locally every replica is always warm: returns their number.
+        On Azure with the demand queue (docs/azure.md, "How scaling works") it asks Container
+        Apps for at least ``replicas`` replicas through the queue until :meth:`aclose` (or
+        ``lease`` seconds): no template change, so no new revision. Without it, it raises the
+        Container App's ``minReplicas`` through ARM (never lowering it, nor below
+        ``azure_containers.min_workers``), which makes a new revision, and :meth:`aclose`
+        restores it; should this process die first, the next executor to start after ``lease``
+        seconds does. Either way it returns without waiting for the replicas to be ready;
+        above ``max_workers``, or past the environment's free cores, is a ConfigError. Idle
+        warm replicas are billed. Locally every replica is always warm: returns their number.
         """
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas={replicas!r} must be a whole number >= 0")

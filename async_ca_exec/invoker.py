@@ -36,6 +36,7 @@ from .errors import (
 from .futures import CallFuture
 from .jobs import Job, Stats
 from .progress import LogPrinter
+from .storage import runtime_sas_hint
 from .transfer import Transfers
 
 log = logging.getLogger("async_ca_exec.invoker")
@@ -405,7 +406,8 @@ def build_error(info: dict[str, Any], exc_blob: bytes | None, call_id: str) -> B
     elif kind == protocol.ERR_SERIALIZATION:
         exc = SerializationError(f"call {call_id}: {message}")
     elif kind == protocol.ERR_STORAGE:
-        exc = StorageError(f"call {call_id}: {message}")
+        hint = runtime_sas_hint(message)
+        exc = StorageError(f"call {call_id}: {message}" + (f"; {hint}" if hint else ""))
     else:
         exc = RemoteError(type_name, f"the runtime failed running call {call_id}: {message}", tb, call_id=call_id)
     if tb:
@@ -555,6 +557,12 @@ class Invoker:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def demand(self) -> int:
+        """Requests this client would have in flight now: sent, and queued up to max_concurrency
+        (the runtime sizes its replicas from it)."""
+        return min(self._limit, len(self._inflight) + len(self._pending))
 
     def calls_in_flight(self, job: Job) -> int:
         """Calls of ``job`` sent and not answered yet."""

@@ -35,6 +35,15 @@ DEFAULT_CONTAINER = "acx-data"
 #: SAS lifetime for a job's blobs: long enough for the longest call, short enough to be useless later.
 SAS_LIFETIME = dt.timedelta(hours=6)
 _CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
+#: The role an Entra identity needs for this package's Blob use: its data actions (read, write,
+#: delete blobs) and generateUserDelegationKey, which signs the SAS URLs the runtime gets. A
+#: user delegation SAS grants "the intersection of the permissions that were granted to the
+#: security principal that requested the user delegation key and the permissions that were
+#: granted to the resource on the SAS token" (create-user-delegation-sas, learn.microsoft.com/
+#: rest/api/storageservices), so the runtime's writes need the signer to hold write itself;
+#: Storage Blob Delegator alone holds only the key action and grants no data access.
+DATA_ROLE = "Storage Blob Data Contributor"
+_RUNTIME_SAS_403 = re.compile(r"HTTP 403 (?:reading|writing) (\S+)")
 
 
 @dataclass(frozen=True)
@@ -190,10 +199,15 @@ class Storage:
                 "check azure_storage.storage_account_key / connection_string / sas_token"
             ) from None
         except HttpResponseError as exc:
+            if getattr(exc, "status_code", None) == 403 and self.signs_in_with_entra:
+                raise AuthenticationError(
+                    f"Azure Blob storage at {self.endpoint} denied {what} to the signed-in identity: {_first_line(exc)}; "
+                    f"it needs {DATA_ROLE} on storage account {self.account or '?'}: {role_command(self.account)}"
+                ) from None
             if getattr(exc, "status_code", None) == 403:
                 raise AuthenticationError(
-                    f"Azure Blob storage at {self.endpoint} denied {what}: {_first_line(exc)}; check the account key, "
-                    "the SAS permissions, or the identity's Storage Blob Data Contributor role"
+                    f"Azure Blob storage at {self.endpoint} denied {what}: {_first_line(exc)}; check the account key or "
+                    "the SAS permissions"
                 ) from None
             raise StorageError(f"Azure Blob storage failed while {what}: {_first_line(exc)}") from None
         except (ServiceRequestError, ServiceResponseError, OSError, asyncio.TimeoutError) as exc:
@@ -244,6 +258,22 @@ class Storage:
             except ResourceNotFoundError:
                 return None
         return str(props.etag)
+
+    @property
+    def signs_in_with_entra(self) -> bool:
+        """True when Blob is reached with an Entra credential (account_url, no key or SAS)."""
+        s = self._section
+        return (
+            s.connection_string is None
+            and not (s.storage_account_name and s.storage_account_key is not None)
+            and s.sas_token is None
+        )
+
+    @property
+    def account(self) -> str | None:
+        """The storage account's name, for messages."""
+        name = getattr(self._service, "account_name", None) if self._service is not None else None
+        return name or self._section.storage_account_name or account_of(self.endpoint)
 
     @property
     def lends_user_sas(self) -> bool:
@@ -320,8 +350,7 @@ class Storage:
             if self._delegation is None or self._delegation[1] < expiry:
                 start = _utcnow() - dt.timedelta(minutes=5)
                 until = _utcnow() + dt.timedelta(days=1)
-                async with self._errors("getting a user delegation key (needs Storage Blob Delegator)"):
-                    udk = await svc.get_user_delegation_key(start, until)
+                udk = await self._user_delegation_key(start, until)
                 self._delegation = (udk, until)
             signing = {"user_delegation_key": self._delegation[0]}
         start = _utcnow() - dt.timedelta(minutes=5)  # tolerate clock skew
@@ -330,6 +359,24 @@ class Storage:
                 permission), expiry=expiry, start=start, **signing))  # fmt: skip
         return str(generate_blob_sas(account, self.container, blob, permission=BlobSasPermissions.from_string(
             permission), expiry=expiry, start=start, **signing))  # fmt: skip
+
+    async def _user_delegation_key(self, start: dt.datetime, until: dt.datetime) -> Any:
+        from azure.core.exceptions import HttpResponseError
+
+        async with self._errors("getting a user delegation key"):
+            try:
+                return await self._service.get_user_delegation_key(start, until)
+            except HttpResponseError as exc:
+                if getattr(exc, "status_code", None) != 403:
+                    raise
+                acct = self.account
+                raise AuthenticationError(
+                    f"Azure Blob storage at {self.endpoint} refused the signed-in identity a user delegation key "
+                    f"({_first_line(exc)}): the SAS URLs this client lends the runtime are signed with that key and "
+                    f"carry only what the identity may do itself, so it needs {DATA_ROLE} on storage account "
+                    f"{acct or '?'} (the role includes the key; Storage Blob Delegator adds only the key, for an identity "
+                    f"whose data role is scoped to a container): {role_command(acct)}"
+                ) from None
 
     async def read_url(self, key: str, lifetime: dt.timedelta = SAS_LIFETIME) -> str:
         """A URL that lets its holder read one blob until it expires (a secret: never log it)."""
@@ -341,6 +388,44 @@ class Storage:
         await self.ensure_container()
         sas = await self._sas(blob=None, permission="cw", expiry=_utcnow() + lifetime)
         return f"{self._c.url.rstrip('/')}?{sas}"
+
+
+def account_of(url: str) -> str | None:
+    """The storage account of a blob URL: the host's first label on Azure
+    (https://<account>.blob.core.windows.net/...), the path's first segment on an emulator
+    (http://127.0.0.1:10000/<account>/...)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ".blob." in host:
+        return host.split(".", 1)[0]
+    first = parts.path.strip("/").split("/", 1)[0]
+    return first or None
+
+
+def role_command(account: str | None) -> str:
+    """The `az` line that gives an identity the data role on ``account`` (placeholders for what
+    this client cannot know: who signs in, and the account's subscription and resource group)."""
+    acct = account or "<account>"
+    return (
+        f'`az role assignment create --assignee <your user, app id or object id> --role "{DATA_ROLE}" --scope '
+        f"/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Storage/storageAccounts/{acct}` (`az storage "
+        f"account show -n {acct} --query id -o tsv` prints the scope)"
+    )
+
+
+def runtime_sas_hint(message: str) -> str | None:
+    """What to do about a runtime's report that Blob storage refused (403) a SAS URL this client
+    lent it; None for any other message."""
+    m = _RUNTIME_SAS_403.search(message)
+    if m is None:
+        return None
+    account = account_of(m.group(1))
+    return (
+        f"storage account {account or '?'} refused the SAS URL this client lent the runtime. With an Entra credential "
+        "(azure_storage.account_url without a key or sas_token) that SAS carries only what the signed-in identity may "
+        f"do itself, so the identity needs {DATA_ROLE} on the account: {role_command(account)}; with an account key, "
+        "check that the key is current (rotating it voids the SAS URLs signed with it)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,9 +11,13 @@ client's. The proxy stands in for the Container Apps ingress and its scaler:
 
 - every request waits ``--latency`` ms before it is forwarded and its response waits as long
   again before it is passed back (streamed, chunk by chunk, so heartbeats still flow);
-- it starts with one active replica; when the requests in flight exceed
-  ``--concurrent-requests`` (default ``--workers``) x active replicas, one more replica is
-  activated ``--control-delay`` s later, up to ``--replicas``;
+- it starts with one active replica and scales as Container Apps does, on the scaling model the
+  tests' ARM endpoint runs (``tests/scaling.py``, with the Microsoft pages it follows): the HTTP
+  rule (``--concurrent-requests``, default ``--workers``) from the requests *arriving* per
+  ``--http-window`` (15 s), and the demand queue the runtime keeps at the replicas its calls
+  need (as the Azure runtime does; read every ``--polling`` s), growing by 4 or 100 % per
+  window, up to ``--replicas``; a decided replica starts ``--control-delay`` s later, and a
+  scale-in (after ``--cooldown`` s) takes replicas out of the rotation;
 - requests go round-robin over the active replicas. The first replica is started by the first
   request (a cold start of ``--cold-start`` s, which every request routed to it waits for);
   a scaled-out replica is started when the scaler decides and joins the rotation once its
@@ -23,8 +27,8 @@ client's. The proxy stands in for the Container Apps ingress and its scaler:
 The client is an ``AsyncExecutor(max_concurrency=--concurrency)`` whose runtime is swapped for
 these replicas behind the proxy (an internal: ``create_runtime`` is patched for the run). Per
 latency it runs ``map(add7, range(--calls))`` at chunksize 1 (without and with ``prewarm=True``,
-which here starts every replica's cold start at once, as a raised minReplicas would) and at
-chunksize "auto", each on
+which asks for every replica through the demand queue, as on Azure) and at chunksize "auto",
+each on
 a fresh executor and fresh (cold) replicas, and prints the job's wall time next to
 
     ideal = cold start + ceil(calls / concurrency) x 2 x latency
@@ -44,7 +48,9 @@ that with hedging no call waits for the slow replica (the slowest call takes les
 
 With ``--work MS`` (e.g. ``--replicas 6 --workers 4 --concurrent-requests 4 --work 100 --calls
 2000 --concurrency 48``) each call sleeps MS ms on its worker, so the job's pace is set by how
-many replicas are up; it runs at chunksize 1 without and with ``prewarm=True``.
+many replicas are up; it runs at chunksize 1 on the HTTP rule alone (no demand queue: Azure
+without ``azure_storage``), with the demand queue, and with it and ``prewarm=True``; the target
+is that the demand queue makes the job faster than the HTTP rule alone.
 
 Exits non-zero if a target is missed (so `nox -s bench` fails loudly). Never run by tests.
 """
@@ -74,9 +80,15 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from async_ca_exec import executor as executor_module
+from async_ca_exec.config import AzureContainersSection
 from async_ca_exec.executor import AsyncExecutor
 from async_ca_exec.runtimes import create_runtime
+from async_ca_exec.runtimes import demand as demand_module
 from async_ca_exec.runtimes import local as local_module
+
+# The platform's scaling model is the tests' (one model of Container Apps for both stand-ins).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from scaling import HTTP_WINDOW, ScaleModel, ScaleSettings
 
 
 def add7(x: int) -> int:
@@ -103,6 +115,8 @@ SIM = "/_sim"  # the proxy's own paths (reset, stats); everything else is forwar
 _SIM = SIM.encode()
 #: An idle connection to a replica is not reused after this long (as the SDK's TCPConnector; replicas cut at 75 s).
 _UPSTREAM_IDLE = 60.0
+#: How often the ingress reads its scale rules (the model limits what a read may change).
+_TICK = 0.1
 #: asyncio runs a timer when the clock is within this of its time: pieces due that soon go with it.
 _CLOCK = time.get_clock_info("monotonic").resolution
 
@@ -237,10 +251,24 @@ class Settings:
     route_to_cold: bool
     start_active: int = 1
     slow: float = 0.0  # replica 0 answers this many seconds late (a slow replica)
+    http_window: float = HTTP_WINDOW
+    polling: float = 5.0  # the demand queue's pollingInterval
+    cooldown: float = 300.0
+    demand: bool = True  # the app has the demand-queue rule (queueLength 1)
+
+    def scale(self) -> ScaleSettings:
+        return ScaleSettings(
+            min_replicas=self.start_active,  # in rotation from the start: as a minReplicas would keep them
+            max_replicas=len(self.upstreams),
+            polling=self.polling,
+            cooldown=self.cooldown,
+            http_target=self.concurrent_requests,
+            queue_target=1 if self.demand else None,
+        )
 
 
 class Ingress:
-    """Latency both ways, cold starts, and a scaler on requests in flight (in the proxy process).
+    """Latency both ways, cold starts, and Container Apps' scaler (in the proxy process).
 
     A request is in flight from its arrival (all of it) until its answer is passed back in full,
     or cut, or its client goes."""
@@ -255,12 +283,19 @@ class Ingress:
         self.line = _DelayLine(loop, s.latency)  # the network, either way
         #: The slow replica's first answer bytes (the rest of its answer follows them).
         self.slow_line = _DelayLine(loop, s.latency + s.slow) if s.slow else None
+        self.ticker: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
         self.t0 = time.monotonic()
         self.active = max(1, min(self.s.start_active, len(self.s.upstreams)))
-        self.scaling = False
+        self.started = self.active  # replicas 0 .. started - 1 are started (or start on their first request)
+        self.starting = 0  # decided, not in rotation yet
+        self.messages = 0  # the demand queue's message count, as the runtime keeps it
+        self.model = ScaleModel(self.s.scale(), time.monotonic, http_window=self.s.http_window)
+        if self.ticker is not None:
+            self.ticker.cancel()
+        self.ticker = self.loop.call_later(_TICK, self._tick)
         self.rr = 0
         self.inflight = 0
         self.peak_inflight = 0
@@ -271,50 +306,50 @@ class Ingress:
     def _note(self, what: str) -> None:
         self.events.append(f"{time.monotonic() - self.t0:.2f}s {what}")
 
-    def _maybe_scale(self) -> None:
-        if self.scaling or self.active >= len(self.s.upstreams):
-            return
-        if self.inflight > self.s.concurrent_requests * self.active:
-            self.scaling = True
-            self.loop.call_later(self.s.control_delay, self._scale_out)
+    def _tick(self) -> None:
+        """Container Apps reading its scale rules: the demand queue every polling interval, the
+        HTTP rule every window; the model decides the replica count."""
+        model = self.model
+        if model.queue_due():
+            model.queue_reading(self.messages)
+        current = self.active + self.starting
+        n = model.decide(current)
+        if n > current:
+            self._note(f"scale to {n} ({self.inflight} requests in flight, {self.messages} demand messages)")
+            for _ in range(n - current):
+                self.starting += 1
+                self.loop.call_later(self.s.control_delay, self._scale_out)
+        elif n < self.active and not self.starting:
+            self._note(f"scale in to {max(1, n)} (out of rotation)")
+            self.active = self.started = max(1, n)
+        self.ticker = self.loop.call_later(_TICK, self._tick)
 
     def _scale_out(self) -> None:
-        i = self.active
-        if i >= len(self.s.upstreams) or self.ready[i] is not None:  # all there, or already starting (pre-warmed)
-            self.scaling = False
+        i = self.started
+        if i >= len(self.s.upstreams):  # (the model never asks past maxReplicas)
+            self.starting -= 1
             return
+        self.started += 1
         self._note(f"replica {i} started ({self.inflight} requests in flight)")
         if self.s.route_to_cold:  # routed to at once; its first request starts it and waits
             self._join(i)
             return
-        ready = self.ready[i] = _Ready()  # started now, routed to once ready (a readiness probe)
-        ready.set()
+        if self.ready[i] is None:  # started now, routed to once ready (a readiness probe)
+            ready = self.ready[i] = _Ready()
+            ready.set()
         self.loop.call_later(self.s.cold_start, self._join, i)
 
-    def warm(self, n: int) -> None:
-        """Pre-warming (minReplicas raised): start the cold starts of replicas up to ``n`` at once."""
-        self._note(f"warm to {n} replicas")
-        for i in range(min(n, len(self.s.upstreams))):
-            if self.ready[i] is None:
-                ready = self.ready[i] = _Ready()
-                self.loop.call_later(self.s.cold_start, ready.set)
-                if i >= self.active:
-                    self.loop.call_later(self.s.cold_start, self._join, i)
-
     def _join(self, i: int) -> None:
-        self.scaling = False
-        if i < self.active:
-            return
-        self.active = i + 1
+        self.starting -= 1
+        self.active = max(self.active, i + 1)
         self._note(f"replica {i} in rotation")
-        self._maybe_scale()
 
     def sim(self, path: str, body: bytes) -> dict[str, Any]:
         """The proxy's own endpoints (answered at once, not counted in flight)."""
         if path == f"{SIM}/reset":
             self.reset()
-        elif path == f"{SIM}/warm":
-            self.warm(int(json.loads(body)["n"]))
+        elif path == f"{SIM}/demand":  # the runtime setting its demand queue's message count
+            self.messages = int(json.loads(body)["n"])
         elif path == f"{SIM}/stats":
             return {"active": self.active, "routed": self.routed, "peak_inflight": self.peak_inflight, "events": self.events}
         return {}
@@ -326,7 +361,7 @@ class Ingress:
         self.inflight += 1
         if self.inflight > self.peak_inflight:
             self.peak_inflight = self.inflight
-        self._maybe_scale()
+        self.model.arrival()
         self.line.put(self._route, down)
 
     def _route(self, down: _Downstream) -> None:
@@ -371,6 +406,8 @@ class Ingress:
             up.lost()  # its request's client sees a cut, as when the replica goes mid-answer
 
     def close(self) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
         for task in self.connecting:
             task.cancel()
         for idle in self.idle:
@@ -713,6 +750,29 @@ class SimCloudRuntime:
             self.inner.append(rt)
         self.proxy: Any = None
         self.url = ""
+        # The demand queue, as the Azure runtime keeps it: replicas for the calls in flight and
+        # queued, or warm()'s floor; here its count is told to the ingress every SAMPLE seconds.
+        self._demand_of: Callable[[], int] = lambda: 0
+        self._floor = 0
+        self._asking: asyncio.Task[None] | None = None
+
+    def track_demand(self, demand: Callable[[], int]) -> None:
+        self._demand_of = demand
+
+    def _wanted(self) -> int:
+        need = demand_module.replicas_needed(self._demand_of(), int(self.sim["concurrent_requests"]), len(self.inner))
+        return max(need, self._floor)
+
+    async def _ask(self) -> None:
+        told = -1
+        async with aiohttp.ClientSession() as s:
+            while True:
+                n = self._wanted() if self.sim["demand"] else 0
+                if n != told:
+                    async with s.post(f"{self.url}{SIM}/demand", json={"n": n}) as r:
+                        r.raise_for_status()
+                    told = n
+                await asyncio.sleep(self.sim["sample"])
 
     @property
     def pids(self) -> list[int]:
@@ -722,15 +782,12 @@ class SimCloudRuntime:
         return min(len(self.inner), math.ceil(requests / int(self.sim["concurrent_requests"])))
 
     async def warm(self, replicas: int, *, lease: float) -> int:
-        """As the Azure runtime raises minReplicas: the ingress starts that many replicas now."""
-        while not self.url:  # noqa: ASYNC110 - called as the executor starts: one look per 10 ms
-            await asyncio.sleep(0.01)
-        async with aiohttp.ClientSession() as s, s.post(f"{self.url}{SIM}/warm", json={"n": replicas}) as r:
-            r.raise_for_status()
+        """As the Azure runtime does: a floor under the demand queue's count (no template change)."""
+        self._floor = replicas
         return replicas
 
     async def cool(self) -> None:
-        pass
+        self._floor = 0
 
     async def start(self) -> Any:
         key = os.urandom(24).hex()
@@ -746,6 +803,10 @@ class SimCloudRuntime:
                 route_to_cold=self.sim["route_to_cold"],
                 start_active=self.sim["start_active"],
                 slow=self.sim["slow"],
+                http_window=self.sim["http_window"],
+                polling=self.sim["polling"],
+                cooldown=self.sim["cooldown"],
+                demand=self.sim["demand"],
             )
             ctx = multiprocessing.get_context("spawn")
             parent, child = ctx.Pipe()
@@ -755,12 +816,17 @@ class SimCloudRuntime:
             if not await asyncio.to_thread(parent.poll, 60):
                 raise RuntimeError("the ingress proxy did not start")
             self.url = f"http://127.0.0.1:{parent.recv()}"
+            self._asking = asyncio.create_task(self._ask())
         except BaseException:
             await self.aclose()
             raise
         return dataclasses.replace(endpoints[0], url=self.url)
 
     async def aclose(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
+            with contextlib.suppress(BaseException):
+                await self._asking
         if self.proxy is not None:
             await asyncio.to_thread(_stop_process, self.proxy)
         for rt in self.inner:
@@ -786,6 +852,7 @@ class Row:
     hedge: float | bool = False
     slow: bool = True
     prewarm: bool = False
+    demand: bool = True
     wall: float = math.nan
     cpu_us: float = math.nan
     #: CPU per call of the other processes on this machine: replica servers, their workers, the proxy.
@@ -805,8 +872,9 @@ async def run_row(
     hedge: float | bool = False,
     slow: bool = True,
     prewarm: bool = False,
+    demand: bool = True,
 ) -> Row:
-    row = Row(latency_ms, chunksize, hedge, slow, prewarm)
+    row = Row(latency_ms, chunksize, hedge, slow, prewarm, demand)
     sim = {
         "replicas": a.replicas,
         "latency": latency_ms / 1000,
@@ -816,6 +884,11 @@ async def run_row(
         "route_to_cold": a.route_to_cold,
         "start_active": a.start_active,
         "slow": a.slow_replica / 1000 if slow else 0.0,
+        "http_window": a.http_window,
+        "polling": a.polling,
+        "cooldown": a.cooldown,
+        "demand": demand,
+        "sample": 0.5,  # as the Azure runtime's DemandQueue samples the executor
     }
     config = {"localhost": {"replicas": a.replicas, "worker_processes": a.workers}}
     factory = lambda config, **kw: SimCloudRuntime(config, sim, **kw)  # noqa: E731
@@ -923,32 +996,42 @@ def hedging(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _scaling(a: argparse.Namespace) -> str:
+    return (
+        f"Container Apps' scaler (tests/scaling.py): HTTP rule {a.concurrent_requests or a.workers} per replica over "
+        f"{a.http_window:g} s windows, demand queue read every {a.polling:g} s, cooldown {a.cooldown:g} s; a new "
+        f"replica starts {a.control_delay:g} s after the decision, cold start {a.cold_start:g} s"
+    )
+
+
 def prewarming(a: argparse.Namespace) -> int:
     """Calls that take a worker ``--work`` ms: capacity grows with replicas, so how soon they
-    are there decides the job time. Without pre-warming they come one scale-out at a time."""
+    are there decides the job time: on the HTTP rule alone (arrivals per window), with the
+    demand queue (the calls waiting, read each polling interval), and with prewarm=True too."""
     print(
-        f"cloud in a box, pre-warming: map(sleep {a.work:g} ms, range({a.calls:,})), max_concurrency {a.concurrency:,}, "
-        f"up to {a.replicas} replicas x {a.workers} workers, scale out when in-flight > {a.concurrent_requests or a.workers}"
-        f" x active, {a.control_delay:g} s later, cold start {a.cold_start:g} s; {os.cpu_count()} CPUs"
+        f"cloud in a box, scaling: map(sleep {a.work:g} ms, range({a.calls:,})), max_concurrency {a.concurrency:,}, "
+        f"up to {a.replicas} replicas x {a.workers} workers; {os.cpu_count()} CPUs\n{_scaling(a)}"
     )
-    rows: list[Row] = []
+    modes = (("HTTP rule only", False, False), ("demand queue", True, False), ("demand + prewarm", True, True))
+    rows: list[tuple[str, Row]] = []
     for latency in a.latency:
-        for prewarm in (False, True):
-            row = asyncio.run(run_row(a, latency, 1, prewarm=prewarm))
-            rows.append(row)
-            print(f"  prewarm={prewarm}: " + "; ".join(row.stats["events"]))
+        for label, demand, prewarm in modes:
+            row = asyncio.run(run_row(a, latency, 1, prewarm=prewarm, demand=demand))
+            rows.append((label, row))
+            print(f"  {label}: " + "; ".join(row.stats["events"]))
     capacity = a.replicas * a.workers / (a.work / 1000)
     ideal = a.cold_start + a.calls / min(capacity, a.concurrency / (a.work / 1000 + 2 * a.latency[0] / 1000))
-    print(f"\n{'latency':>8}  {'prewarm':>7}  {'wall s':>7}  {'calls/s':>8}  routed")
-    for row in rows:
-        print(f"{row.latency_ms:>6g}ms  {row.prewarm!s:>7}  {row.wall:>7.2f}  {a.calls / row.wall:>8,.0f}  {row.stats['routed']}")
+    print(f"\n{'latency':>8}  {'scaling':>16}  {'wall s':>7}  {'calls/s':>8}  routed")
+    for label, row in rows:
+        print(f"{row.latency_ms:>6g}ms  {label:>16}  {row.wall:>7.2f}  {a.calls / row.wall:>8,.0f}  {row.stats['routed']}")
     ok = True
-    for cold, warm in zip(rows[::2], rows[1::2], strict=True):
-        gain = cold.wall / warm.wall
+    for (_, http), (_, queue), (_, warm) in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        gain = http.wall / queue.wall
         ok &= gain > 1.0
         print(
-            f"{cold.latency_ms:g} ms: prewarm=True cuts the job from {cold.wall:.2f} s to {warm.wall:.2f} s ({gain:.2f}x); "
-            f"with every replica warm from the first cold start it could take about {ideal:.2f} s"
+            f"{http.latency_ms:g} ms: the demand queue cuts the job from {http.wall:.2f} s (HTTP rule only) to "
+            f"{queue.wall:.2f} s ({gain:.2f}x; target > 1: {'ok' if gain > 1.0 else 'MISSED'}), {warm.wall:.2f} s with "
+            f"prewarm=True; with every replica warm from the first cold start it could take about {ideal:.2f} s"
         )
     return 0 if ok else 1
 
@@ -962,13 +1045,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="worker processes per replica")
     p.add_argument("--cold-start", type=float, default=2.0, help="seconds")
     p.add_argument("--control-delay", type=float, default=1.0, help="seconds from a scale decision to the new replica")
-    p.add_argument("--concurrent-requests", type=int, default=0, help="scale rule per replica (default: --workers)")
+    p.add_argument("--concurrent-requests", type=int, default=0, help="HTTP scale rule per replica (default: --workers)")
+    p.add_argument("--http-window", type=float, default=HTTP_WINDOW, help="seconds: the HTTP rule's window (Azure: 15)")
+    polling = AzureContainersSection.model_fields["scale_polling_interval"].default
+    p.add_argument("--polling", type=float, default=polling, help="seconds between reads of the demand queue (the SDK's default)")
+    cooldown = AzureContainersSection.model_fields["scale_cooldown"].default
+    p.add_argument("--cooldown", type=float, default=cooldown, help="seconds without demand before a scale-in")
+    p.add_argument("--no-demand", action="store_true", help="no demand queue: the HTTP rule alone (the default rows)")
     p.add_argument(
         "--route-to-cold",
         action="store_true",
         help="route to a scaled-out replica at once (its first request waits the cold start), not once it is ready",
     )
-    p.add_argument("--start-active", type=int, default=1, help="replicas in rotation from the start")
+    p.add_argument("--start-active", type=int, default=1, help="replicas in rotation from the start (the app's minReplicas)")
     p.add_argument(
         "--slow-replica",
         type=float,
@@ -982,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="MS",
-        help="each call sleeps MS ms on its worker: compare map at chunksize 1 without and with prewarm=True",
+        help="each call sleeps MS ms on its worker: compare the HTTP rule alone, the demand queue, and prewarm=True",
     )
     a = p.parse_args(argv)
     _raise_nofile()
@@ -1003,15 +1092,15 @@ def default_rows(a: argparse.Namespace) -> int:
         f"cloud in a box: map(add7, range({a.calls:,})), max_concurrency {a.concurrency:,}; {os.cpu_count()} CPUs, "
         f"Python {sys.version.split()[0]}\n"
         f"ingress proxy (own process): up to {a.replicas} replicas x {a.workers} workers, each replica its own "
-        f"local-runtime server and port; cold start {a.cold_start:g} s, scale out when in-flight > "
-        f"{a.concurrent_requests or a.workers} x active, {a.control_delay:g} s later; a new replica is routed to "
+        f"local-runtime server and port; {_scaling(a)}{' (no demand queue)' if a.no_demand else ''};\n"
+        f"a new replica is routed to "
         f"{'at once (its first request waits its cold start)' if a.route_to_cold else 'once its cold start is over'}\n"
         f"ideal = cold start + ceil(calls / concurrency) x 2 x latency"
     )
     rows: list[Row] = []
     for latency in a.latency:
         for cs, prewarm in ((1, False), (1, True), ("auto", False)):
-            row = asyncio.run(run_row(a, latency, cs, prewarm=prewarm))
+            row = asyncio.run(run_row(a, latency, cs, prewarm=prewarm, demand=not a.no_demand))
             rows.append(row)
             if row.stats:
                 print(f"  {latency:g} ms, chunksize {cs}{', prewarm' if prewarm else ''}: routed {row.stats['routed']}, "

@@ -20,6 +20,7 @@ import asyncio
 import copy
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -36,21 +37,51 @@ from typing import Any
 import aiohttp
 import trustme
 from aiohttp import web
+from scaling import HTTP_WINDOW, ScaleModel, ScaleSettings, queue_rule
 
 TOKEN = "test-token"
+_QUIET = logging.getLogger("arm_endpoint.platform")
+_QUIET.setLevel(logging.WARNING)
 APPS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/containerApps"
 ENVS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/managedEnvironments"
 
 
 @dataclass
 class Replica:
-    name: str
+    name: str  # the app's
     proc: subprocess.Popen[bytes]
-    port: int  # the ingress (HTTPS) port: the app's FQDN
+    port: int  # the app's ingress (HTTPS) port: its FQDN
     upstream: int  # the replica server's own (HTTP) port
     created: float
     log: Path
     health: int = 0  # the replica server's probe port (0: none)
+    id: str = ""  # ACX_REPLICA_ID
+    revision: str = ""
+    inflight: int = 0  # requests the ingress has open to it
+    draining: bool = False  # sent SIGTERM (scale-in, a revision swap): no new requests
+    prober: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Fleet:
+    """An app's replicas behind its one ingress, and the scaler that decides how many run."""
+
+    rg: str
+    name: str
+    port: int  # the ingress port
+    revision: str  # the active revision: the ingress sends requests to its replicas only
+    model: ScaleModel
+    replicas: list[Replica] = field(default_factory=list)
+    starting: int = 0  # replicas being started (counted as running by the scaler)
+    swapping: bool = False  # a new revision's replicas are starting: the old revision's stay as they are
+    serial: int = 0
+    turn: int = 0  # round robin (Envoy's default policy; the ingress's own is not documented)
+    scaler: asyncio.Task[None] | None = None
+    growing: set[asyncio.Task[Replica]] = field(default_factory=set)  # replicas the scaler is starting
+    queue: Any = None  # (connection string, queue name, client) the azure-queue rule reads
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if not r.draining]
 
 
 #: What Container Apps adds for each probe type an app with ingress leaves out: TCP on the
@@ -111,6 +142,7 @@ class Operation:
     until: float
     patch: bool = False  # a PATCH: held InProgress while hold_patches is set
     app: tuple[str, str] | None = None  # what its Location answers once done (a PATCH's: the app)
+    error: tuple[str, str] | None = None  # (code, message): it ends Failed with this error
 
 
 @dataclass
@@ -163,6 +195,17 @@ class ArmEndpoint:
         self.registry_auth: str | None = None
         self.registry_login: tuple[str, str] = ("", "")
         self.registry_tokens: list[str] = []
+        #: Who holds the AcrPull role on this registry: user-assigned identities' resource ids
+        #: and system-assigned identities' principal ids (the app's ``identity.principalId``).
+        self.acr_pull_identities: set[str] = set()
+        #: Each environment's core quota: "Calculated by the sum of cores requested by each
+        #: active replica of all revisions in an environment", 100 by default (10 on trial
+        #: subscriptions), https://learn.microsoft.com/azure/container-apps/quotas (the table is
+        #: quoted from the docs.azure.cn/en-us copy and the ja-jp and zh-tw Learn pages). It is
+        #: served as ARM's environment usages (ManagedEnvironmentUsages_List); ``serve_usages``
+        #: False answers 404 there, as an ARM endpoint without that API would.
+        self.core_quota = 100.0
+        self.serve_usages = True
         #: Azure Container Registries (login server -> name) and the ACR Tasks runs scheduled:
         #: each run writes its log in parts over ``acr_polls`` status reads, then ends
         #: Succeeded (or Failed with ``acr_fail`` as its error message) and marks the log complete.
@@ -173,7 +216,27 @@ class ArmEndpoint:
         self.acr_upload_broken = False
         self.requests: list[Recorded] = []
         self.ingress_hits: list[IngressHit] = []
-        self.replicas: dict[str, Replica] = {}
+        #: Each app's replicas and scaler (tests/scaling.py decides how many run). The HTTP
+        #: rule's window is 15 s on Azure; a test may shorten it (``http_window``), and sets
+        #: pollingInterval / cooldownPeriod through the app's own template, as a user would.
+        self.fleets: dict[str, Fleet] = {}
+        self.http_window = HTTP_WINDOW
+        self.scale_tick = 0.05
+        #: Every app's revisions, oldest first (each template change creates one).
+        self.revisions: dict[str, list[str]] = {}
+        #: (app, replica count) whenever the scaler changed it; (time, replica id, requests in flight)
+        #: for each replica sent SIGTERM by a scale-in or a revision swap; failed queue reads.
+        self.scale_log: list[tuple[float, str, int]] = []
+        self.scale_ins: list[tuple[float, str, int]] = []
+        self.queue_errors: list[str] = []
+        #: Expired messages still count: Get Queue Metadata's count "is not lower than the actual
+        #: number of messages in the queue, but could be higher"
+        #: (https://learn.microsoft.com/rest/api/storageservices/get-queue-metadata), and Azurite
+        #: counts them until a read touches the queue. How soon Azure collects them is not
+        #: documented: the twin lets storage collect them every ``queue_gc`` seconds.
+        self.queue_gc = 60.0
+        self._queue_gc_at: dict[str, float] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         #: Liveness probes run as the app defines them (or the defaults); a replica failing
         #: one failureThreshold times in a row is restarted, as the kubelet restarts a container
         #: (an ACA page says only that failures "cause different results for each probe type").
@@ -181,7 +244,6 @@ class ArmEndpoint:
         self.probe_time_scale = 1.0
         self.restarts: dict[str, int] = {}
         self.probe_failures: list[tuple[str, str]] = []  # (app, what failed)
-        self._probers: dict[str, asyncio.Task[None]] = {}
         self._replica_locks: dict[str, asyncio.Lock] = {}
         #: Extra environment for the replicas (a test's tarpit settings, say).
         self.replica_env: dict[str, str] = {}
@@ -248,8 +310,9 @@ class ArmEndpoint:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
 
     async def _stop(self) -> None:
-        for name in list(self.replicas):
-            await self._stop_replica(name)
+        draining = [r for fleet in self.fleets.values() for r in fleet.replicas if r.draining]
+        for name in list(self.fleets):
+            await self._stop_fleet(name, hurry=draining)
         for runner in self._runners.values():
             await runner.cleanup()
         if self._session is not None:
@@ -271,36 +334,58 @@ class ArmEndpoint:
     def bodies(self, method: str, kind: str = "containerApps") -> list[Any]:
         return [r.body for r in self.requests if r.method == method and f"/{kind}/" in r.path and r.body is not None]
 
+    @property
+    def replicas(self) -> dict[str, Replica]:
+        """Each app's first running replica (apps scaled to zero have none)."""
+        return {name: live[0] for name, fleet in self.fleets.items() if (live := fleet.live())}
+
+    def replica_count(self, name: str) -> int:
+        fleet = self.fleets.get(name)
+        return len(fleet.live()) if fleet else 0
+
+    def scale_in(self, name: str, replica_id: str) -> None:
+        """Scale in one replica of app ``name`` now, as the scaler does: SIGTERM, then SIGKILL
+        when the app's terminationGracePeriodSeconds ends."""
+
+        async def retire() -> None:
+            fleet = self.fleets[name]
+            replica = next(r for r in fleet.replicas if r.id == replica_id)
+            self._retire(fleet, replica, self._grace(self.state.apps[(fleet.rg, name)]))
+
+        self._call(retire())
+
     def crash_and_restart(self, name: str) -> None:
-        """SIGKILL an app's replica and start a fresh one behind the same ingress, as Container
-        Apps restarts a crashed container."""
-        self._call(self._crash_and_restart(name))
+        """SIGKILL an app's (first) replica and start a fresh one behind the same ingress, as
+        Container Apps restarts a crashed container."""
+        self._call(self._respawn(self.replicas[name], kill=True))
 
-    async def _crash_and_restart(self, name: str) -> None:
-        await self._respawn(name, kill=True)
+    async def _respawn(self, replica: Replica, *, kill: bool) -> None:
+        """End a replica's process (SIGKILL, or SIGTERM with up to 15 s to drain) and start a
+        fresh one in its place, from the app's template, behind the same ingress."""
+        async with self._replica_lock(replica.id):
+            if replica.draining:
+                return
+            await _end(replica.proc, kill=kill)
+            fleet = self.fleets[replica.name]
+            body = self._secret_body(fleet.rg, replica.name)
+            replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(replica.id, body)
+            replica.created = time.monotonic()
 
-    async def _respawn(self, name: str, *, kill: bool) -> None:
-        """End an app's replica process (SIGKILL, or SIGTERM with up to 15 s to drain) and start
-        a fresh one from the app's template behind the same ingress."""
-        async with self._replica_lock(name):
-            await self._respawn_now(name, kill=kill)
+    def _replica_lock(self, key: str) -> asyncio.Lock:
+        """One replacement of a replica's process at a time (a liveness restart, a crash a
+        test makes), so none leaves a process behind."""
+        return self._replica_locks.setdefault(key, asyncio.Lock())
 
-    def _replica_lock(self, name: str) -> asyncio.Lock:
-        """One replacement of an app's replica process at a time (a liveness restart, a crash
-        a test makes, a revision swap), so none leaves a process behind."""
-        return self._replica_locks.setdefault(name, asyncio.Lock())
-
-    async def _respawn_now(self, name: str, *, kill: bool) -> None:
-        replica = self.replicas[name]
-        await _end(replica.proc, kill=kill)
-        rg = next(g for (g, n) in self.state.apps if n == name)
-        body = copy.deepcopy(self.state.apps[(rg, name)])
-        for s in body["properties"]["configuration"]["secrets"]:
-            s["value"] = next(x["value"] for x in self.state.secrets[(rg, name)] if x["name"] == s["name"])
-        replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
+    def _secret_body(self, rg: str, name: str, app: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The app as its replicas see it: secrets with their values."""
+        body = copy.deepcopy(app if app is not None else self.state.apps[(rg, name)])
+        values = {s["name"]: s.get("value", "") for s in self.state.secrets.get((rg, name), [])}
+        for s in body["properties"]["configuration"].get("secrets") or []:
+            s["value"] = values.get(s["name"], "")
+        return body
 
     def replica_pids(self) -> set[int]:
-        return {r.proc.pid for r in self.replicas.values()}
+        return {r.proc.pid for fleet in self.fleets.values() for r in fleet.replicas}
 
     def _add_environment(self, rg: str, name: str, location: str, *, profiles: bool = True) -> None:
         props: dict[str, Any] = {"provisioningState": "Succeeded", "defaultDomain": "acx.test"}
@@ -374,6 +459,8 @@ class ArmEndpoint:
         injected = self.fail_next.pop(f"{request.method} {kind}", None)
         if injected:
             return self._error(injected[0], injected[1], "Injected failure for a test.")
+        if kind == "managedEnvironments" and name and action == "usages" and request.method == "GET":
+            return self._usages(rg, name)
         if kind == "managedEnvironments" and name:
             return await self._environment(request.method, rg, name, body)
         if kind == "containerApps" and name is None and request.method == "GET":
@@ -386,9 +473,9 @@ class ArmEndpoint:
         if kind == "containerApps" and name and action is None:
             return await self._app(request.method, rg, name, body)
         if kind == "containerApps" and name and action == "revisions" and parts[-1] == "replicas":
-            replica = self.replicas.get(name)
-            running = replica is not None and replica.proc.poll() is None
-            return web.json_response({"value": [{"name": f"{name}-r0"}] if running else []})
+            fleet = self.fleets.get(name)
+            running = [r for r in fleet.live() if r.proc.poll() is None] if fleet else []
+            return web.json_response({"value": [{"name": r.id} for r in running]})
         return self._error(404, "NotFound", f"no route {request.method} {request.path}")
 
     def busy(self, kind: str, name: str, seconds: float, rg: str = "rg-acx") -> None:
@@ -396,10 +483,10 @@ class ArmEndpoint:
         what the SDK meets when the portal, a pipeline or a second machine changes it."""
         self._ops[uuid.uuid4().hex] = Operation((kind, rg, name), 0, time.monotonic() + seconds)
 
-    def _new_op(self, kind: str, rg: str, name: str, *, patch: bool = False) -> str:
+    def _new_op(self, kind: str, rg: str, name: str, *, patch: bool = False, error: tuple[str, str] | None = None) -> str:
         op = uuid.uuid4().hex
         app = (rg, name) if patch else None
-        self._ops[op] = Operation((kind, rg, name), self.op_polls, time.monotonic() + self.op_seconds, patch, app)
+        self._ops[op] = Operation((kind, rg, name), self.op_polls, time.monotonic() + self.op_seconds, patch, app, error)
         return op
 
     def _running(self, op: Operation) -> bool:
@@ -434,6 +521,9 @@ class ArmEndpoint:
             return self._error(404, "NotFound", "no such operation")
         if running:
             return web.json_response({"status": "InProgress"}, headers={"retry-after-ms": "50"})
+        error = self._ops[op].error
+        if error is not None:  # ARM's Azure-AsyncOperation body for an operation that failed
+            return web.json_response({"status": "Failed", "error": {"code": error[0], "message": error[1]}})
         return web.json_response({"status": "Succeeded"})
 
     def _operation_result(self, op: str) -> web.Response:
@@ -442,6 +532,9 @@ class ArmEndpoint:
             return self._error(404, "NotFound", "no such operation")
         if running:
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}", "retry-after-ms": "50"})
+        error = self._ops[op].error
+        if error is not None:
+            return self._error(400, *error)
         key = self._ops[op].app
         if key is not None and key in self.state.apps:
             return web.json_response(self._public(self.state.apps[key]))
@@ -468,6 +561,66 @@ class ArmEndpoint:
             )  # fmt: skip
         return self._error(405, "MethodNotAllowed", method)
 
+    # -- the environment's core quota --------------------------------------------------------
+
+    def active_replicas(self, name: str) -> int:
+        """The replicas an app runs, as Container Apps counts them against the quota: every
+        replica of every revision, starting and draining ones included."""
+        fleet = self.fleets.get(name)
+        return len(fleet.replicas) + fleet.starting if fleet else 0
+
+    @staticmethod
+    def _cpu(app: dict[str, Any]) -> float:
+        return float(sum(c["resources"]["cpu"] for c in app["properties"]["template"]["containers"]))
+
+    def cores_in_use(self, environment_id: str) -> float:
+        """Cores of every active replica of every app in the environment."""
+        return sum(
+            self._cpu(app) * self.active_replicas(n)
+            for (_g, n), app in self.state.apps.items()
+            if app.get("properties", {}).get("environmentId") == environment_id and "template" in app["properties"]
+        )
+
+    def _usages(self, rg: str, name: str) -> web.Response:
+        env = self.state.environments.get((rg, name))
+        if env is None or not self.serve_usages:
+            return self._error(
+                404, "ResourceNotFound", f"The Resource 'Microsoft.App/managedEnvironments/{name}/usages' was not found."
+            )
+        # The shape of the REST spec's example (Usages.json, 2024-03-01).
+        usage = {"unit": "Count", "currentValue": self.cores_in_use(env["id"]), "limit": self.core_quota,
+                 "name": {"value": "ManagedEnvironmentConsumptionCores",
+                          "localizedValue": "Managed Environment Consumption Cores"}}  # fmt: skip
+        return web.json_response({"value": [usage]})
+
+    def _quota_problem(self, app: dict[str, Any]) -> tuple[str, str] | None:
+        """The error of a new revision whose minReplicas do not fit the environment's free cores.
+        The old revision's replicas stay active until the new one is ready (single revision
+        mode), so they still count. The docs say that past the quota "provisioning times out with
+        a failure" (the quotas page); the message is the one the ja-jp quotas page quotes,
+        "Maximum Allowed Cores exceeded for the Managed Environment." The error code is NOT
+        SOURCED (so one the SDK cannot match on), and the twin fails the operation after its
+        usual polls rather than after a real timeout."""
+        min_replicas = int((app["properties"]["template"].get("scale") or {}).get("minReplicas", 0))
+        need = min_replicas * self._cpu(app)
+        free = self.core_quota - self.cores_in_use(app["properties"]["environmentId"])
+        if need <= free:
+            return None
+        return ("ContainerAppProvisioningFailed", f"Failed to provision revision: {min_replicas} replicas need {need:g} "
+                f"cores, {free:g} are free. Maximum Allowed Cores exceeded for the Managed Environment.")  # fmt: skip
+
+    def _failed_update(self, rg: str, name: str, error: tuple[str, str], *, patch: bool = False) -> web.Response:
+        """An update ARM accepts whose new revision then fails: the old revision keeps running
+        ("If the update fails, traffic stays on the old revision", revisions page), the app is
+        Failed, the operation ends Failed with ``error``."""
+        self.state.apps[(rg, name)]["properties"]["provisioningState"] = "Failed"
+        op = self._new_op("containerApps", rg, name, patch=patch, error=error)
+        headers = {"Azure-AsyncOperation": f"{self.url}/operations/{op}"}
+        if patch:
+            headers["Location"] = f"{self.url}/operationResults/{op}"
+            return web.Response(status=202, headers=headers)
+        return web.json_response(self._public(self.state.apps[(rg, name)]), status=201, headers=headers)
+
     def _public(self, app: dict[str, Any]) -> dict[str, Any]:
         """What GET returns: secrets without values, as ARM does."""
         out = copy.deepcopy(app)
@@ -488,19 +641,54 @@ class ArmEndpoint:
             problem = self._validate(body) or self._check_placement(body)
             if problem:
                 return self._error(400, "ContainerAppInvalidSchema", problem)
-            pull = self._pull_problem(body["properties"])
-            if pull:
+            existing = self.state.apps.get(key)
+            identity = self._assign_identity(body, existing)
+            problem = self._identity_problem(body, identity)
+            if problem:
+                return self._error(400, "ContainerAppInvalidRegistryIdentity", problem)
+            pull = self._pull_problem(body["properties"], identity)
+            if pull and not (existing is None and self._pulls_with(body["properties"]) == "system"):
                 return self._error(400, "InvalidParameterValueInContainerTemplate", "The following field(s) are "
                                    f"either invalid or missing. {pull}")  # fmt: skip
+            if pull:
+                # A system-assigned identity is created with the app, so at the first PUT it
+                # cannot hold AcrPull yet: "System-assigned identities are created at the time
+                # your container app is created, and therefore, won't have AcrPull access ...
+                # the image can't be pulled from your private registry when your app is first
+                # deployed" (https://learn.microsoft.com/azure/container-apps/containers
+                # #managed-identity-with-azure-container-registry). The app and its identity
+                # exist afterwards, its revision does not ("No revision created.
+                # provisioningState is Failed. Error message mentions ... UNAUTHORIZED",
+                # https://learn.microsoft.com/azure/container-apps/deployment-errors
+                # #image-pull-failures): the PUT is accepted and its operation ends Failed.
+                return self._failed_create(rg, name, body, identity, (
+                    "InvalidParameterValueInContainerTemplate",
+                    f"The following field(s) are either invalid or missing. {pull}",
+                ))  # fmt: skip
+            quota = self._quota_problem(body)
+            if quota is not None:
+                if existing is None:
+                    return self._failed_create(rg, name, body, identity, quota)
+                return self._failed_update(rg, name, quota)
             secrets = body["properties"]["configuration"].get("secrets") or []
             self.state.secrets[key] = copy.deepcopy(secrets)
-            replica = await self._start_replica(name, body)
+            old = existing
             app = copy.deepcopy(body)
             app.update({"id": self._app_id(rg, name), "name": name, "type": "Microsoft.App/containerApps"})
+            if identity is not None:
+                app["identity"] = identity
             props = app["properties"]
             props["provisioningState"] = "Succeeded"
-            props["latestRevisionName"] = props["latestReadyRevisionName"] = f"{name}--{uuid.uuid4().hex[:7]}"
-            props["configuration"]["ingress"]["fqdn"] = f"127.0.0.1:{replica.port}"
+            if old is not None and name in self.fleets and old["properties"]["template"] == props["template"]:
+                props["latestRevisionName"] = props["latestReadyRevisionName"] = old["properties"]["latestRevisionName"]
+            else:
+                props["latestRevisionName"] = props["latestReadyRevisionName"] = self._revision_name(name)
+            fleet = self.fleets.get(name)
+            if fleet is None:
+                fleet = await self._start_fleet(rg, name, app)
+            elif props["latestRevisionName"] != fleet.revision:
+                await self._new_revision(fleet, app)
+            props["configuration"]["ingress"]["fqdn"] = f"127.0.0.1:{fleet.port}"
             self.state.apps[key] = app
             op = self._new_op("containerApps", rg, name)
             return web.json_response(
@@ -513,7 +701,7 @@ class ArmEndpoint:
                 return web.Response(status=204)
             del self.state.apps[key]
             self.state.secrets.pop(key, None)
-            await self._stop_replica(name)
+            await self._stop_fleet(name)
             op = self._new_op("containerApps", rg, name)
             return web.Response(status=202, headers={"Location": f"{self.url}/operationResults/{op}"})
         return self._error(405, "MethodNotAllowed", method)
@@ -523,8 +711,7 @@ class ArmEndpoint:
         as a whole (ARM's resource provider contract: that is how a tag is removed), a
         ``template`` replaces the template as a whole (a partial one would lose the containers,
         which validation then refuses), anything else is merged (JSON Merge Patch). A template
-        change is a revision-scope change: a new revision, whose replica is started anew only if
-        the containers changed (a scale change alone keeps the running one)."""
+        change is a revision-scope change: a new revision, whose replicas replace the old ones."""
         key = (rg, name)
         if key not in self.state.apps:
             return self._error(404, "ContainerAppNotFound", f"Container app '{name}' was not found.")
@@ -547,15 +734,21 @@ class ArmEndpoint:
         if problem:
             return self._error(400, "ContainerAppInvalidSchema", problem)
         if app["properties"]["template"]["containers"] != old["properties"]["template"]["containers"]:
-            pull = self._pull_problem(app["properties"])
+            pull = self._pull_problem(app["properties"], app.get("identity"))
             if pull:
                 return self._error(400, "InvalidParameterValueInContainerTemplate", "The following field(s) are "
                                    f"either invalid or missing. {pull}")  # fmt: skip
         if app["properties"]["template"] != old["properties"]["template"]:
-            revision = f"{name}--{uuid.uuid4().hex[:7]}"
-            app["properties"]["latestRevisionName"] = app["properties"]["latestReadyRevisionName"] = revision
-            if app["properties"]["template"]["containers"] != old["properties"]["template"]["containers"]:
-                await self._swap_replica(rg, name, app)
+            quota = self._quota_problem(app)
+            if quota is not None:
+                return self._failed_update(rg, name, quota, patch=True)
+            # Any template change is a revision-scope change, a scale change included ("Adding
+            # or editing scaling rules creates a new revision", scale-app; revisions#change-types):
+            # the new revision's replicas start, then the old ones drain.
+            app["properties"]["latestRevisionName"] = app["properties"]["latestReadyRevisionName"] = self._revision_name(name)
+            fleet = self.fleets.get(name)
+            if fleet is not None:
+                await self._new_revision(fleet, self._secret_body(rg, name, app))
         self.state.apps[key] = app
         op = self._new_op("containerApps", rg, name, patch=True)
         return web.Response(
@@ -565,18 +758,6 @@ class ArmEndpoint:
                 "Location": f"{self.url}/operationResults/{op}",
             },
         )
-
-    async def _swap_replica(self, rg: str, name: str, app: dict[str, Any]) -> None:
-        """A new revision's replica behind the same ingress; the old one is stopped (it drains)."""
-        body = copy.deepcopy(app)
-        values = {s["name"]: s.get("value", "") for s in self.state.secrets.get((rg, name), [])}
-        for s in body["properties"]["configuration"].get("secrets") or []:
-            s["value"] = values.get(s["name"], "")
-        async with self._replica_lock(name):
-            replica = self.replicas[name]
-            old = replica.proc
-            replica.proc, replica.upstream, replica.log, replica.health = await self._spawn(name, body)
-        await _end(old)
 
     def _registry(self, request: web.Request) -> web.Response:
         """The Docker Registry API v2 (HEAD /v2/<repository>/manifests/<tag>) and its token service."""
@@ -657,7 +838,8 @@ class ArmEndpoint:
                         f"acr-logs/{rest[1]}.log", text.encode(), overwrite=True,
                         metadata={"Complete": "successful"} if done else None,
                     )  # fmt: skip
-                    run["status"] = ("Failed" if run["fail"] else "Succeeded") if done else "Running"
+                    if run["status"] != "Canceled":  # a cancel that landed while the log was written is final
+                        run["status"] = ("Failed" if run["fail"] else "Succeeded") if done else "Running"
                 props = {"runId": rest[1], "status": run["status"]}
                 if run["status"] == "Failed":
                     props["runErrorMessage"] = run["fail"]
@@ -669,7 +851,74 @@ class ArmEndpoint:
                 return web.json_response({"logLink": await st.read_url(f"acr-logs/{rest[1]}.log")})
         return self._error(404, "NotFound", f"no ACR route {method} {'/'.join(rest)}")
 
-    def _pull_problem(self, props: dict[str, Any]) -> str | None:
+    def _assign_identity(self, body: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The app's managed identities as ARM returns them (ManagedServiceIdentity): a
+        system-assigned one gets a principal id when it is first assigned and keeps it while the
+        app keeps it; each user-assigned one is listed with its own."""
+        given = body.get("identity")
+        if not isinstance(given, dict) or given.get("type", "None") == "None":
+            return None
+        kinds = {k.strip() for k in str(given.get("type")).split(",")}
+        out: dict[str, Any] = {"type": given["type"]}
+        if "SystemAssigned" in kinds:
+            before = (existing or {}).get("identity") or {}
+            out["principalId"] = before.get("principalId") or str(uuid.uuid4())
+            out["tenantId"] = "00000000-0000-0000-0000-0000000000aa"
+        if "UserAssigned" in kinds:
+            out["userAssignedIdentities"] = {
+                uid: {"principalId": str(uuid.uuid5(uuid.NAMESPACE_URL, uid.lower())), "clientId": str(uuid.uuid4())}
+                for uid in given.get("userAssignedIdentities") or {}
+            }
+        return out
+
+    @staticmethod
+    def _registries(props: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(props["configuration"].get("registries") or [])
+
+    def _pulls_with(self, props: dict[str, Any]) -> str | None:
+        """The managed identity the app pulls from this registry with (None: a password, or nothing)."""
+        for r in self._registries(props):
+            if r.get("server") == self.registry and r.get("identity"):
+                return str(r["identity"])
+        return None
+
+    def _identity_problem(self, body: dict[str, Any], identity: dict[str, Any] | None) -> str | None:
+        """A registry entry naming an identity the app does not have. The spec says only that the
+        field takes "the full user-assigned identity Resource ID" or 'system' (RegistryCredentials);
+        that the identity must also be assigned to the app (``identity``) is what the containers
+        page's examples do. The error code and text here are NOT SOURCED: real ARM's answer to this
+        was not found, so it is a 400 whose code the SDK does not know (the harder case: the SDK
+        must assign the identity itself rather than count on a message it could parse)."""
+        kinds = {k.strip() for k in str((identity or {}).get("type", "None")).split(",")}
+        assigned = {k.lower() for k in (identity or {}).get("userAssignedIdentities") or {}}
+        for r in self._registries(body["properties"]):
+            who = r.get("identity")
+            if not who:
+                continue
+            if who == "system" and "SystemAssigned" not in kinds:
+                return (f"Registry '{r.get('server')}' uses the system-assigned identity, but the container app has none: "
+                        "set identity.type to SystemAssigned")  # fmt: skip
+            if who != "system" and str(who).lower() not in assigned:
+                return (f"The managed identity '{who}' of registry '{r.get('server')}' is not assigned to the container "
+                        "app: add it to identity.userAssignedIdentities")  # fmt: skip
+        return None
+
+    def _failed_create(
+        self, rg: str, name: str, body: dict[str, Any], identity: dict[str, Any] | None, error: tuple[str, str]
+    ) -> web.Response:
+        """A create ARM accepts whose revision then fails: the app exists (Failed, no revision, no
+        replica) and the operation ends Failed with ``error``."""
+        app = copy.deepcopy(body)
+        app.update({"id": self._app_id(rg, name), "name": name, "type": "Microsoft.App/containerApps"})
+        if identity is not None:
+            app["identity"] = identity
+        app["properties"]["provisioningState"] = "Failed"
+        self.state.secrets[(rg, name)] = copy.deepcopy(body["properties"]["configuration"].get("secrets") or [])
+        self.state.apps[(rg, name)] = app
+        op = self._new_op("containerApps", rg, name, error=error)
+        return web.json_response(self._public(app), status=201, headers={"Azure-AsyncOperation": f"{self.url}/operations/{op}"})
+
+    def _pull_problem(self, props: dict[str, Any], identity: dict[str, Any] | None = None) -> str | None:
         """What Container Apps says at PUT when it cannot pull the image: it resolves the image
         with the app's registry credentials before it accepts the template, and answers 400
         InvalidParameterValueInContainerTemplate with the registry's error (MANIFEST_UNKNOWN,
@@ -677,7 +926,10 @@ class ArmEndpoint:
         microsoft/azure-container-apps#352 and azd output; the symptoms are on
         https://learn.microsoft.com/azure/container-apps/deployment-errors#image-pull-failures).
         Images elsewhere than this registry exist only if a test put their full name in
-        ``images``."""
+        ``images``. A registry entry with ``identity`` pulls as that managed identity, which
+        needs AcrPull on the registry ("The managed identity must have AcrPull access for the
+        Azure Container Registry", https://learn.microsoft.com/azure/container-apps/containers
+        #managed-identity-with-azure-container-registry): here, be in ``acr_pull_identities``."""
         container = props["template"]["containers"][0]
         image = container["image"]
         field = f"Field 'template.containers.{container['name']}.image' is invalid with details: 'Invalid value"
@@ -686,7 +938,12 @@ class ArmEndpoint:
                 return None
             return f'{field}: "{image}": GET https:: MANIFEST_UNKNOWN: manifest unknown; map[Tag:...]\';.'
         repo, _, tag = image.removeprefix(self.registry + "/").rpartition(":")
-        if self.registry_auth is not None:
+        who = self._pulls_with(props)
+        if self.registry_auth is not None and who is not None:
+            principal = (identity or {}).get("principalId") if who == "system" else who
+            if principal not in self.acr_pull_identities:
+                return f'{field}: "{image}": GET https:: UNAUTHORIZED: authentication required; [map[Action:pull]]\';.'
+        elif self.registry_auth is not None:
             values = {s["name"]: s.get("value", "") for s in props["configuration"].get("secrets") or []}
             logins = [
                 (r.get("username"), values.get(r.get("passwordSecretRef", "")))
@@ -745,21 +1002,162 @@ class ArmEndpoint:
 
     # -- replicas and their ingress ----------------------------------------------------------
 
-    async def _start_replica(self, name: str, body: dict[str, Any]) -> Replica:
-        await self._stop_replica(name)
-        proc, port, log, health = await self._spawn(name, body)
-        ingress = _free_port()
+    def _revision_name(self, name: str) -> str:
+        revision = f"{name}--{uuid.uuid4().hex[:7]}"
+        self.revisions.setdefault(name, []).append(revision)
+        return revision
+
+    async def _start_fleet(self, rg: str, name: str, app: dict[str, Any]) -> Fleet:
+        """A new app: its ingress, its first revision's first replica, its scaler."""
+        port = _free_port()
         # Envoy sets no small body limit: neither does this ingress (aiohttp's default is 1 MiB).
-        app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/{tail:.*}", functools.partial(self._ingress, name=name))
-        runner = web.AppRunner(app, access_log=None)
+        web_app = web.Application(client_max_size=1024**3)
+        web_app.router.add_route("*", "/{tail:.*}", functools.partial(self._ingress, name=name))
+        runner = web.AppRunner(web_app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", ingress, ssl_context=self.ingress_ssl).start()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=self.ingress_ssl).start()
         self._runners[f"ingress-{name}"] = runner
-        replica = Replica(name, proc, ingress, port, time.monotonic(), log, health)
-        self.replicas[name] = replica
-        self._probers[name] = asyncio.get_running_loop().create_task(self._probe_liveness(name))
+        revision = app["properties"]["latestRevisionName"]
+        fleet = Fleet(rg, name, port, revision, self._model(app))
+        self.fleets[name] = fleet
+        try:
+            await self._add_replica(fleet, app, revision)
+        except BaseException:
+            await self._stop_fleet(name)
+            raise
+        fleet.scaler = asyncio.get_running_loop().create_task(self._scale_loop(fleet))
+        return fleet
+
+    def _model(self, app: dict[str, Any]) -> ScaleModel:
+        settings = ScaleSettings.from_template(app["properties"]["template"])
+        return ScaleModel(settings, time.monotonic, http_window=self.http_window)
+
+    async def _add_replica(self, fleet: Fleet, app: dict[str, Any], revision: str) -> Replica:
+        fleet.serial += 1
+        rid = f"{revision}-{fleet.serial}"
+        fleet.starting += 1
+        try:
+            proc, upstream, log, health = await self._spawn(rid, app)
+        finally:
+            fleet.starting -= 1
+        replica = Replica(fleet.name, proc, fleet.port, upstream, time.monotonic(), log, health, rid, revision)
+        fleet.replicas.append(replica)
+        replica.prober = asyncio.get_running_loop().create_task(self._probe_liveness(replica))
         return replica
+
+    async def _new_revision(self, fleet: Fleet, app: dict[str, Any]) -> None:
+        """Single revision mode: the new revision starts as many replicas as the old one runs
+        (at least one) and takes the traffic once they are up; then the old ones get SIGTERM
+        ("The existing active revision isn't deactivated until the new revision is ready",
+        application-lifecycle-management). Both run meanwhile, and count against the quota."""
+        revision = app["properties"]["latestRevisionName"]
+        old = fleet.live()
+        want = max(1, len(old) + fleet.starting)
+        fleet.swapping = True  # (the old revision's scaler must not take the new replicas for its own)
+        try:
+            await asyncio.gather(*(self._add_replica(fleet, app, revision) for _ in range(want)))
+        finally:
+            fleet.swapping = False
+        fleet.revision, fleet.model = revision, self._model(app)
+        grace = self._grace(app)
+        for replica in old:
+            self._retire(fleet, replica, grace)
+
+    @staticmethod
+    def _grace(app: dict[str, Any]) -> float:
+        # terminationGracePeriodSeconds, default 30 (REST spec, Template)
+        value = app["properties"]["template"].get("terminationGracePeriodSeconds")
+        return 30.0 if value is None else float(value)
+
+    def _retire(self, fleet: Fleet, replica: Replica, grace: float) -> None:
+        """SIGTERM now, SIGKILL after the grace period ("If your application doesn't respond
+        within 30 seconds to the SIGTERM message, then SIGKILL terminates your container",
+        application-lifecycle-management#shutdown; 30 s is the default grace period)."""
+        replica.draining = True
+        self.scale_ins.append((time.monotonic(), replica.id, replica.inflight))
+
+        async def end() -> None:
+            if replica.prober is not None:
+                replica.prober.cancel()
+                await asyncio.gather(replica.prober, return_exceptions=True)
+            async with self._replica_lock(replica.id):
+                await _end(replica.proc, grace=grace)
+            if replica in fleet.replicas:
+                fleet.replicas.remove(replica)
+
+        task = asyncio.get_running_loop().create_task(end())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _scale_loop(self, fleet: Fleet) -> None:
+        """The platform's scaler for one app: polls the queue rule every pollingInterval,
+        evaluates the HTTP rule every window, and starts or stops replicas to match."""
+        growing = fleet.growing
+        while True:
+            await asyncio.sleep(self.scale_tick)
+            app = self.state.apps.get((fleet.rg, fleet.name))
+            if app is None or fleet.swapping:
+                continue
+            model = fleet.model
+            if model.queue_due():
+                model.queue_reading(await self._queue_count(fleet, app))
+            live = fleet.live()
+            current = len(live) + fleet.starting
+            target = model.decide(current)
+            if target == current:
+                continue
+            if target > current:
+                # Past the environment's core quota "the app may be restricted from scaling out"
+                # (the quotas page): it gets what fits, silently.
+                free = self.core_quota - self.cores_in_use(app["properties"]["environmentId"])
+                target = min(target, current + int(free // max(self._cpu(app), 0.25)))
+                if target <= current:
+                    continue
+                self.scale_log.append((time.monotonic(), fleet.name, target))
+                body = self._secret_body(fleet.rg, fleet.name)
+                for _ in range(target - current):
+                    task = asyncio.get_running_loop().create_task(self._add_replica(fleet, body, fleet.revision))
+                    growing.add(task)
+                    task.add_done_callback(growing.discard)
+            else:
+                self.scale_log.append((time.monotonic(), fleet.name, target))
+                # The busiest go first: which replica a scale-in picks is not documented, and
+                # KEDA/HPA may pick any (kedacore/keda#2901), so the harder case.
+                ready = sorted(live, key=lambda r: r.inflight, reverse=True)
+                for replica in ready[: current - target]:
+                    self._retire(fleet, replica, self._grace(app))
+
+    async def _queue_count(self, fleet: Fleet, app: dict[str, Any]) -> int | None:
+        """The azure-queue rule's metric: the queue's approximate message count (KEDA's
+        default strategy counts visible and invisible messages), read with the connection
+        string the rule's ``connection`` secret holds. None if it cannot be read."""
+        from azure.core.exceptions import AzureError
+        from azure.storage.queue.aio import QueueClient
+
+        rule = next((q for r in app["properties"]["template"]["scale"].get("rules") or [] if (q := queue_rule(r))), None)
+        if rule is None:
+            return None
+        secrets = {s["name"]: s.get("value", "") for s in self.state.secrets.get((fleet.rg, fleet.name), [])}
+        ref = next((a.get("secretRef") for a in rule.get("auth") or [] if a.get("triggerParameter") == "connection"), None)
+        if ref is None or ref not in secrets:
+            self.queue_errors.append(f"{fleet.name}: no connection secret for queue {rule.get('queueName')}")
+            return None
+        key = (secrets[ref], rule.get("queueName"))
+        if fleet.queue is None or fleet.queue[:2] != key:
+            if fleet.queue is not None:
+                await fleet.queue[2].close()
+            # The platform's own reads are not the SDK's: they stay out of the tests' logs
+            # (which are searched for secrets the SDK might log).
+            fleet.queue = (*key, QueueClient.from_connection_string(key[0], str(key[1])))
+        try:
+            if time.monotonic() - self._queue_gc_at.get(fleet.name, 0.0) >= self.queue_gc:
+                self._queue_gc_at[fleet.name] = time.monotonic()
+                await fleet.queue[2].peek_messages(max_messages=1, logger=_QUIET)  # Azurite drops expired messages on a read
+            props = await fleet.queue[2].get_queue_properties(logger=_QUIET)
+        except (AzureError, OSError) as exc:
+            self.queue_errors.append(f"{fleet.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            return None
+        return int(props.approximate_message_count or 0)
 
     async def _spawn(self, name: str, body: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, Path, int]:
         """A replica process configured from the app's template, as Container Apps would (or,
@@ -793,8 +1191,7 @@ class ArmEndpoint:
             "ACX_SERVER_PORT": str(port),
             "ACX_HEALTH_PORT": str(health),  # the probes' port (8081 in Azure)
             "ACX_READY_FD": str(ready_w),
-            "ACX_REPLICA_ID": f"{name}-r0",
-            "ACX_SHUTDOWN_GRACE": "2",
+            "ACX_REPLICA_ID": name,
             "ACX_LOG_LEVEL": "DEBUG",
         })  # fmt: skip
         env.update(self.replica_env)
@@ -852,11 +1249,11 @@ class ArmEndpoint:
         except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
             return f"{type(exc).__name__} {exc}".strip()
 
-    async def _probe_liveness(self, name: str) -> None:
+    async def _probe_liveness(self, replica: Replica) -> None:
         """The kubelet's liveness loop for one replica: restart it after failureThreshold
-        failures in a row (SIGTERM, then a new process behind the same ingress)."""
+        failures in a row (SIGTERM, then a new process in its place)."""
         failures = 0
-        replica = self.replicas[name]
+        name = replica.name
         await asyncio.sleep(0)  # the PUT that started the replica records the app first
         await asyncio.sleep(self._probes(name)["Liveness"].get("initialDelaySeconds", 0) * self.probe_time_scale)
         while True:
@@ -870,37 +1267,68 @@ class ArmEndpoint:
                 self.probe_failures.append((name, failed))
             if failures >= probe.get("failureThreshold", 3):
                 failures = 0
-                await self._restart(name)
+                await self._respawn(replica, kill=False)
                 self.restarts[name] = self.restarts.get(name, 0) + 1
 
-    async def _restart(self, name: str) -> None:
-        """What the kubelet does to a container failing liveness: stop it, start it again."""
-        await self._respawn(name, kill=False)
-        self.replicas[name].created = time.monotonic()
-
-    async def _stop_replica(self, name: str) -> None:
-        prober = self._probers.pop(name, None)
-        if prober is not None:
-            prober.cancel()
-            await asyncio.gather(prober, return_exceptions=True)
-        replica = self.replicas.pop(name, None)
+    async def _stop_fleet(self, name: str, hurry: list[Replica] | None = None) -> None:
+        """The app is gone (or the endpoint stops): its scaler, ingress and replicas. ``hurry``:
+        replicas draining since a scale-in, SIGKILLed too after 15 s (a test is ending)."""
+        fleet = self.fleets.pop(name, None)
+        if fleet is None:
+            return
+        if fleet.scaler is not None:
+            fleet.scaler.cancel()
+            await asyncio.gather(fleet.scaler, return_exceptions=True)
+        if fleet.growing:  # let replicas being started finish starting, then stop them with the rest
+            await asyncio.gather(*list(fleet.growing), return_exceptions=True)
         runner = self._runners.pop(f"ingress-{name}", None)
         if runner is not None:
             await runner.cleanup()
-        if replica is not None:
-            await _end(replica.proc)
+        for replica in fleet.live():
+            self._retire(fleet, replica, 15.0)
+        if self._retiring:
+            _done, waiting = await asyncio.wait(list(self._retiring), timeout=15)
+            for replica in hurry or []:
+                if replica.proc.poll() is None:
+                    replica.proc.kill()
+            if waiting:
+                await asyncio.gather(*waiting, return_exceptions=True)
+        if fleet.queue is not None:
+            await fleet.queue[2].close()
+
+    def _pick(self, fleet: Fleet, now: float) -> Replica | None:
+        """A replica of the active revision that is up and not draining, in turn; during a
+        swap, before the new revision's replicas are up, the old revision's."""
+        up = [r for r in fleet.live() if now - r.created >= self.cold_start and r.proc.poll() is None]
+        active = [r for r in up if r.revision == fleet.revision] or up
+        if not active:
+            return None
+        fleet.turn += 1
+        return active[fleet.turn % len(active)]
 
     async def _ingress(self, request: web.Request, name: str) -> web.StreamResponse:
-        """Container Apps' ingress: TLS in front of the replica; 503 while it 'starts'."""
-        replica = self.replicas.get(name)
+        """Container Apps' ingress: TLS in front of the app's replicas; 503 while none is up
+        (a request to an app scaled to zero wakes it)."""
+        fleet = self.fleets.get(name)
         call_id = request.headers.get("X-Acx-Call-Id")
         now = time.monotonic()
-        if replica is None:
+        if fleet is None:
             return web.Response(status=404, text="no such app")
-        if now - replica.created < self.cold_start:
+        fleet.model.arrival()
+        replica = self._pick(fleet, now)
+        if replica is None:
+            if not fleet.live() and not fleet.starting:
+                fleet.model.wake()
             self.ingress_hits.append(IngressHit(name, request.path, call_id, 503, now))
             return web.Response(status=503, text="upstream starting", headers={"Retry-After": str(self.retry_after)})
         self.ingress_hits.append(IngressHit(name, request.path, call_id, 200, now))
+        replica.inflight += 1
+        try:
+            return await self._forward(request, replica, now)
+        finally:
+            replica.inflight -= 1
+
+    async def _forward(self, request: web.Request, replica: Replica, now: float) -> web.StreamResponse:
         assert self._session is not None
         upstream = f"http://127.0.0.1:{replica.upstream}{request.path_qs}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "transfer-encoding")}
@@ -945,12 +1373,12 @@ class ArmEndpoint:
             await ctx.__aexit__(None, None, None)
 
 
-async def _end(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
-    """SIGKILL, or SIGTERM and up to 15 s to drain (then SIGKILL); wait for the process."""
+async def _end(proc: subprocess.Popen[bytes], *, kill: bool = False, grace: float = 15.0) -> None:
+    """SIGKILL, or SIGTERM and ``grace`` seconds to drain (then SIGKILL); wait for the process."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, proc.wait, 15)
+        await asyncio.get_running_loop().run_in_executor(None, proc.wait, grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -204,40 +204,49 @@ def azurite_executable() -> Path:
 
 
 class Azurite:
-    """One Azurite blob server on a free loopback port, its data in memory."""
+    """Azurite's blob and queue servers on free loopback ports, their data in memory."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.log = workdir / f"azurite-{self.port}.log"
-        with open(self.log, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [str(azurite_executable()), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.port = self._serve(workdir, azurite_executable(), "blob")
+        self.queue_port = self._serve(workdir, azurite_executable().with_name("azurite-queue"), "queue")
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.queue_endpoint = f"http://127.0.0.1:{self.queue_port}/{AZURITE_ACCOUNT}"
+        self.connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={self.endpoint};QueueEndpoint={self.queue_endpoint};"
+        )
+
+    def _serve(self, workdir: Path, exe: Path, service: str) -> int:
+        port = free_port()
+        self.log = log = workdir / f"azurite-{service}-{port}.log"
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(
+                [str(exe), f"--{service}Host", "127.0.0.1", f"--{service}Port", str(port),
                  "--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
+        self.procs.append(proc)
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
             except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"Azurite did not start: {self.log.read_text(errors='replace')}") from None
+                    raise RuntimeError(f"Azurite did not start: {log.read_text(errors='replace')}") from None
                 time.sleep(0.05)
-        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
-        self.connection_string = (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};"
-        )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 @pytest.fixture(scope="session")

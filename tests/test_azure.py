@@ -37,6 +37,7 @@ from async_ca_exec import (
 )
 from async_ca_exec.config import load_config
 from async_ca_exec.runtimes import azure as az
+from async_ca_exec.runtimes import demand as dq
 
 from conftest import Azurite
 
@@ -112,7 +113,12 @@ async def test_deploy_invoke_update_list_delete_clean_end_to_end(arm: ArmEndpoin
         key_before = arm.state.secrets[("rg-acx", info.app)]
         [updated] = await apps.update("all")
         assert updated.app == info.app
-        assert arm.state.secrets[("rg-acx", info.app)] == key_before  # the HMAC key survives updates
+
+        def hmac(secrets: list[dict[str, str]]) -> list[dict[str, str]]:
+            return [s for s in secrets if s["name"] == az.HMAC_SECRET]
+
+        # The HMAC key survives updates (the demand queue's read-only SAS is renewed).
+        assert hmac(arm.state.secrets[("rg-acx", info.app)]) == hmac(key_before)
         listed = await apps.runtimes()
         assert [r.app for r in listed] == [info.app]  # the foreign app is not listed
         assert await apps.delete("default") == [info.app]
@@ -154,6 +160,13 @@ async def test_app_resource_body_is_exact(
     env = body["properties"]["template"]["containers"][0]["env"]
     stamp = env.pop()  # a new revision on every deploy, so a rebuilt image is pulled again
     assert stamp["name"] == "ACX_DEPLOYED_AT" and float(stamp["value"]) > 0
+    # The demand queue's rule and its read-only SAS (tests/test_scaling.py checks them).
+    demand_secret = body["properties"]["configuration"]["secrets"].pop()
+    assert demand_secret["name"] == dq.DEMAND_SECRET and "sp=r&" in demand_secret["value"]
+    demand_rule = body["properties"]["template"]["scale"]["rules"].pop()
+    assert demand_rule["name"] == dq.DEMAND_RULE and demand_rule["azureQueue"]["queueName"] == dq.queue_name(info.app)
+    expiry = int(body["tags"].pop(az.TAG_DEMAND_SAS))  # when that SAS expires (deploy and update renew it)
+    assert abs(expiry - (time.time() + dq.SAS_DAYS * 86400)) < 600
     assert body == {
         "location": "westeurope",
         "tags": {"acx-managed-by": "async_ca_exec", "acx-version": acx.__version__, "acx-runtime": image,
@@ -191,7 +204,7 @@ async def test_app_resource_body_is_exact(
                          "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
                     ],
                 }],
-                "scale": {"minReplicas": 0, "maxReplicas": 250, "rules": [
+                "scale": {"minReplicas": 0, "maxReplicas": 250, "pollingInterval": 5, "cooldownPeriod": 300, "rules": [
                     {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}]},
                 "terminationGracePeriodSeconds": 600,
             },
@@ -441,7 +454,198 @@ async def test_update_keeps_the_registry_when_this_machine_lacks_its_password(ar
         await apps.update("all")
     first, second = arm.bodies("PUT")
     assert second["properties"]["configuration"]["registries"] == first["properties"]["configuration"]["registries"]
-    assert second["properties"]["configuration"]["secrets"] == first["properties"]["configuration"]["secrets"]
+
+    def kept(body: dict[str, Any]) -> list[dict[str, str]]:  # the demand queue's SAS is renewed on update
+        return [s for s in body["properties"]["configuration"]["secrets"] if s["name"] != dq.DEMAND_SECRET]
+
+    assert kept(second) == kept(first)
+
+
+#: A user-assigned managed identity (the twin grants AcrPull to those in arm.acr_pull_identities).
+UAI = f"/subscriptions/{SUB}/resourceGroups/rg-acx/providers/Microsoft.ManagedIdentity/userAssignedIdentities/acr-puller"
+
+
+def private_registry(arm: ArmEndpoint) -> None:
+    """The twin's registry wants a login (token service), as ACR does without anonymous pull."""
+    arm.registry_auth = "bearer"
+    arm.registry_login = ("me", REGISTRY_PASSWORD)
+
+
+@pytest.mark.parametrize("with_password", [False, True], ids=["identity only", "identity and docker_password"])
+async def test_a_user_assigned_identity_with_acr_pull_pulls_and_the_app_holds_no_registry_password(
+    arm: ArmEndpoint, tmp_path: Path, with_password: bool
+) -> None:
+    """The identity wins over docker_user / docker_password: the app gets the identity and no
+    password secret; without a login this machine cannot look into the registry, and says so."""
+    private_registry(arm)
+    arm.acr_pull_identities.add(UAI)
+    login = {} if with_password else {"docker_user": None, "docker_password": None}
+    cfg = config(arm, tmp_path, azure_containers={"registry_identity": UAI, **login})
+    said: list[str] = []
+    async with apps_for(cfg, progress=said.append) as apps:
+        info = await apps.deploy("default")
+        await apps.update("default")  # an update keeps pulling with the identity
+    for body in arm.bodies("PUT"):
+        assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {UAI: {}}}
+        assert body["properties"]["configuration"]["registries"] == [{"server": arm.registry, "identity": UAI}]
+        assert [s["name"] for s in body["properties"]["configuration"]["secrets"]] == [
+            az.HMAC_SECRET,
+            dq.DEMAND_SECRET,
+        ]  # no registry password
+        assert REGISTRY_PASSWORD not in json.dumps(body)
+    assert any("cannot look for" in line and "managed identity" in line for line in said) != with_password
+    async with executor(cfg) as ex:
+        assert await ex.submit(add7, 1) == 8
+    assert arm.state.apps[("rg-acx", info.app)]["identity"]["userAssignedIdentities"][UAI]["principalId"]
+
+
+async def test_an_identity_without_acr_pull_names_the_image_the_registry_and_the_role_assignment(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    private_registry(arm)
+    cfg = config(arm, tmp_path, azure_containers={"registry_identity": UAI, "docker_user": None, "docker_password": None})
+    image = default_image(arm)
+    async with apps_for(cfg) as apps:
+        with pytest.raises(RuntimeNotFoundError) as refused:
+            await apps.deploy("default")
+    text = str(refused.value)
+    assert f"cannot pull runtime image {image}: registry {arm.registry} refused the app's managed identity {UAI}" in text
+    assert f"az role assignment create --assignee $(az identity show --ids {UAI} --query principalId -o tsv)" in text
+    assert "--role AcrPull --scope" in text and f"acx runtime deploy {image}" in text
+    assert "docker_password" not in text  # the fix for a password is not this one
+    assert [r.status for r in arm.requests if r.method == "PUT"] == [400] and not arm.replicas
+    arm.acr_pull_identities.add(UAI)  # the role assignment the message gives
+    async with apps_for(cfg) as apps:
+        assert (await apps.deploy("default")).state == "Succeeded"
+
+
+async def test_a_system_assigned_identity_fails_the_first_deploy_with_microsofts_caveat_and_the_fix_works(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """A system-assigned identity is created with the app, so it cannot hold AcrPull at the first
+    deploy: the error says so and gives both ways out; granting the app's identity AcrPull and
+    updating the app then works."""
+    private_registry(arm)
+    cfg = config(arm, tmp_path, azure_containers={"registry_identity": "System", "docker_user": None, "docker_password": None})
+    image = default_image(arm)
+    name = az.app_name(image, 512)
+    async with apps_for(cfg) as apps:
+        with pytest.raises(RuntimeNotFoundError) as refused:
+            await apps.deploy("default")
+        text = str(refused.value)
+        assert f"cannot pull runtime image {image}: registry {arm.registry} refused the app's system-assigned identity" in text
+        assert "no AcrPull role when the app is first deployed" in text
+        assert "learn.microsoft.com/azure/container-apps/containers#managed-identity-with-azure-container-registry" in text
+        assert "registry_identity to a user-assigned identity that has AcrPull" in text
+        assert f"--assignee $(az containerapp show -n {name} -g rg-acx --query identity.principalId -o tsv)" in text
+        assert "--role AcrPull" in text and f"acx runtime update {image}" in text
+        [body] = arm.bodies("PUT")
+        assert body["identity"] == {"type": "SystemAssigned"} and not arm.replicas
+        assert body["properties"]["configuration"]["registries"] == [{"server": arm.registry, "identity": "system"}]
+        arm.acr_pull_identities.add(arm.state.apps[("rg-acx", name)]["identity"]["principalId"])
+        [updated] = await apps.update(image)
+    assert updated.state == "Succeeded" and arm.replicas
+
+
+def test_registry_identity_needs_the_registry_it_pulls_from(arm: ArmEndpoint, tmp_path: Path) -> None:
+    cfg = config(arm, tmp_path, azure_containers={"registry_identity": UAI, "docker_server": None})
+    with pytest.raises(ConfigError, match=r"registry_identity is set but docker_server is not"):
+        az.AzureTarget.from_config(load_config(cfg, env={}))
+
+
+# -- the environment's core quota --------------------------------------------------------------
+
+QUOTA_PAGE = "https://learn.microsoft.com/azure/container-apps/quotas"
+
+
+def warnings_in(said: list[str]) -> list[str]:
+    return [line for line in said if line.startswith("warning: ")]
+
+
+async def test_deploy_warns_when_max_workers_can_ask_for_more_cores_than_the_quota(arm: ArmEndpoint, tmp_path: Path) -> None:
+    """max_workers x vCPU above the environment's quota (as Azure reports it) is a warning with
+    the numbers and the fixes; an update counts twice, for the revision swap."""
+    arm.core_quota = 10
+    said: list[str] = []
+    async with apps_for(config(arm, tmp_path, azure_containers={"max_workers": 40}), progress=said.append) as apps:
+        await apps.deploy("default")  # 40 x 0.25 = 10 cores: fits
+        assert warnings_in(said) == []
+        await apps.update("default")  # 20 while both revisions run
+        [swap] = warnings_in(said)
+        assert "max_workers=40 replicas of 0.25 vCPU (runtime_memory 512) can ask for 10 cores, 20 while an update swaps" in swap
+        assert "environment acx allows 10 cores (environment acx's quota, as Azure reports it; 0.25 in use now)" in swap
+        assert "max_workers to 20 (what fits)" in swap and "runtime_memory" in swap and QUOTA_PAGE in swap
+        said.clear()
+        info = await apps.deploy("default", memory=1024)  # a new app: 40 x 0.5 = 20 cores
+    [big] = warnings_in(said)
+    assert "can ask for 20 cores, and environment acx allows 10 cores" in big and "max_workers to 20 (what fits)" in big
+    assert info.state == "Succeeded"  # a warning: minReplicas 0 fits, the deploy goes on
+
+
+@pytest.mark.parametrize(
+    ("served", "configured", "expected"),
+    [
+        (False, None, "allows 100 cores (Container Apps' default, which Azure did not confirm; 10 on trial subscriptions"),
+        (True, 20, "allows 20 cores (azure_containers.core_quota; 0 in use now)"),
+        (False, 20, "allows 20 cores (azure_containers.core_quota; usage unknown)"),
+    ],
+    ids=["documented default", "configured", "configured, usage unknown"],
+)
+async def test_without_a_quota_from_azure_the_check_uses_core_quota_or_the_documented_default(
+    arm: ArmEndpoint, tmp_path: Path, served: bool, configured: int | None, expected: str
+) -> None:
+    arm.serve_usages = served
+    arm.core_quota = 1000  # what Azure would say; a configured core_quota wins over it
+    section: dict[str, Any] = {"max_workers": 500, "core_quota": configured}  # 125 cores
+    said: list[str] = []
+    async with apps_for(config(arm, tmp_path, azure_containers=section), progress=said.append) as apps:
+        await apps.deploy("default")
+    [warning] = warnings_in(said)
+    assert expected in warning, warning
+    assert f"max_workers to {80 if configured else 400} (what fits)" in warning
+
+
+async def test_an_executor_deploying_the_default_runtime_logs_the_quota_warning(
+    arm: ArmEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    arm.core_quota = 10
+    async with executor(config(arm, tmp_path, azure_containers={"max_workers": 100})) as ex:
+        assert await ex.submit(add7, 1) == 8
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING and "can ask for 25 cores" in r.getMessage()]
+    assert "max_workers to 40" in record.getMessage()
+
+
+async def test_warm_refuses_replicas_past_the_environments_free_cores_naming_the_numbers(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """warm(n) is a new revision of n replicas beside the replicas running now: n x vCPU must fit
+    the quota less what is in use, or it is refused before anything is sent."""
+    arm.core_quota = 2
+    cfg = config(arm, tmp_path)
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")  # one replica: 0.25 of 2 cores in use
+        with pytest.raises(ConfigError) as refused:
+            await apps.warm(info.app, 8)  # 2 cores, 1.75 free
+        text = str(refused.value)
+        assert f"cannot pre-warm 8 replicas of Container App {info.app}: at 0.25 vCPU each they need 2 cores" in text
+        assert "environment acx has 1.75 free of 2 cores (environment acx's quota, as Azure reports it; 0.25 in use" in text
+        assert "warm at most 7 replicas" in text and "runtime_memory" in text and QUOTA_PAGE in text
+        assert arm.bodies("PATCH") == []
+        assert (await apps.warm(info.app, 7))[0] == 7
+    async with executor(cfg) as ex:  # the executor's warm() is refused the same way
+        with pytest.raises(ConfigError, match=r"cannot pre-warm 9 replicas"):
+            await ex.warm(9)  # 7 x 0.25 in use: 0.25 free
+    assert len(arm.bodies("PATCH")) == 1  # the warm to 7; nothing for the refused ones
+
+
+async def test_a_revision_that_does_not_fit_the_quota_names_it_and_the_fixes(arm: ArmEndpoint, tmp_path: Path) -> None:
+    arm.core_quota = 1
+    async with apps_for(config(arm, tmp_path, azure_containers={"min_workers": 5})) as apps:  # 1.25 cores
+        with pytest.raises(DeploymentError) as refused:
+            await apps.deploy("default")
+    text = str(refused.value)
+    assert "the environment's core quota is used up" in text and "Maximum Allowed Cores exceeded" in text
+    assert "min_workers, max_workers or runtime_memory" in text and QUOTA_PAGE in text
 
 
 async def test_update_replaces_a_runtime_deployed_by_another_version(arm: ArmEndpoint, tmp_path: Path) -> None:

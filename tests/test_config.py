@@ -176,3 +176,22 @@ def test_a_key_in_the_wrong_section_says_where_it_belongs() -> None:
         "key 'arm_endpoint' in section 'azure_containers' (the config dict) belongs in section 'azure': move it there; "
         "key 'arm_retries' in section 'azure_containers' (the config dict) belongs in section 'azure': move it there"
     )
+
+
+UAI = "/subscriptions/0000/resourceGroups/rg-id/providers/Microsoft.ManagedIdentity/userAssignedIdentities/acr-puller"
+
+
+@pytest.mark.parametrize(("given", "kept"), [(UAI, UAI), ("System", "system"), (UAI.lower(), UAI.lower())])
+def test_registry_identity_takes_a_user_assigned_identity_id_or_system(given: str, kept: str) -> None:
+    assert load_config({"azure_containers": {"registry_identity": given}}, env={}).azure_containers.registry_identity == kept
+
+
+@pytest.mark.parametrize(
+    "bad", ["acr-puller", "/subscriptions/0000/resourceGroups/rg-id/providers/Microsoft.App/containerApps/x", f"{UAI}/extra"]
+)
+def test_a_registry_identity_of_another_shape_names_the_shape_and_how_to_get_it(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({"azure_containers": {"registry_identity": bad}}, env={})
+    text = str(info.value)
+    assert text.startswith(f"azure_containers.registry_identity={bad!r} is neither `system` nor")
+    assert "Microsoft.ManagedIdentity/userAssignedIdentities/<name>" in text and "az identity show" in text

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 from pathlib import Path
 
 import pytest
 
-from async_ca_exec import AsyncExecutor, ConfigError, FunctionExecutor, Storage, StorageError
+from async_ca_exec import AsyncExecutor, AuthenticationError, ConfigError, FunctionExecutor, Storage, StorageError
 from async_ca_exec.config import load_config
 
 from conftest import AZURITE_KEY, Azurite, storage_config
@@ -275,3 +276,87 @@ async def test_unreachable_storage_at_start_fails_once_and_leaks_no_session(
     gc.collect()
     await asyncio.sleep(0)
     assert "Unclosed client session" not in capfd.readouterr().err
+
+
+# -- roles: what a 403 says ------------------------------------------------------------------------
+
+ROLE_LINE = (
+    'az role assignment create --assignee <your user, app id or object id> --role "Storage Blob Data Contributor" '
+    "--scope /subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Storage/storageAccounts/"
+)
+
+
+def forbidden(code: str) -> Exception:
+    """What azure-storage-blob raises for a 403 Azure answers (Azurite enforces no RBAC)."""
+    from azure.core.exceptions import HttpResponseError
+
+    exc = HttpResponseError(message=f"This request is not authorized to perform this operation.\nErrorCode:{code}")
+    exc.status_code = 403
+    return exc
+
+
+def entra_storage() -> Storage:
+    """Blob through account_url and an Entra credential (nothing is sent: the seams are replaced)."""
+    from arm_endpoint import StaticToken
+
+    cfg = load_config({"azure_storage": {"account_url": "https://acxtest.blob.core.windows.net", "container": "c-1"}}, env={})
+    return Storage(cfg, credential=StaticToken())
+
+
+async def test_a_refused_user_delegation_key_names_the_data_contributor_role_and_the_command() -> None:
+    async with entra_storage() as st:
+
+        async def refuse(*args: object, **kwargs: object) -> None:
+            raise forbidden("AuthorizationPermissionMismatch")
+
+        st._service.get_user_delegation_key = refuse
+        with pytest.raises(AuthenticationError) as refused:
+            await st.read_url("acx/x.in")
+    text = str(refused.value)
+    assert "refused the signed-in identity a user delegation key" in text
+    assert "carry only what the identity may do itself, so it needs Storage Blob Data Contributor" in text
+    assert "Storage Blob Delegator adds only the key, for an identity whose data role is scoped to a container" in text
+    assert ROLE_LINE + "acxtest`" in text and "az storage account show -n acxtest --query id -o tsv" in text
+
+
+async def test_a_403_to_an_entra_identity_names_the_role_and_one_with_a_key_does_not() -> None:
+    keyed = load_config({"azure_storage": {"storage_account_name": "acxtest", "storage_account_key": AZURITE_KEY,
+                                           "container": "c-1"}}, env={})  # fmt: skip
+    texts = []
+    for st in (entra_storage(), Storage(keyed)):
+        async with st:
+
+            async def refuse(*args: object, **kwargs: object) -> None:
+                raise forbidden("AuthorizationPermissionMismatch")
+
+            st._c.upload_blob = refuse
+            st._created = True  # the container "exists": nothing goes over the network
+            with pytest.raises(AuthenticationError) as refused:
+                await st.put("acx/x", b"x")
+            texts.append(str(refused.value))
+    entra, key = texts
+    assert "denied writing blob acx/x to the signed-in identity" in entra and ROLE_LINE + "acxtest`" in entra
+    assert "check the account key or the SAS permissions" in key and "Data Contributor" not in key
+
+
+@pytest.mark.parametrize("way", ["write", "read"])
+async def test_a_sas_the_runtime_is_refused_names_the_role_and_the_command(
+    azurite: Azurite, container: str, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """A real 403 from Azurite: the SAS the client lends lacks the permission the runtime uses,
+    as a user-delegation SAS does when the signing identity lacks the data role."""
+    real_sas = Storage._sas
+
+    async def narrowed(self: Storage, *, blob: str | None, permission: str, expiry: dt.datetime) -> str:
+        wanted = {"cw": "r", "r": "w"}[permission]  # each without what it is for
+        return await real_sas(self, blob=blob, permission=wanted, expiry=expiry)
+
+    monkeypatch.setattr(Storage, "_sas", narrowed)
+    async with AsyncExecutor(config=storage_config(azurite, container, inline_limit=0.5)) as ex:
+        call = ex.submit(big_result, 1_000_000) if way == "write" else ex.submit(digest_of, make_bytes(1_000_000))
+        with pytest.raises(StorageError) as refused:
+            await asyncio.wait_for(call, 120)
+    text = str(refused.value)
+    assert f"HTTP 403 {way.rstrip('e')}ing" in text and "refused the SAS URL this client lent the runtime" in text
+    assert "only what the signed-in identity may do itself, so the identity needs Storage Blob Data Contributor" in text
+    assert ROLE_LINE + "devstoreaccount1`" in text and "sig=" not in text

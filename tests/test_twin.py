@@ -144,3 +144,117 @@ async def test_a_pull_azure_refuses_at_put_names_the_image_the_registry_and_the_
     async with apps_for(config(arm, tmp_path)) as apps:
         info = await apps.deploy(image)
     assert info.runtime == image and arm.replicas
+
+
+async def test_the_twin_pulls_as_an_identity_only_when_the_app_has_it_and_it_holds_acr_pull(
+    arm: ArmEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry entry naming an identity the app was not given is a 400 (its code is not
+    sourced: one the SDK does not know); one the app has pulls only with AcrPull."""
+    from test_azure import UAI, private_registry
+
+    private_registry(arm)
+    arm.acr_pull_identities.add(UAI)
+    real = az.app_body
+
+    def without_identity(**kw: object) -> dict[str, object]:
+        body = real(**kw)  # type: ignore[arg-type]
+        body.pop("identity")
+        return body
+
+    monkeypatch.setattr(az, "app_body", without_identity)
+    cfg = config(arm, tmp_path, azure_containers={"registry_identity": UAI, "docker_user": None, "docker_password": None})
+    async with apps_for(cfg) as apps:
+        with pytest.raises(DeploymentError, match=r"HTTP 400 .*ContainerAppInvalidRegistryIdentity.*is not assigned"):
+            await apps.deploy("default")
+        monkeypatch.setattr(az, "app_body", real)
+        arm.acr_pull_identities.clear()
+        with pytest.raises(RuntimeNotFoundError, match="UNAUTHORIZED"):
+            await apps.deploy("default")
+        assert not arm.replicas and not arm.state.apps
+        arm.acr_pull_identities.add(UAI)
+        assert (await apps.deploy("default")).state == "Succeeded"
+
+
+async def test_the_twin_reports_the_environments_cores_and_fails_a_revision_past_its_quota(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """Usages count every active replica's cores; a new revision whose minReplicas do not fit
+    what is free ends Failed with the message the quotas page quotes, the old one running on."""
+    arm.core_quota = 1
+    async with apps_for(config(arm, tmp_path)) as apps:
+        info = await apps.deploy("default")
+        quota = await apps.core_quota("rg-acx", "acx")
+        assert (quota.limit, quota.used) == (1, 0.25)
+        app = await apps.get_app(info.app)
+        assert app is not None
+        _min, change = az.plan_warm(app, 5, lease=60, min_workers=0, max_workers=100)  # 1.25 cores
+        assert change is not None
+        pid = arm.replicas[info.app].proc.pid
+        with pytest.raises(DeploymentError, match=r"Maximum Allowed Cores exceeded for the Managed Environment\."):
+            await apps.apply(info.app, change)  # past the SDK's own check
+        state = arm.state.apps[("rg-acx", info.app)]["properties"]
+        assert state["template"]["scale"]["minReplicas"] == 0 and state["provisioningState"] == "Failed"
+        assert arm.replicas[info.app].proc.pid == pid and arm.replicas[info.app].proc.poll() is None
+        _min, fits = az.plan_warm(app, 3, lease=60, min_workers=0, max_workers=100)  # 0.75 of 0.75 free
+        assert fits is not None and await apps.apply(info.app, fits) == 3
+        # The old revision's replica counts until it has drained and exited (the new one's three
+        # fit beside it: 1.0 of 1); then the three alone.
+        for _ in range(300):
+            used = (await apps.core_quota("rg-acx", "acx")).used
+            assert used <= 1.0
+            if used == 0.75 and arm.replica_count(info.app) == 3 and len(arm.fleets[info.app].replicas) == 3:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"{used} cores used, {arm.replica_count(info.app)} replicas, not 0.75 and 3")
+
+
+async def test_a_template_change_starts_a_new_revision_whose_replicas_serve_before_the_old_ones_stop(
+    arm: ArmEndpoint, tmp_path: Path
+) -> None:
+    """Single revision mode: a template change (here a scale change, raising minReplicas as
+    warm() did before the demand queue) creates a revision; its replica is up before the old
+    one gets SIGTERM, and the call running on the old one finishes there."""
+    cfg = config(arm, tmp_path, azure_containers={"demand_queue": False})
+    async with apps_for(cfg) as apps:
+        info = await apps.deploy("default")
+        before = list(arm.revisions[info.app])
+        old = arm.replicas[info.app]
+        async with executor(cfg) as ex:
+            noted = tmp_path / "running"
+            running = ex.submit(nap_noting_replica, 4.0, str(noted))
+            await until(noted.exists, "the call to start")
+            assert int(noted.read_text().split()[0]) == old.proc.pid
+            await apps.warm(info.app, 1, lease=60)  # minReplicas 0 -> 1: a template change
+            assert arm.revisions[info.app] == [*before, arm.revisions[info.app][-1]]  # one new revision
+            new = arm.replicas[info.app]
+            assert new.revision == arm.revisions[info.app][-1] != old.revision
+            assert new.proc.pid != old.proc.pid
+            stopped = next(t for t, rid, _n in arm.scale_ins if rid == old.id)
+            assert new.created <= stopped  # the new replica was ready before the old one was told to stop
+            assert await running == 4.0  # the call in flight on the old replica finished there
+            await until(lambda: old.proc.poll() is not None, "the old replica to exit")
+            assert old.proc.returncode in (0, -15)  # it drained and exited on SIGTERM, within its grace
+            assert await ex.map(add7, range(3)) == [7, 8, 9]  # served by the new revision
+
+
+async def test_a_replica_told_to_stop_is_killed_when_its_grace_period_ends(arm: ArmEndpoint, tmp_path: Path) -> None:
+    """Scale-in and revision swaps send SIGTERM and honour terminationGracePeriodSeconds:
+    SIGKILL when it ends (application-lifecycle-management#shutdown)."""
+    async with apps_for(config(arm, tmp_path)) as apps:
+        info = await apps.deploy("default")
+    app = arm.state.apps[("rg-acx", info.app)]
+    assert app["properties"]["template"]["terminationGracePeriodSeconds"] >= 10  # the SDK's: runtime_timeout + 10
+    async with executor(config(arm, tmp_path)) as ex:
+        noted = tmp_path / "running"
+        running = ex.submit(nap_noting_replica, 30.0, str(noted))
+        await until(noted.exists, "the call to start")
+        replica = arm.replicas[info.app]
+        app["properties"]["template"]["terminationGracePeriodSeconds"] = 1  # as if deployed with 1 s
+        t0 = time.monotonic()
+        arm.scale_in(info.app, replica.id)
+        await until(lambda: replica.proc.poll() is not None, "the replica to be killed", timeout=10)
+        assert replica.proc.returncode == -9  # SIGTERM did not end a replica still running a call: SIGKILL did
+        print(f"killed {time.monotonic() - t0:.1f} s after SIGTERM (grace 1 s)")
+        running.cancel()

@@ -1,5 +1,6 @@
-"""Pre-warming: ``warm()`` and ``map(prewarm=True)`` raise the app's minReplicas through ARM and
-put it back, against the HTTPS ARM test endpoint with the real azure-mgmt-appcontainers client."""
+"""Pre-warming without a demand queue: ``warm()`` and ``map(prewarm=True)`` raise the app's
+minReplicas through ARM and put it back, against the HTTPS ARM test endpoint with the real
+azure-mgmt-appcontainers client."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 from arm_endpoint import ArmEndpoint, StaticToken
-from test_azure import REGISTRY_PASSWORD, apps_for, config, executor
+from test_azure import REGISTRY_PASSWORD, apps_for, executor
+from test_azure import config as azure_config
 
 import async_ca_exec as acx
 from async_ca_exec import AsyncExecutor, AuthenticationError, ConfigError
@@ -26,6 +28,14 @@ from async_ca_exec.runtimes import azure as az
 
 TESTS = Path(__file__).resolve().parent
 RG = "rg-acx"
+
+
+def config(arm: ArmEndpoint, tmp_path: Path, **overrides: Any) -> Path:
+    """The Azure tests' config without the demand queue: warm() then raises minReplicas (a
+    template change, so a new revision) as these tests check; tests/test_scaling.py checks
+    the demand queue's way."""
+    overrides["azure_containers"] = {"demand_queue": False, **overrides.get("azure_containers", {})}
+    return azure_config(arm, tmp_path, **overrides)
 
 
 def add7(x: int) -> int:

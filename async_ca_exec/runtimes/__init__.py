@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -29,6 +30,11 @@ class Runtime(Protocol):
 
     async def cool(self) -> None:
         """Undo warm(): put back the minimum from before it; never raises but for cancellation."""
+        ...
+
+    def track_demand(self, demand: Callable[[], int]) -> None:
+        """``demand()`` is the requests the client would have in flight now: a runtime that
+        scales on it samples it (before start(), so a cold start sees the job waiting)."""
         ...
 
 

@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..invoker import Endpoint
 from ..storage import PREFIX, Storage
+from . import demand as dq
 from .common import check_compatible, fetch_meta, wait_ready
 
 log = logging.getLogger("async_ca_exec.azure")
@@ -79,6 +80,8 @@ TAG_MEMORY = "acx-memory"
 #: the client that raised it puts it back, and should that client die, the next executor start
 #: after the lease's end (or ``acx runtime update``) does.
 TAG_WARM = "acx-warm"
+#: When the read-only SAS of the app's demand-queue rule expires (epoch s; not a secret).
+TAG_DEMAND_SAS = "acx-demand-sas-expiry"
 #: A lease is only extended by more than this many seconds: each extension is an ARM write.
 LEASE_SLACK = 60.0
 #: Container Apps' maxReplicas when a template does not say.
@@ -102,6 +105,17 @@ IN_PROGRESS_CODES = frozenset(
 CONFLICT_BACKOFF = (1.0, 30.0)
 #: How long closing an executor waits to put back a pre-warm through such conflicts.
 RESTORE_WAIT = 60.0
+#: An environment's core quota when Azure does not say: "100" cores per environment, "Calculated
+#: by the sum of cores requested by each active replica of all revisions in an environment"; 10 on
+#: free trial subscriptions (https://learn.microsoft.com/azure/container-apps/quotas; its table
+#: is quoted from the docs.azure.cn/en-us copy and the ja-jp and zh-tw Learn pages).
+DEFAULT_CORE_QUOTA = 100.0
+QUOTA_HELP = "https://learn.microsoft.com/azure/container-apps/quotas"
+#: The usage ARM reports for the Consumption profile's cores (ManagedEnvironmentUsages_List; the
+#: name from the REST spec's example, Usages.json 2024-03-01).
+CORE_USAGE = "ManagedEnvironmentConsumptionCores"
+#: What Container Apps says when a revision does not fit the quota (quoted on the ja-jp quotas page).
+QUOTA_EXCEEDED = "Maximum Allowed Cores exceeded"
 _SIGN_IN_HELP = (
     "sign in with `az login`, or set AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET for a service "
     "principal, or run where a managed identity is assigned, or pass credential= to the executor"
@@ -164,22 +178,51 @@ def app_body(
     max_replicas: int,
     workers: int,
     registry: tuple[str, str, str] | None,
+    registry_identity: tuple[str, str] | None = None,
     workload_profile: str | None = None,
     deployed_at: str | None = None,
+    polling_interval: int = 5,
+    cooldown: int = 300,
+    demand: tuple[dict[str, Any], str, int] | None = None,
 ) -> dict[str, Any]:
     """The Container App resource for a runtime (the JSON sent to ARM).
 
-    ``registry`` is (server, user, password); ``workload_profile`` names the environment's
-    profile to run on (None in a Consumption-only environment); ``deployed_at`` makes every
-    deploy a new revision, so an image rebuilt under the same tag is pulled again.
+    ``registry`` is (server, user, password); ``registry_identity`` is (server, identity), the
+    identity a user-assigned one's resource id or ``system``, and wins over ``registry``;
+    ``workload_profile`` names the environment's profile to run on (None in a Consumption-only
+    environment); ``deployed_at`` makes every deploy a new revision, so an image rebuilt under
+    the same tag is pulled again; ``demand`` is the demand queue's scale rule, the read-only
+    connection string it uses and when that expires (see :mod:`.demand`).
     """
     cpu, mem = memory_pair(memory)
     secrets_: list[dict[str, str]] = [{"name": HMAC_SECRET, "value": hmac_key}]
     registries: list[dict[str, str]] = []
-    if registry is not None:
+    identity: dict[str, Any] | None = None
+    if registry_identity is not None:
+        # RegistryCredentials.identity: "For user-assigned identities, use the full
+        # user-assigned identity Resource ID. For system-assigned identities, use 'system'"
+        # (REST spec); the identity must also be the app's own (ManagedServiceIdentity), as in
+        # https://learn.microsoft.com/azure/container-apps/containers#managed-identity-with-azure-container-registry.
+        server, who = registry_identity
+        registries.append({"server": server, "identity": who})
+        if who == "system":
+            identity = {"type": "SystemAssigned"}
+        else:
+            identity = {"type": "UserAssigned", "userAssignedIdentities": {who: {}}}
+    elif registry is not None:
         server, user, password = registry
         secrets_.append({"name": REGISTRY_SECRET, "value": password})
         registries.append({"server": server, "username": user, "passwordSecretRef": REGISTRY_SECRET})
+    rules: list[dict[str, Any]] = [
+        # Replicas for bursts: Container Apps adds one per concurrentRequests requests *arriving*
+        # per second over 15 s windows (scale-app#http), so it cannot see long calls in flight;
+        # the demand queue's rule says how many replicas the calls in flight need.
+        {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}
+    ]
+    if demand is not None:
+        rule, connection, _expiry = demand
+        secrets_.append({"name": dq.DEMAND_SECRET, "value": connection})
+        rules.append(rule)
     grace = int(min(MAX_GRACE, max(30, runtime_timeout + 10)))
     env = [
         {"name": "ACX_HMAC_KEY", "secretRef": HMAC_SECRET},
@@ -199,6 +242,7 @@ def app_body(
             TAG_VERSION: __version__,
             TAG_RUNTIME: image,
             TAG_MEMORY: str(memory),
+            **({TAG_DEMAND_SAS: str(demand[2])} if demand is not None else {}),
         },
         "properties": {
             "environmentId": environment_id,
@@ -227,9 +271,11 @@ def app_body(
                 "scale": {
                     "minReplicas": min_replicas,
                     "maxReplicas": max_replicas,
-                    # A replica takes as many concurrent requests as it has workers; more
-                    # requests make Container Apps add replicas.
-                    "rules": [{"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": str(workers)}}}],
+                    # KEDA's settings (api-version 2025-01-01 and later): how often the queue
+                    # rule is read, and how long without demand before scaling in.
+                    "pollingInterval": polling_interval,
+                    "cooldownPeriod": cooldown,
+                    "rules": rules,
                 },
                 "terminationGracePeriodSeconds": grace,
             },
@@ -237,6 +283,8 @@ def app_body(
     }
     if workload_profile:
         body["properties"]["workloadProfileName"] = workload_profile
+    if identity is not None:
+        body["identity"] = identity
     return body
 
 
@@ -266,6 +314,9 @@ class AzureTarget:
     registry: tuple[str, str, str] | None = field(repr=False)
     min_replicas: int = 0
     max_replicas: int = 100
+    #: (registry server, identity): the app pulls as this managed identity (and ``registry``
+    #: is None: docker_user / docker_password then serve only this machine's pushes).
+    registry_identity: tuple[str, str] | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, env: dict[str, str] | None = None) -> AzureTarget:
@@ -284,7 +335,17 @@ class AzureTarget:
                 "azure: in the config file (Lithops' azure section works as is)"
             )
         registry = None
-        if ac.docker_user and ac.docker_password is not None:
+        identity = None
+        if ac.registry_identity:
+            if not ac.docker_server:
+                raise ConfigError(
+                    "azure_containers.registry_identity is set but docker_server is not: name the registry the identity "
+                    "pulls from (e.g. myregistry.azurecr.io)"
+                )
+            # The identity wins: the app gets no registry password even when docker_user /
+            # docker_password are set (they are this machine's, to push and look up images).
+            identity = (ac.docker_server.split("/", 1)[0], ac.registry_identity)
+        elif ac.docker_user and ac.docker_password is not None:
             if not ac.docker_server:
                 raise ConfigError("azure_containers.docker_user is set but docker_server is not: name the registry")
             registry = (ac.docker_server, ac.docker_user, ac.docker_password.get_secret_value())
@@ -305,6 +366,7 @@ class AzureTarget:
             registry=registry,
             min_replicas=ac.min_workers,
             max_replicas=ac.max_workers,
+            registry_identity=identity,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -428,12 +490,22 @@ async def arm_errors(
             raise ConfigError(f"subscription {sub!r} was not found: fix azure.subscription_id") from None
         if status == 404 and not_found is not None:
             raise not_found() from None
-        if status == 400 and code == "InvalidParameterValueInContainerTemplate" and ".image'" in message and bad_image:
-            raise bad_image(message) from None
+        # A 400 at PUT, or (a system-assigned identity at the app's first deploy) an operation
+        # that ends Failed with the same error.
+        failed_op = status is None or 200 <= status < 300
+        if (status == 400 or failed_op) and code == "InvalidParameterValueInContainerTemplate" and ".image'" in message:
+            if bad_image:
+                raise bad_image(message) from None
         if code == "MissingSubscriptionRegistration":
             raise ConfigError(
                 f"subscription {sub} is not registered for Container Apps: run `az provider register -n Microsoft.App` "
                 "(once per subscription) and try again"
+            ) from None
+        if QUOTA_EXCEEDED in message:
+            raise DeploymentError(
+                f"Azure could not finish {what}: the environment's core quota is used up ({message}); lower "
+                "azure_containers.min_workers, max_workers or runtime_memory, stop other apps of the environment, or "
+                f"request a quota increase: {QUOTA_HELP}"
             ) from None
         if status == 409:  # not one that waiting out another operation solves (see AzureApps._change)
             raise DeploymentError(f"Azure refused {what} with a conflict ({code or 409}): {message}") from None
@@ -654,6 +726,41 @@ class Environment:
     location: str
     #: Names of the environment's workload profiles; empty for a Consumption-only environment.
     profiles: list[str]
+    group: str = ""
+    name: str = ""
+
+
+_ENV_ID_RE = re.compile(
+    r"^/subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.App/managedEnvironments/([^/]+)$", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True)
+class CoreQuota:
+    """An environment's core quota and the cores its active replicas use now (None: unknown)."""
+
+    limit: float
+    used: float | None
+    source: str  # for messages: where the limit comes from
+
+    @property
+    def free(self) -> float:
+        return self.limit - (self.used or 0.0)
+
+    def describe(self) -> str:
+        used = "usage unknown" if self.used is None else f"{self.used:g} in use now"
+        return f"{self.limit:g} cores ({self.source}; {used})"
+
+
+def fitting(cores: float, per_replica: float) -> int:
+    """How many replicas of ``per_replica`` cores fit in ``cores``."""
+    return max(0, int(cores / per_replica + 1e-9)) if per_replica > 0 else 0
+
+
+def replica_cpu(app: dict[str, Any], fallback: float) -> float:
+    """The vCPUs one replica of ``app`` asks for (its containers' together)."""
+    cpus = [_get(c, "resources", "cpu") for c in _get(app, "properties", "template", "containers") or []]
+    return float(sum(float(c) for c in cpus if c is not None)) or fallback
 
 
 class AzureApps:
@@ -666,6 +773,7 @@ class AzureApps:
         self._own_credential = credential is None
         self._client: Any = None
         self._progress = progress or (lambda msg: log.info("%s", msg))
+        self._has_progress = progress is not None
         #: Where runtime metadata is kept besides the local cache, when Blob storage is configured.
         self._storage: Storage | None = Storage(cfg, credential=credential) if cfg.storage_configured else None
 
@@ -784,11 +892,7 @@ class AzureApps:
         t = self.target
         group, name = t.resource_group, t.environment
         if t.environment_id:
-            m = re.match(
-                r"^/subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.App/managedEnvironments/([^/]+)$",
-                t.environment_id,
-                re.IGNORECASE,
-            )
+            m = _ENV_ID_RE.match(t.environment_id)
             if not m:
                 raise ConfigError(
                     f"azure_containers.environment_id={t.environment_id!r} is not a managed environment id "
@@ -810,7 +914,66 @@ class AzureApps:
                 )
             env = await self._create_environment(group, name)
         profiles = [str(p.get("name")) for p in (_get(env, "properties", "workloadProfiles") or []) if p.get("name")]
-        return Environment(str(env.get("id")), str(env.get("location") or t.region), profiles)
+        return Environment(str(env.get("id")), str(env.get("location") or t.region), profiles, group, name)
+
+    async def core_quota(self, group: str, name: str) -> CoreQuota:
+        """Environment ``name``'s core quota and usage, as ARM reports them (the environment's
+        usages); azure_containers.core_quota overrides the limit; without either, Container
+        Apps' documented default. Never fails: a quota Azure will not tell is assumed."""
+        from azure.core.exceptions import AzureError
+
+        limit = used = None
+        try:
+            async for usage in self.client.managed_environment_usages.list(group, name):
+                doc = _plain(usage)
+                if _get(doc, "name", "value") == CORE_USAGE:
+                    limit, used = float(doc["limit"]), float(doc["currentValue"])
+        except (AzureError, KeyError, TypeError, ValueError) as exc:
+            log.debug("cannot read the core usage of environment %s (%s): assuming its quota", name, exc)
+        configured = self.cfg.azure_containers.core_quota
+        if configured is not None:
+            return CoreQuota(configured, used, "azure_containers.core_quota")
+        if limit is not None:
+            return CoreQuota(limit, used, f"environment {name}'s quota, as Azure reports it")
+        return CoreQuota(
+            DEFAULT_CORE_QUOTA,
+            None,
+            "Container Apps' default, which Azure did not confirm; 10 on trial subscriptions; set "
+            "azure_containers.core_quota if yours differs",
+        )
+
+    def _warn(self, message: str) -> None:
+        """A warning: to the progress callback (the CLI's stderr) if there is one, else the log."""
+        if self._has_progress:
+            self._progress(f"warning: {message}")
+        else:
+            log.warning("%s", message)
+
+    async def _check_cores(self, env: Environment, memory: int, *, update: bool) -> None:
+        """Warn when max_workers replicas of this size can ask for more cores than the
+        environment's quota: past it, replicas do not start ("provisioning times out with a
+        failure"; the app "may be restricted from scaling out", the quotas page)."""
+        cpu = memory_pair(memory)[0]
+        workers = self.target.max_replicas
+        # An update is a new revision, and in single revision mode the old revision's replicas
+        # stay active until the new one is ready (application-lifecycle-management, "zero
+        # downtime deployment"): for a while both count against the quota.
+        per = cpu * (2 if update else 1)
+        want = workers * per
+        quota = await self.core_quota(env.group, env.name)
+        if want <= quota.limit:
+            return
+        swap = (
+            f", {want:g} while an update swaps revisions (the old revision's replicas run until the new one's are ready)"
+            if update
+            else ""
+        )
+        self._warn(
+            f"max_workers={workers} replicas of {cpu:g} vCPU (runtime_memory {memory}) can ask for {workers * cpu:g} cores"
+            f"{swap}, and environment {env.name} allows {quota.describe()}; past it, replicas do not start. Lower "
+            f"azure_containers.max_workers to {fitting(quota.limit, per)} (what fits), or runtime_memory, or request a quota "
+            f"increase: {QUOTA_HELP}"
+        )
 
     async def _create_environment(self, group: str, name: str) -> dict[str, Any]:
         t = self.target
@@ -912,9 +1075,51 @@ class AzureApps:
         in_effect, change = plan_warm(app, replicas, lease=lease, min_workers=t.min_replicas, max_workers=t.max_replicas)
         if change is None:
             return in_effect, None
+        if change.min_replicas > _scale(app)[0]:
+            await self._check_warm_cores(app, change.min_replicas)
         if before_patch is not None and change.lease is not None:
             before_patch(change.lease)
         return await self.apply(name, change), change.lease
+
+    async def _check_warm_cores(self, app: dict[str, Any], replicas: int, *, in_place: bool = False) -> None:
+        """Refuse a warm whose replicas cannot fit the environment's free cores. Raising
+        minReplicas starts a new revision, whose replicas run beside the old revision's until
+        they are ready: the cores in use now (this app's included) stay in use meanwhile.
+        ``in_place`` (the demand queue): the app's running replicas are among the ``replicas``,
+        so only the ones to add need free cores."""
+        m = _ENV_ID_RE.match(str(_get(app, "properties", "environmentId") or ""))
+        if m is None:
+            return
+        cpu = replica_cpu(app, memory_pair(self.cfg.azure_containers.runtime_memory)[0])
+        running = await self._running_replicas(app) if in_place else 0
+        need = max(0, replicas - running) * cpu
+        quota = await self.core_quota(m.group(1), m.group(2))
+        if need <= quota.free:
+            return
+        held = f"{running} of them run already" if in_place else "those running now stay until the new revision's are ready"
+        more = "more " if in_place else ""
+        raise ConfigError(
+            f"cannot pre-warm {replicas} replicas of Container App {app.get('name')}: at {cpu:g} vCPU each they need "
+            f"{need:g} {more}cores, and environment {m.group(2)} has {max(0.0, quota.free):g} free of {quota.describe()} "
+            f"({held}); warm at most {running + fitting(quota.free, cpu)} replicas, lower runtime_memory, or request a "
+            f"quota increase: {QUOTA_HELP}"
+        )
+
+    async def _running_replicas(self, app: dict[str, Any]) -> int:
+        """The replicas of the app's latest revision (0 if ARM cannot say: the stricter check)."""
+        revision = _get(app, "properties", "latestRevisionName")
+        if not revision:
+            return 0
+        try:
+            async with arm_errors(self.target, f"counting the replicas of {app.get('name')}"):
+                listed = _plain(
+                    await self.client.container_apps_revision_replicas.list_replicas(
+                        self.target.resource_group, str(app.get("name")), str(revision)
+                    )
+                )
+        except AsyncCAExecError:
+            return 0
+        return len(listed.get("value") or [])
 
     async def cool(
         self,
@@ -962,23 +1167,61 @@ class AzureApps:
 
     async def ensure_default_image(self, image: str) -> None:
         """Build and push the default runtime image unless the registry has it already."""
-        from .images import build_image, image_exists, registry_login, split_image
+        from .images import BuildError, build_image, image_exists, registry_login, split_image
 
         self._progress(f"checking that {image} is in its registry ...")
-        login = registry_login(self.cfg, split_image(image)[0])
-        if await image_exists(image, login=login, ssl=self.target.ssl_context()):
+        server = split_image(image)[0]
+        login = registry_login(self.cfg, server)
+        try:
+            if await image_exists(image, login=login, ssl=self.target.ssl_context()):
+                return
+        except BuildError as exc:
+            if login is not None or self.target.registry_identity is None:
+                raise
+            # The app's managed identity pulls on Azure's side; this machine has no login for
+            # the registry, so it cannot look. Azure checks the image at PUT and a missing one
+            # comes back as a RuntimeNotFoundError with the build command.
+            self._progress(
+                f"note: cannot look for {image} from this machine ({exc}); the app pulls with its managed identity, so "
+                f"Azure checks it at deploy (build it with `acx runtime build {image}` if it is missing)"
+            )
             return
         self._progress(f"the default runtime image {image} is not in its registry yet: building it")
         await build_image(self.cfg, image, credential=self._credential, progress=self._progress)
 
-    def _pull_error(self, image: str, message: str) -> BaseException:
+    def _pull_error(self, image: str, message: str, app: str = "<app>") -> BaseException:
         """Container Apps checks at PUT that it can pull the image (400
         InvalidParameterValueInContainerTemplate, with the registry's answer): say which image,
         which registry, and the command that fixes it."""
-        from .images import split_image
+        from .images import is_acr, split_image
 
         server = split_image(image)[0]
-        if "UNAUTHORIZED" in message or "DENIED" in message:
+        pulling = self.target.registry_identity
+        refused = "UNAUTHORIZED" in message or "DENIED" in message
+        if refused and pulling is not None and pulling[0].lower() == server.lower():
+            who = pulling[1]
+            acr = server.split(".")[0]
+            scope = f"$(az acr show -n {acr} --query id -o tsv)" if is_acr(server) else "<the registry's resource id>"
+            if who == "system":
+                rg = self.target.resource_group
+                principal = f"$(az containerapp show -n {app} -g {rg} --query identity.principalId -o tsv)"
+                return RuntimeNotFoundError(
+                    f"Azure cannot pull runtime image {image}: registry {server} refused the app's system-assigned identity "
+                    "(UNAUTHORIZED). Container Apps creates that identity with the app, so it has no AcrPull role when the "
+                    "app is first deployed (https://learn.microsoft.com/azure/container-apps/containers"
+                    "#managed-identity-with-azure-container-registry). Either set azure_containers.registry_identity to a "
+                    "user-assigned identity that has AcrPull on the registry, or grant the app's identity AcrPull: "
+                    f"`az role assignment create --assignee {principal} --role AcrPull --scope {scope}`, then run "
+                    f"`acx runtime update {image}`"
+                )
+            principal = f"$(az identity show --ids {who} --query principalId -o tsv)"
+            return RuntimeNotFoundError(
+                f"Azure cannot pull runtime image {image}: registry {server} refused the app's managed identity {who} "
+                f"(UNAUTHORIZED); it needs the AcrPull role on the registry: `az role assignment create --assignee "
+                f"{principal} --role AcrPull --scope {scope}` (role assignments can take minutes to apply), then run "
+                f"`acx runtime deploy {image}` again"
+            )
+        if refused:
             return RuntimeNotFoundError(
                 f"Azure cannot pull runtime image {image}: registry {server} refused the app's credentials (UNAUTHORIZED); "
                 f"set azure_containers.docker_user and docker_password for {server} (for Azure Container Registry, an "
@@ -993,7 +1236,8 @@ class AzureApps:
         return DeploymentError(f"Azure refused runtime image {image}: {message}")
 
     async def _image_missing(self, image: str) -> bool:
-        """Whether the registry says it lacks ``image`` (False when it cannot tell)."""
+        """Whether the registry says it lacks ``image`` (False when it cannot tell: a registry the
+        app reaches with a managed identity, which this machine does not have, may not let it look)."""
         from .images import BuildError, image_exists, registry_login, split_image
 
         try:
@@ -1033,16 +1277,37 @@ class AzureApps:
                 f"azure_containers.environment creates one) or runtime_memory <= {CONSUMPTION_ONLY_MAX_MEMORY}"
             )
         existing = await self.get_app(name)
+        await self._check_cores(env, memory, update=existing is not None)
         old = await self.secrets(name) if existing else {}
         key = old.get(HMAC_SECRET) or secrets.token_urlsafe(32)  # generated once, kept across updates
-        registry = self.target.registry
-        if registry is None and existing:
-            # No registry password on this machine: keep the one the app already has.
+        registry, identity = self.target.registry, self.target.registry_identity
+        if registry is None and identity is None and existing:
+            # No registry login in this machine's config: keep the one the app already has.
             for reg in _get(existing, "properties", "configuration", "registries") or []:
                 ref = reg.get("passwordSecretRef")
+                if reg.get("identity"):
+                    identity = (str(reg.get("server")), str(reg["identity"]))
+                    break
                 if ref and old.get(ref):
                     registry = (str(reg.get("server")), str(reg.get("username")), old[ref])
                     break
+        acct, why_not = dq.queue_account(self.cfg)
+        demand = None
+        if acct is not None:
+            queue = dq.queue_name(name)
+            try:
+                await dq.ensure_queue(acct, queue)
+            except ConfigError as exc:  # (a deploy on first use must not fail for it: the HTTP rule still scales)
+                acct, why_not = None, str(exc)
+            else:
+                demand = (dq.scale_rule(acct, queue), *dq.read_only_connection(acct, queue))
+        if acct is None:
+            self._progress(
+                f"warning: no demand queue ({why_not}): Container Apps then scales {name} on arriving requests only "
+                f"(15 s windows), and may scale in replicas still running calls longer than about "
+                f"{15 + ac.scale_cooldown} s (they get SIGTERM and {min(MAX_GRACE, max(30, runtime_timeout + 10)):.0f} s "
+                "to finish); configure azure_storage with a connection string or account key for long calls"
+            )
         body = app_body(
             image=image,
             memory=memory,
@@ -1054,8 +1319,12 @@ class AzureApps:
             max_replicas=self.target.max_replicas,
             workers=worker_processes(memory, ac.worker_processes),
             registry=registry,
+            registry_identity=identity,
             workload_profile=profile,
             deployed_at=f"{time.time():.0f}",
+            polling_interval=ac.scale_polling_interval,
+            cooldown=ac.scale_cooldown,
+            demand=demand,
         )
         verb = "updating" if existing else "creating"
         held = warm_lease(existing) if existing else None
@@ -1070,7 +1339,7 @@ class AzureApps:
             await self._change(
                 f"{verb} Container App {name}",
                 lambda: self.client.container_apps.begin_create_or_update(self.target.resource_group, name, body),
-                bad_image=lambda m: self._pull_error(image, m),
+                bad_image=lambda m: self._pull_error(image, m, name),
             )
         )
         info = runtime_info(app)
@@ -1220,6 +1489,57 @@ class AzureRuntime:
         self.leases: list[WarmLease] = []
         #: One scale change at a time from this client (ARM refuses a second one under way, 409).
         self._scale_lock = asyncio.Lock()
+        #: The demand queue (see .demand): the replicas this client's calls need, and warm()'s
+        #: floor (replicas, until), said to Container Apps without changing the template.
+        self._queue_account = dq.queue_account(config)[0]
+        self._demand_of: Callable[[], int] = lambda: 0
+        self._floor: tuple[int, float] = (0, 0.0)
+        self.demand: dq.DemandQueue | None = None
+        #: Whether the app has the demand-queue rule (None: start() has not looked yet).
+        self._has_rule: bool | None = None
+
+    def track_demand(self, demand: Callable[[], int]) -> None:
+        self._demand_of = demand
+
+    def _wanted(self) -> int:
+        """Replicas to ask for now: the calls' and warm()'s, whichever is more."""
+        need = dq.replicas_needed(self._demand_of(), self.per_replica, self.target.max_replicas)
+        floor, until = self._floor
+        return max(need, floor) if floor and time.monotonic() < until else need
+
+    def _start_demand(self, app: dict[str, Any] | None) -> None:
+        """Keep the app's demand queue from now on, if the app has the rule (apps deployed with
+        demand_queue off, or by an older version, have not: they scale on arrivals only)."""
+        acct = self._queue_account
+        if self.demand is not None:
+            return
+        name = self.app_name()
+        if app is None:  # deployed just now, by this config: the rule is there if the config has an account
+            self._has_rule = acct is not None
+        else:
+            rules = _get(app, "properties", "template", "scale", "rules") or []
+            self._has_rule = any(r.get("name") == dq.DEMAND_RULE for r in rules)
+        if acct is None:
+            if self._has_rule and self.config.azure_containers.demand_queue:
+                log.warning(
+                    "Container App %s scales on a demand queue this client cannot write (%s): its replicas follow "
+                    "arriving requests only, and long calls may lose theirs; configure azure_storage with the "
+                    "account key it was deployed with", name, dq.queue_account(self.config)[1],
+                )  # fmt: skip
+            return
+        if not self._has_rule:
+            log.warning(
+                "Container App %s has no demand-queue scale rule: Container Apps scales it on arriving requests only, "
+                "and may scale in replicas still running long calls; run `acx runtime update` to add it", name,
+            )  # fmt: skip
+            return
+        expiry = ((app or {}).get("tags") or {}).get(TAG_DEMAND_SAS, "")
+        warning = dq.sas_warning(name, int(expiry)) if expiry.isdigit() else None
+        if warning:
+            log.warning("%s", warning)
+        client = dq.queue_client(acct, dq.queue_name(name))
+        self.demand = dq.DemandQueue(client, self._wanted, ttl=self.config.azure_containers.demand_ttl, name=name)
+        self.demand.start()
 
     def app_name(self) -> str:
         """The app this runtime uses: known from the config before start() has found it."""
@@ -1245,8 +1565,10 @@ class AzureRuntime:
                     )
                 log.warning("the default runtime is not deployed yet: deploying %s (%d MB)", image, mem)
                 info = await apps.deploy(image, memory=mem, check=False)
+                self._start_demand(None)
             else:
                 info = runtime_info(app)
+                self._start_demand(app)
                 self.per_replica = concurrent_requests(app) or self.per_replica
                 await self._restore_ended_lease(apps, app)
             if not info.fqdn:
@@ -1310,6 +1632,21 @@ class AzureRuntime:
         lease this runtime restores at :meth:`cool`; returns the minReplicas in effect. Works
         while start() still waits for the first replica: then the others start meanwhile."""
         check_warm(replicas, self.target.max_replicas)
+        if self._queue_account is not None and self.config.azure_containers.demand_queue and self._has_rule is not False:
+            # Through the demand queue: no template change, so no new revision (a scale change
+            # would start one and restart every replica mid-job). A floor in effect is never
+            # lowered by a smaller warm (a prewarm map's, say), nor its lease shortened.
+            now = time.monotonic()
+            floor, until = self._floor if self._floor[1] > now else (0, 0.0)
+            if replicas > floor:
+                async with AzureApps(self.config, credential=self.credential) as apps:
+                    app = await apps.get_app(self.app_name())
+                    if app is not None:  # (the default runtime still being deployed: checked at deploy)
+                        await apps._check_warm_cores(app, replicas, in_place=True)
+            self._floor = (max(replicas, floor), max(until, now + lease))
+            if self.demand is not None:
+                await self._sync_demand()
+            return max(replicas, floor, self.target.min_replicas)
 
         def note(lease: WarmLease) -> None:
             # Before the PATCH is sent: one that lands although this task was cancelled is restored too.
@@ -1323,6 +1660,10 @@ class AzureRuntime:
         """Put back the scale from before the first :meth:`warm`, once; never raises (but for
         cancellation): a failure is logged with the command that fixes it, and the lease in the
         app's tag lets the next executor start after its end restore it."""
+        if self._floor[0]:
+            self._floor = (0, 0.0)
+            if self.demand is not None:
+                await self._sync_demand()
         async with self._scale_lock:
             leases, self.leases = self.leases, []
             if leases:
@@ -1348,7 +1689,21 @@ class AzureRuntime:
         else:
             log.info("Container App %s: minReplicas restored to %d", name, restored)
 
+    async def _sync_demand(self) -> None:
+        """Say the new count now; a storage error is the demand loop's to report (once) and retry."""
+        assert self.demand is not None
+        try:
+            await self.demand.sync()
+        except Exception:  # noqa: BLE001 - the loop warns and retries
+            self.demand.poke()
+
     async def aclose(self) -> None:
-        """Restore what warm() raised; nothing else runs locally for this backend (the app
-        scales itself down)."""
-        await self.cool()
+        """Stop asking for replicas and restore what warm() raised; nothing else runs locally
+        for this backend (the app scales itself down once the demand queue is empty)."""
+        demand, self.demand = self.demand, None
+        self._floor = (0, 0.0)
+        try:
+            if demand is not None:
+                await demand.aclose()
+        finally:
+            await self.cool()

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,9 @@ class LocalRuntime:
 
     async def cool(self) -> None:
         pass
+
+    def track_demand(self, demand: Callable[[], int]) -> None:
+        """Nothing to scale: the local replicas are fixed."""
 
     async def aclose(self) -> None:
         """Stop every server process (and so their workers); idempotent."""
