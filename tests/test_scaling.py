@@ -431,3 +431,45 @@ async def test_a_deploy_whose_queue_cannot_be_created_warns_and_goes_on_without_
     [warning] = [line for line in said if "no demand queue" in line]
     assert "could not create the demand queue" in warning and "AccountKey" not in warning and AZURITE_KEY not in warning
     assert not [r for r in rules(arm, info.app) if r["name"] == dq.DEMAND_RULE]
+
+
+@pytest.mark.parametrize(
+    ("storage", "why"),
+    [
+        (None, "azure_storage is not configured"),
+        ("sas", "holds no account key (a SAS cannot sign the app's read-only SAS)"),
+    ],
+)
+async def test_without_a_storage_key_deploy_warns_that_long_calls_may_lose_their_replicas(
+    arm: ArmEndpoint, tmp_path: Path, storage: str | None, why: str
+) -> None:
+    import yaml
+
+    cfg = config(arm, tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    if storage is None:
+        del doc["azure_storage"]
+        doc["lithops"]["storage"] = "localhost"
+    else:
+        import datetime as dt
+
+        from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+        from conftest import AZURITE_ACCOUNT, AZURITE_KEY
+
+        sas = generate_account_sas(
+            AZURITE_ACCOUNT, AZURITE_KEY, ResourceTypes(service=True, container=True, object=True),
+            AccountSasPermissions(read=True, write=True, create=True, list=True, delete=True),
+            expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1),
+        )  # fmt: skip
+        endpoints = f"BlobEndpoint={arm.storage[0].endpoint};QueueEndpoint={arm.storage[0].queue_endpoint}"
+        doc["azure_storage"]["connection_string"] = f"{endpoints};SharedAccessSignature={sas}"
+    cfg.write_text(yaml.safe_dump(doc))
+    said: list[str] = []
+    async with apps_for(cfg, progress=said.append) as apps:
+        info = await apps.deploy("default")
+    [warning] = [line for line in said if "no demand queue" in line]
+    assert why in warning and "may scale in replicas still running calls longer than about 315 s" in warning
+    assert "configure azure_storage with a connection string or account key" in warning
+    assert "sig=" not in warning
+    assert not [r for r in rules(arm, info.app) if r["name"] == dq.DEMAND_RULE]
