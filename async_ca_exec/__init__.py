@@ -26,6 +26,10 @@ _EXPORTS = {
     "FIRST_EXCEPTION": "executor",
     "CallFuture": "futures",
     "FunctionExecutor": "sync",
+    "LocalhostExecutor": "sync",
+    "ServerlessExecutor": "sync",
+    "wait": "sync",
+    "get_result": "sync",
     "ResponseFuture": "sync",
     "ALWAYS": "sync",
     "ANY_COMPLETED": "sync",
@@ -71,7 +75,16 @@ if TYPE_CHECKING:
     from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, AsyncExecutor
     from .futures import CallFuture
     from .storage import Storage
-    from .sync import ALWAYS, ANY_COMPLETED, FunctionExecutor, ResponseFuture
+    from .sync import (
+        ALWAYS,
+        ANY_COMPLETED,
+        FunctionExecutor,
+        LocalhostExecutor,
+        ResponseFuture,
+        ServerlessExecutor,
+        get_result,
+        wait,
+    )
 
 
 def __getattr__(name: str) -> Any:

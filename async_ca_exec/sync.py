@@ -104,11 +104,13 @@ def _shutdown(lt: _LoopThread, ex: AsyncExecutor) -> None:
 class ResponseFuture:
     """A call's future as Lithops users know it: ``result()``, ``done``, ``ready``, ``stats``..."""
 
-    __slots__ = ("__weakref__", "_fut", "_lt", "_produce_output", "_read")
+    __slots__ = ("__weakref__", "_fut", "_lt", "_owner", "_produce_output", "_read")
 
-    def __init__(self, fut: CallFuture, lt: _LoopThread) -> None:
+    def __init__(self, fut: CallFuture, lt: _LoopThread, owner: FunctionExecutor | None = None) -> None:
         self._fut = fut
         self._lt = lt
+        #: The executor that made it (weakly: a future kept does not keep its executor open).
+        self._owner = weakref.ref(owner) if owner is not None else None
         self._read = False
         self._produce_output = True
 
@@ -302,7 +304,7 @@ class FunctionExecutor:
         return self._lt.run(coro, timeout)
 
     def _wrap(self, futures: list[CallFuture]) -> list[ResponseFuture]:
-        wrapped = [ResponseFuture(f, self._lt) for f in futures]
+        wrapped = [ResponseFuture(f, self._lt, self) for f in futures]
         self.futures.extend(wrapped)
         return wrapped
 
@@ -619,6 +621,103 @@ class FunctionExecutor:
         if transfers is not None:
             self._run(transfers.clean(functions=clean_fn))
         return None
+
+
+class LocalhostExecutor(FunctionExecutor):
+    """Lithops' ``LocalhostExecutor``: a :class:`FunctionExecutor` on the embedded local runtime,
+    whatever the config's backend."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("backend", None)
+        super().__init__(backend="local", **kwargs)
+
+
+class ServerlessExecutor(FunctionExecutor):
+    """Lithops' ``ServerlessExecutor``: a :class:`FunctionExecutor` on the config's backend
+    (Azure Container Apps when configured; the local runtime when nothing is)."""
+
+
+def _futures(fs: ResponseFuture | Iterable[ResponseFuture]) -> list[ResponseFuture]:
+    return [fs] if isinstance(fs, ResponseFuture) else list(fs)
+
+
+def _by_owner(futures: list[ResponseFuture]) -> list[tuple[FunctionExecutor | None, list[ResponseFuture]]]:
+    groups: dict[int, tuple[FunctionExecutor | None, list[ResponseFuture]]] = {}
+    for f in futures:
+        owner = f._owner() if f._owner is not None else None
+        groups.setdefault(id(owner), (owner, []))[1].append(f)
+    return list(groups.values())
+
+
+def wait(
+    fs: ResponseFuture | Iterable[ResponseFuture],
+    throw_except: bool = True,
+    return_when: int | str = LITHOPS_ALL_COMPLETED,
+    download_results: bool = False,
+    timeout: float | None = None,
+    threadpool_size: int = 64,
+    wait_dur_sec: float | None = None,
+    show_progressbar: bool = True,
+) -> tuple[list[ResponseFuture], list[ResponseFuture]]:
+    """Lithops' module-level ``wait``: :meth:`FunctionExecutor.wait` over futures of any
+    executors. ``(done, not_done)``, in the order given."""
+    futures = _futures(fs)
+    groups = _by_owner(futures)
+    if len(groups) == 1 and groups[0][0] is not None:
+        return groups[0][0].wait(
+            futures, throw_except, return_when, download_results, timeout, threadpool_size, wait_dur_sec, show_progressbar
+        )
+    # Futures of several executors (or of closed ones, which are all done): each is watched
+    # from here, as Lithops' wait polls, every wait_dur_sec (50 ms by default).
+    if return_when in (ALL_COMPLETED, LITHOPS_ALL_COMPLETED, FIRST_EXCEPTION):
+        need = len(futures)
+    elif return_when in (FIRST_COMPLETED, ANY_COMPLETED):
+        need = min(1, len(futures))
+    elif isinstance(return_when, int) and 0 <= return_when <= 100:
+        need = math.ceil(len(futures) * return_when / 100)
+    else:
+        raise ValueError(
+            f"return_when={return_when!r}: use ALWAYS, ANY_COMPLETED, ALL_COMPLETED, a percentage 0..100, "
+            "FIRST_COMPLETED or FIRST_EXCEPTION"
+        )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.05 if wait_dur_sec is None else max(0.01, float(wait_dur_sec))
+    while True:
+        done = sum(f._fut.done() for f in futures)
+        failed = return_when == FIRST_EXCEPTION and any(
+            f._fut.done() and not f._fut.cancelled() and f._fut.exception() is not None for f in futures
+        )
+        if done >= need or failed:
+            break
+        if deadline is not None and time.monotonic() >= deadline:  # as FunctionExecutor.wait does
+            raise TimeoutError(f"{need - done} of {len(futures)} calls unfinished after {timeout} s")
+        time.sleep(pause)
+    done_fs = [f for f in futures if f._fut.done()]
+    if throw_except:
+        for f in done_fs:
+            if not f._fut.cancelled() and f._fut.exception() is not None:
+                f._read = True
+                raise f._fut.exception()  # type: ignore[misc]
+    return done_fs, [f for f in futures if not f._fut.done()]
+
+
+def get_result(
+    fs: ResponseFuture | Iterable[ResponseFuture],
+    throw_except: bool = True,
+    timeout: float | None = None,
+    threadpool_size: int = 64,
+    wait_dur_sec: float | None = None,
+    show_progressbar: bool = True,
+) -> Any:
+    """Lithops' module-level ``get_result``: the results of ``fs`` (futures of any executors),
+    a list, or one value for a single future; errors are raised unless ``throw_except=False``."""
+    futures = [f for f in _futures(fs) if f._produce_output]
+    wait(futures, throw_except=False, timeout=timeout, wait_dur_sec=wait_dur_sec, show_progressbar=show_progressbar)
+    out = []
+    for f in futures:
+        out.append(f.result(throw_except=throw_except, timeout=0 if timeout is not None else None))
+        f._read = True
+    return out[0] if isinstance(fs, ResponseFuture) else out
 
 
 class WithEnv:

@@ -46,6 +46,12 @@ def test_lithops_seed_example(tmp_path: Path) -> None:
     assert run("lithops_seed.py", tmp_path).splitlines() == ["10", "[8, 9, 10]"]
 
 
+def test_lithops_wait_example_collects_futures_of_two_executors(tmp_path: Path) -> None:
+    out = run("lithops_wait.py", tmp_path).splitlines()
+    first = out[0].removeprefix("first finished: ")
+    assert first in {"1", "4", "9", "16", "25"} and out[1] == "[1, 4, 9, 16, 25]"  # (which is first: timing)
+
+
 def test_async_patterns_example(tmp_path: Path) -> None:
     out = run("async_patterns.py", tmp_path)
     assert "pow: 1048576" in out and "caught: 5 is a multiple of five" in out
@@ -105,6 +111,7 @@ def test_stragglers_example_hedges_every_stalled_call(tmp_path: Path) -> None:
 COVERED = {
     "quickstart.py": "test_examples.py::test_quickstart_prints_1000_results",
     "lithops_seed.py": "test_examples.py::test_lithops_seed_example",
+    "lithops_wait.py": "test_examples.py::test_lithops_wait_example_collects_futures_of_two_executors",
     "async_patterns.py": "test_examples.py::test_async_patterns_example",
     "wordcount.py": "test_examples.py::test_wordcount_with_map_reduce_example",
     "montecarlo_pi.py": "test_examples.py::test_montecarlo_pi_example_is_close_to_pi",

@@ -184,3 +184,30 @@ def test_a_config_warning_points_at_the_users_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith(f"{script}:2: UserWarning: config section 'aws_lambda'"), r.stderr
+
+
+def test_module_wait_and_get_result_take_futures_of_several_executors(fexec: FunctionExecutor) -> None:
+    """Lithops' ``lithops.wait`` / ``lithops.get_result``: futures of any executors, in the order given."""
+    with acx.LocalhostExecutor(config={"localhost": {"replicas": 1, "worker_processes": 1}}) as other:
+        assert other.config.backend == "local"
+        mine, theirs = fexec.map(slow, [0.01, 2]), other.map(add7, [1, 2])
+        done, not_done = acx.wait([*mine, *theirs], return_when=acx.ANY_COMPLETED)
+        assert done and not_done and all(f.done for f in done)
+        assert acx.get_result([*mine, *theirs]) == [0.01, 2, 8, 9]
+        assert acx.get_result(theirs[0]) == 8  # one future: one value
+        done, not_done = acx.wait([*mine, *theirs])
+        assert len(done) == 4 and not not_done
+        with pytest.raises(TimeoutError, match="1 of 2 calls unfinished"):
+            acx.wait([*fexec.map(slow, [5]), *other.map(add7, [3])], timeout=0.3)
+        failing = other.map(lambda x: 1 // x, [0])
+        with pytest.raises(ZeroDivisionError):
+            acx.wait([*failing, *fexec.map(add7, [1])])
+        assert acx.get_result([*failing, *mine], throw_except=False) == [None, 0.01, 2]
+    # One executor's futures: its own wait (progress bar and all).
+    assert acx.get_result(fexec.map(add7, [5])) == [12]
+
+
+def test_serverless_executor_is_the_function_executor_on_the_configs_backend() -> None:
+    with acx.ServerlessExecutor(config={"localhost": {"replicas": 1, "worker_processes": 1}}) as f:
+        assert isinstance(f, FunctionExecutor) and f.config.backend == "local"  # nothing configured: local
+        assert f.call_async(add7, 1).result() == 8
