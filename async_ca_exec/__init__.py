@@ -29,6 +29,8 @@ _EXPORTS = {
     "LocalhostExecutor": "sync",
     "ServerlessExecutor": "sync",
     "wait": "sync",
+    "RetryingFunctionExecutor": "retries",
+    "RetryingFuture": "retries",
     "get_result": "sync",
     "ResponseFuture": "sync",
     "ALWAYS": "sync",
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     )
     from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, AsyncExecutor
     from .futures import CallFuture
+    from .retries import RetryingFunctionExecutor, RetryingFuture
     from .storage import Storage
     from .sync import (
         ALWAYS,

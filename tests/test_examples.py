@@ -52,6 +52,11 @@ def test_lithops_wait_example_collects_futures_of_two_executors(tmp_path: Path) 
     assert first in {"1", "4", "9", "16", "25"} and out[1] == "[1, 4, 9, 16, 25]"  # (which is first: timing)
 
 
+def test_lithops_retries_example_gets_every_result(tmp_path: Path) -> None:
+    out = run("lithops_retries.py", tmp_path).splitlines()
+    assert out[0] == "[0, 10, 20, 30, 40, 50, 60, 70]" and out[1].endswith("failed attempts were retried")
+
+
 def test_async_patterns_example(tmp_path: Path) -> None:
     out = run("async_patterns.py", tmp_path)
     assert "pow: 1048576" in out and "caught: 5 is a multiple of five" in out
@@ -112,6 +117,7 @@ COVERED = {
     "quickstart.py": "test_examples.py::test_quickstart_prints_1000_results",
     "lithops_seed.py": "test_examples.py::test_lithops_seed_example",
     "lithops_wait.py": "test_examples.py::test_lithops_wait_example_collects_futures_of_two_executors",
+    "lithops_retries.py": "test_examples.py::test_lithops_retries_example_gets_every_result",
     "async_patterns.py": "test_examples.py::test_async_patterns_example",
     "wordcount.py": "test_examples.py::test_wordcount_with_map_reduce_example",
     "montecarlo_pi.py": "test_examples.py::test_montecarlo_pi_example_is_close_to_pi",
