@@ -12,6 +12,7 @@ connection cut), and the call's function never sees it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -52,7 +53,9 @@ class RetryingFuture:
 
     @property
     def done(self) -> bool:
-        return self._due is None and bool(self.response_future.done)
+        """Succeeded, or failed and :meth:`RetryingFunctionExecutor.wait` decided on no retry."""
+        f = self.response_future
+        return self._due is None and bool(f.done) and (not f.error or self._counted is f)
 
     @property
     def error(self) -> bool:
@@ -121,15 +124,20 @@ class RetryingFunctionExecutor:
         retries: int | None = None,
         **kwargs: Any,
     ) -> list[RetryingFuture]:
-        items = list(map_iterdata)
+        n = self.retries if retries is None else retries
+        if n < 0:
+            raise ValueError(f"retries={n}: must be >= 0")
+        if isinstance(map_iterdata, (str, bytes)) or {"obj_chunk_size", "obj_chunk_number"} & kwargs.keys():
+            raise ValueError(
+                "RetryingFunctionExecutor.map retries items, not object sources (an az:// prefix, obj_chunk_size): "
+                "use FunctionExecutor.map for those"
+            )
+        items = [map_iterdata] if isinstance(map_iterdata, dict) else list(map_iterdata)
         options = {
             "chunksize": chunksize, "extra_args": extra_args, "extra_env": extra_env, "runtime_memory": runtime_memory,
             "timeout": timeout, "include_modules": include_modules, "exclude_modules": exclude_modules, **kwargs,
         }  # fmt: skip
         futures = self.executor.map(map_function, items, **options)
-        n = self.retries if retries is None else retries
-        if n < 0:
-            raise ValueError(f"retries={n}: must be >= 0")
         return [RetryingFuture(f, map_function, item, n, options) for f, item in zip(futures, items, strict=True)]
 
     def _retryable(self, exc: BaseException | None) -> bool:
@@ -143,12 +151,35 @@ class RetryingFunctionExecutor:
     def _delay(self, failures: int) -> float:
         if not self.backoff:
             return 0.0
+        if self.backoff_factor > 1 and failures - 1 > math.log(
+            max(self.max_backoff, self.backoff) / self.backoff, self.backoff_factor
+        ):
+            return self.max_backoff  # (and no float overflow after a thousand failures)
         return float(min(self.max_backoff, self.backoff * self.backoff_factor ** (failures - 1)))
 
-    def _send(self, rf: RetryingFuture) -> None:
-        options = {k: v for k, v in rf._options.items() if k != "chunksize"}
-        (rf.response_future,) = self.executor.map(rf.map_function, [rf.input], chunksize=1, **options)
-        rf._due = None
+    def _send_due(self, futures: list[RetryingFuture]) -> None:
+        """Send the next attempt of every item whose backoff is over: one map per original map
+        (one job, the function serialised once). A cancelled item is not sent: it ends with its
+        last error."""
+        now = time.monotonic()
+        batches: dict[tuple[int, int], list[RetryingFuture]] = {}
+        for rf in futures:
+            if rf._due is not None and (rf.cancelled or rf._due <= now):
+                if rf.cancelled:
+                    rf._due = None
+                else:
+                    batches.setdefault((id(rf.map_function), id(rf._options)), []).append(rf)
+        for batch in batches.values():
+            first = batch[0]
+            # Each retry is a call of its own (chunksize 1), and warms nothing (prewarm was the map's).
+            options = {k: v for k, v in first._options.items() if k not in ("chunksize", "prewarm")}
+            attempts = self.executor.map(first.map_function, [rf.input for rf in batch], chunksize=1, **options)
+            for rf, attempt in zip(batch, attempts, strict=True):
+                old, rf.response_future, rf._due = rf.response_future, attempt, None
+                # The failed attempt is superseded: the executor's own get_result()/wait() skip it.
+                old._read, old._produce_output = True, False
+                with contextlib.suppress(ValueError):
+                    self.executor.futures.remove(old)
 
     def wait(
         self,
@@ -179,21 +210,20 @@ class RetryingFunctionExecutor:
             )
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            now = time.monotonic()
-            for rf in futures:  # attempts whose backoff is over
-                if rf._due is not None and rf._due <= now:
-                    self._send(rf)
+            self._send_due(futures)  # attempts whose backoff is over
             for rf in futures:  # attempts that failed: another one, or the item is done
                 attempt = rf.response_future
                 if rf._due is None and attempt.done and attempt.error and rf._counted is not attempt:
-                    rf._counted = attempt
+                    retry = not rf.cancelled and rf.failure_count + 1 <= rf.retries and self._retryable(attempt.exception())
+                    delay = self._delay(rf.failure_count + 1) if retry else 0.0
                     rf.failure_count += 1
-                    exc = attempt.exception()
-                    if not rf.cancelled and rf.failure_count <= rf.retries and self._retryable(exc):
-                        rf._due = time.monotonic() + self._delay(rf.failure_count)
-            done = [rf for rf in futures if rf.done]
+                    rf._counted = attempt
+                    if retry:
+                        rf._due = time.monotonic() + delay
+            done = [rf for rf in futures if rf.done]  # one snapshot for both lists
             failed = [rf for rf in done if rf.error]
             if len(done) >= need or (return_when == FIRST_EXCEPTION and failed) or return_when == ALWAYS:
+                self._send_due(futures)  # (what is due now goes out, not at the next wait)
                 break
             running = [rf.response_future for rf in futures if rf._due is None and not rf.response_future.done]
             dues = [rf._due for rf in futures if rf._due is not None]
@@ -215,7 +245,8 @@ class RetryingFunctionExecutor:
             for rf in done:
                 if rf.error:
                     rf.result()  # raises the last attempt's error
-        return done, [rf for rf in futures if not rf.done]
+        ended = set(map(id, done))
+        return done, [rf for rf in futures if id(rf) not in ended]
 
     def get_result(
         self, fs: RetryingFuture | Iterable[RetryingFuture], throw_except: bool = True, timeout: float | None = None
@@ -223,7 +254,10 @@ class RetryingFunctionExecutor:
         """Wait for ``fs`` (retrying as :meth:`wait` does), then their results."""
         futures = [fs] if isinstance(fs, RetryingFuture) else list(fs)
         self.wait(futures, throw_except=throw_except, timeout=timeout)
-        out = [rf.result(throw_except=throw_except) for rf in futures]
+        out = []
+        for rf in futures:
+            out.append(rf.result(throw_except=throw_except))
+            rf.response_future._read = True
         return out[0] if isinstance(fs, RetryingFuture) else out
 
     def clean(self, *args: Any, **kwargs: Any) -> None:

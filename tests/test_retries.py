@@ -96,3 +96,28 @@ def test_it_is_a_context_manager_over_its_executor() -> None:
         assert retrying.get_result(retrying.map(abs, [-1, -2])) == [1, 2]
     with pytest.raises(RuntimeError, match="closed"):
         retrying.map(abs, [-1])
+
+
+def test_superseded_attempts_leave_the_executors_own_results_alone(fexec: FunctionExecutor, tmp_path: Path) -> None:
+    retrying = RetryingFunctionExecutor(fexec, retries=2)
+    futures = retrying.map(fail_times, [(str(tmp_path / "a"), 2, 5), (str(tmp_path / "b"), 0, 6)])
+    assert retrying.get_result(futures) == [5, 6]
+    assert fexec.get_result() == []  # nothing left uncollected: not the failed attempts either
+    done, not_done = fexec.wait()  # nor does the executor's wait raise their errors
+    assert not not_done and all(f.success for f in done)
+
+
+def test_cancelling_during_a_backoff_ends_the_item_and_object_sources_are_refused(
+    fexec: FunctionExecutor, tmp_path: Path
+) -> None:
+    retrying = RetryingFunctionExecutor(fexec, retries=3, backoff=30)
+    path = tmp_path / "waiting"
+    futures = retrying.map(fail_times, [(str(path), 5, 1)])
+    with pytest.raises(TimeoutError):
+        retrying.wait(futures, timeout=2)  # failed once, its retry 30 s away
+    futures[0].cancel()
+    done, not_done = retrying.wait(futures, throw_except=False, timeout=5)
+    assert done == futures and not not_done and futures[0].error and attempts(path) == 1
+    with pytest.raises(ValueError, match="not object sources"):
+        retrying.map(fail_times, "az://container/prefix/")
+    assert attempts(path) == 1
