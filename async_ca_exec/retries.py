@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .executor import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
-from .sync import ALWAYS, ANY_COMPLETED, LITHOPS_ALL_COMPLETED, FunctionExecutor, ResponseFuture
+from .executor import FIRST_EXCEPTION
+from .sync import ALWAYS, ANY_COMPLETED, LITHOPS_ALL_COMPLETED, FunctionExecutor, ResponseFuture, wait_need
 
 #: Which errors a call is retried on: exception classes, or a predicate on the exception.
 RetryOn = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -197,17 +197,7 @@ class RetryingFunctionExecutor:
         ``throw_except``, the first such failure is raised. Retries happen while it waits."""
         futures = [fs] if isinstance(fs, RetryingFuture) else list(fs)
         n = len(futures)
-        if return_when in (ALL_COMPLETED, LITHOPS_ALL_COMPLETED, FIRST_EXCEPTION):
-            need = n
-        elif return_when in (FIRST_COMPLETED, ANY_COMPLETED):
-            need = min(1, n)
-        elif isinstance(return_when, int) and 0 <= return_when <= 100:
-            need = math.ceil(n * return_when / 100)
-        else:
-            raise ValueError(
-                f"return_when={return_when!r}: use ALWAYS, ANY_COMPLETED, ALL_COMPLETED, a percentage 0..100, "
-                "FIRST_COMPLETED or FIRST_EXCEPTION"
-            )
+        need = wait_need(return_when, n)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._send_due(futures)  # attempts whose backoff is over

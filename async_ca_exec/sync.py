@@ -511,21 +511,7 @@ class FunctionExecutor:
         futures = self._select(fs)
         if not futures:
             return [], []
-        n = len(futures)
-        first_exception = False
-        if return_when in (ALL_COMPLETED, LITHOPS_ALL_COMPLETED):
-            need = n
-        elif return_when in (FIRST_COMPLETED, ANY_COMPLETED):
-            need = 1
-        elif return_when == FIRST_EXCEPTION:
-            need, first_exception = n, True
-        elif isinstance(return_when, int) and 0 <= return_when <= 100:
-            need = math.ceil(n * return_when / 100)
-        else:
-            raise ValueError(
-                f"return_when={return_when!r}: use ALWAYS, ANY_COMPLETED, ALL_COMPLETED, a percentage 0..100, "
-                "FIRST_COMPLETED or FIRST_EXCEPTION"
-            )
+        need, first_exception = wait_need(return_when, len(futures)), return_when == FIRST_EXCEPTION
         inner = [f._fut for f in futures]
         if need:
             self._run_waiting("wait", inner, need, first_exception, timeout, show_progressbar)
@@ -637,6 +623,22 @@ class ServerlessExecutor(FunctionExecutor):
     (Azure Container Apps when configured; the local runtime when nothing is)."""
 
 
+def wait_need(return_when: int | str, n: int) -> int:
+    """How many of ``n`` futures a wait with ``return_when`` waits for: ALWAYS (0),
+    ANY_COMPLETED, ALL_COMPLETED or a percentage (Lithops), or the stdlib's FIRST_COMPLETED,
+    FIRST_EXCEPTION (all, unless one fails first: the caller watches for that), ALL_COMPLETED."""
+    if return_when in (ALL_COMPLETED, LITHOPS_ALL_COMPLETED, FIRST_EXCEPTION):
+        return n
+    if return_when in (FIRST_COMPLETED, ANY_COMPLETED):
+        return min(1, n)
+    if isinstance(return_when, int) and 0 <= return_when <= 100:
+        return math.ceil(n * return_when / 100)
+    raise ValueError(
+        f"return_when={return_when!r}: use ALWAYS, ANY_COMPLETED, ALL_COMPLETED, a percentage 0..100, "
+        "FIRST_COMPLETED or FIRST_EXCEPTION"
+    )
+
+
 def _futures(fs: ResponseFuture | Iterable[ResponseFuture]) -> list[ResponseFuture]:
     return [fs] if isinstance(fs, ResponseFuture) else list(fs)
 
@@ -669,17 +671,7 @@ def wait(
         )
     # Futures of several executors (or of closed ones, which are all done): each is watched
     # from here, as Lithops' wait polls, every wait_dur_sec (50 ms by default).
-    if return_when in (ALL_COMPLETED, LITHOPS_ALL_COMPLETED, FIRST_EXCEPTION):
-        need = len(futures)
-    elif return_when in (FIRST_COMPLETED, ANY_COMPLETED):
-        need = min(1, len(futures))
-    elif isinstance(return_when, int) and 0 <= return_when <= 100:
-        need = math.ceil(len(futures) * return_when / 100)
-    else:
-        raise ValueError(
-            f"return_when={return_when!r}: use ALWAYS, ANY_COMPLETED, ALL_COMPLETED, a percentage 0..100, "
-            "FIRST_COMPLETED or FIRST_EXCEPTION"
-        )
+    need = wait_need(return_when, len(futures))
     deadline = None if timeout is None else time.monotonic() + timeout
     pause = 0.05 if wait_dur_sec is None else max(0.01, float(wait_dur_sec))
     while True:
